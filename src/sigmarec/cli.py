@@ -1,0 +1,175 @@
+"""The ``sigma`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from sigmarec.config import SigmaConfig, available_profiles, load_config
+from sigmarec.errors import SigmaError
+
+# Models and data come from installed packages only; never reach for a hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="SIGMA: one instruction-driven LLM recommender for many tasks.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+ConfigOpt = Annotated[list[Path] | None, typer.Option("--config", "-c",
+                      help="YAML file(s) layered over the profile, in order.")]
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p",
+                       help=f"named profile: {', '.join(available_profiles())}")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o",
+                   help="run directory (default runs/<profile>)")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+                        force=True)
+
+
+def _config(profile: str, config: list[Path] | None, sets: list[str] | None) -> SigmaConfig:
+    return load_config(profile, files=config, overrides=sets)
+
+
+def _run_dir(out: Path | None, cfg: SigmaConfig) -> Path:
+    return out if out is not None else Path("runs") / cfg.profile
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = "default",
+    out: OutOpt = None,
+    force: Annotated[list[str] | None, typer.Option(
+        "--force", help="recompute this stage (repeatable; 'all' for every stage)")] = None,
+    until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
+    sets: SetOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Run every stage into the run directory, skipping stages that are up to date."""
+    from sigmarec.evaluation.report import print_results
+    from sigmarec.pipeline import run_pipeline
+
+    _setup_logging(verbose)
+    cfg = _config(profile, config, sets)
+    run_dir = _run_dir(out, cfg)
+    manifests = run_pipeline(cfg, run_dir, force=force, until=until)
+    _print_stage_table(manifests)
+    metrics = run_dir / "evaluation" / "metrics.json"
+    if metrics.is_file() and (until is None or until == "evaluation"):
+        print_results(json.loads(metrics.read_text()), console=console)
+    console.print(f"run directory: {run_dir}")
+
+
+def _print_stage_table(manifests: list[dict]) -> None:
+    t = Table(title="stages")
+    for col in ("stage", "status", "wall time (s)", "peak memory (MiB)"):
+        t.add_column(col)
+    for m in manifests:
+        t.add_row(m["stage"], "skipped (up to date)" if m.get("skipped") else "ran",
+                  f"{m['wall_time_s']:.1f}", f"{m['peak_memory_mb']:.0f}")
+    console.print(t)
+
+
+@app.command()
+def status(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
+           sets: SetOpt = None) -> None:
+    """Show which stages of a run directory are fresh, stale or missing."""
+    from sigmarec.pipeline import status as pipeline_status
+
+    cfg = _config(profile, config, sets)
+    rows = pipeline_status(cfg, _run_dir(out, cfg))
+    t = Table(title=str(_run_dir(out, cfg)))
+    for col in ("stage", "state", "wall time (s)", "peak memory (MiB)"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["stage"], r["state"], str(r["wall_time_s"] or ""),
+                  str(r["peak_memory_mb"] or ""))
+    console.print(t)
+
+
+@app.command()
+def results(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
+            sets: SetOpt = None) -> None:
+    """Print the metrics table of a finished run."""
+    from sigmarec.evaluation.report import print_results
+
+    cfg = _config(profile, config, sets)
+    path = _run_dir(out, cfg) / "evaluation" / "metrics.json"
+    if not path.is_file():
+        raise SigmaError(f"{path}: no metrics yet; run `sigma run` first")
+    print_results(json.loads(path.read_text()), console=console)
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, profile: ProfileOpt = "default",
+                sets: SetOpt = None) -> None:
+    """Print the resolved config (defaults <- profile <- files <- --set)."""
+    import yaml
+
+    cfg = _config(profile, config, sets)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+@data_app.command("stats")
+def data_stats(
+    dataset: Annotated[str | None, typer.Option(
+        help="completejourney, ml100k, files or amazon (default: the config's source)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = "default",
+    sets: SetOpt = None,
+) -> None:
+    """Users, items, interactions, baskets, time range and distribution quantiles of a source."""
+    from sigmarec.data.sources import load_source
+    from sigmarec.data.stats import dataset_stats, format_table
+
+    overrides = list(sets or []) + ([f"data.source={dataset}"] if dataset else [])
+    cfg = _config(profile, config, overrides)
+    stats = dataset_stats(load_source(cfg.data))
+    if as_json:
+        print(json.dumps(stats, indent=2, default=str))
+        return
+    t = Table(title=f"dataset {stats['dataset']}")
+    t.add_column("stat")
+    t.add_column("value")
+    for _, row in format_table(stats).iterrows():
+        t.add_row(str(row["stat"]), str(row["value"]))
+    for key in ("sequence_length_quantiles", "item_popularity_quantiles"):
+        t.add_row(key, ", ".join(f"{k}={v:g}" for k, v in stats[key].items()))
+    console.print(t)
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except SigmaError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Run directories, atomic artifacts, manifests and the stage pipeline (shared by every stage)."""

@@ -1,0 +1,1 @@
+"""Stage 1 - data: load a source into the common schema, validate, filter, split, write."""
