@@ -1,0 +1,96 @@
+"""Run directories: fresh stages are skipped, forced or upstream-changed ones rerun, and a failing
+stage leaves nothing a later stage could trust."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+
+from sigmarec.config import load_config
+from sigmarec.core.stage import Stage, StageContext, execute, is_fresh, read_manifest
+from sigmarec.errors import StageError
+
+CALLS: list[str] = []
+
+
+class Up(Stage):
+    name: ClassVar[str] = "up"
+    config_sections: ClassVar[tuple[str, ...]] = ("data",)
+
+    def run(self, ctx: StageContext) -> dict:
+        CALLS.append(self.name)
+        (ctx.out / "value.txt").write_text(str(ctx.config.data.min_item_count))
+        return {"ok": True}
+
+
+class Down(Stage):
+    name: ClassVar[str] = "down"
+    requires: ClassVar[tuple[str, ...]] = ("up",)
+    config_sections: ClassVar[tuple[str, ...]] = ("eval",)
+
+    def run(self, ctx: StageContext) -> dict:
+        CALLS.append(self.name)
+        v = (ctx.input("up") / "value.txt").read_text()
+        (ctx.out / "value.txt").write_text(v + "!")
+        return {}
+
+
+class Boom(Stage):
+    name: ClassVar[str] = "up"
+
+    def run(self, ctx: StageContext) -> dict:
+        (ctx.out / "value.txt").write_text("half")
+        raise RuntimeError("interrupted")
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    CALLS.clear()
+
+
+def test_skip_force_and_upstream_invalidation(tmp_path):
+    cfg = load_config("tiny")
+    execute(Up(), cfg, tmp_path)
+    execute(Down(), cfg, tmp_path)
+    assert CALLS == ["up", "down"]
+    m = read_manifest(tmp_path / "up")
+    for key in ("config", "config_hash", "versions", "seed", "wall_time_s", "peak_memory_mb"):
+        assert key in m
+    assert m["versions"]["torch"]
+    # unchanged: both skipped
+    assert execute(Up(), cfg, tmp_path)["skipped"] and execute(Down(), cfg, tmp_path)["skipped"]
+    assert CALLS == ["up", "down"]
+    # a section the downstream stage does not read leaves it fresh...
+    cfg2 = load_config("tiny", overrides=["eval.batch_size=7"])
+    assert is_fresh(Up(), cfg2, tmp_path)
+    # ...but forcing the upstream stage gives it a new run id, so downstream reruns
+    execute(Up(), cfg, tmp_path, force=True)
+    assert not is_fresh(Down(), cfg, tmp_path)
+    execute(Down(), cfg, tmp_path)
+    assert CALLS == ["up", "down", "up", "down"]
+    # a changed config section reruns the stage
+    cfg3 = load_config("tiny", overrides=["data.min_item_count=9"])
+    execute(Up(), cfg3, tmp_path)
+    assert (tmp_path / "up" / "value.txt").read_text() == "9"
+
+
+def test_failed_stage_leaves_previous_artifacts_intact(tmp_path):
+    cfg = load_config("tiny")
+    execute(Up(), cfg, tmp_path)
+    with pytest.raises(RuntimeError):
+        execute(Boom(), cfg, tmp_path, force=True)
+    assert (tmp_path / "up" / "value.txt").read_text() == "5"
+    assert read_manifest(tmp_path / "up") is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_first_run_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        execute(Boom(), load_config("tiny"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_upstream_is_a_clear_error(tmp_path):
+    with pytest.raises(StageError, match="needs 'up'"):
+        execute(Down(), load_config("tiny"), tmp_path)
