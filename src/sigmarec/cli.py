@@ -21,25 +21,35 @@ from sigmarec.errors import SigmaError
 # Models and data come from installed packages only; never reach for a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="SIGMA: one instruction-driven LLM recommender for many tasks.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="SIGMA: one instruction-driven LLM recommender for many tasks.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
 console = Console()
 
-ConfigOpt = Annotated[list[Path] | None, typer.Option("--config", "-c",
-                      help="YAML file(s) layered over the profile, in order.")]
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p",
-                       help=f"named profile: {', '.join(available_profiles())}")]
+ConfigOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--config", "-c", help="YAML file(s) layered over the profile, in order."),
+]
+ProfileOpt = Annotated[
+    str, typer.Option("--profile", "-p", help=f"named profile: {', '.join(available_profiles())}")
+]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o",
-                   help="run directory (default runs/<profile>)")]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="run directory (default runs/<profile>)")
+]
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-                        force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        force=True,
+    )
 
 
 def _config(profile: str, config: list[Path] | None, sets: list[str] | None) -> SigmaConfig:
@@ -55,8 +65,10 @@ def run(
     config: ConfigOpt = None,
     profile: ProfileOpt = "default",
     out: OutOpt = None,
-    force: Annotated[list[str] | None, typer.Option(
-        "--force", help="recompute this stage (repeatable; 'all' for every stage)")] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option("--force", help="recompute this stage (repeatable; 'all' for every stage)"),
+    ] = None,
     until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
     sets: SetOpt = None,
     verbose: bool = False,
@@ -81,14 +93,22 @@ def _print_stage_table(manifests: list[dict]) -> None:
     for col in ("stage", "status", "wall time (s)", "peak memory (MiB)"):
         t.add_column(col)
     for m in manifests:
-        t.add_row(m["stage"], "skipped (up to date)" if m.get("skipped") else "ran",
-                  f"{m['wall_time_s']:.1f}", f"{m['peak_memory_mb']:.0f}")
+        t.add_row(
+            m["stage"],
+            "skipped (up to date)" if m.get("skipped") else "ran",
+            f"{m['wall_time_s']:.1f}",
+            f"{m['peak_memory_mb']:.0f}",
+        )
     console.print(t)
 
 
 @app.command()
-def status(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
-           sets: SetOpt = None) -> None:
+def status(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = "default",
+    out: OutOpt = None,
+    sets: SetOpt = None,
+) -> None:
     """Show which stages of a run directory are fresh, stale or missing."""
     from sigmarec.pipeline import status as pipeline_status
 
@@ -98,14 +118,19 @@ def status(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOp
     for col in ("stage", "state", "wall time (s)", "peak memory (MiB)"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["stage"], r["state"], str(r["wall_time_s"] or ""),
-                  str(r["peak_memory_mb"] or ""))
+        t.add_row(
+            r["stage"], r["state"], str(r["wall_time_s"] or ""), str(r["peak_memory_mb"] or "")
+        )
     console.print(t)
 
 
 @app.command()
-def results(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
-            sets: SetOpt = None) -> None:
+def results(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = "default",
+    out: OutOpt = None,
+    sets: SetOpt = None,
+) -> None:
     """Print the metrics table of a finished run."""
     from sigmarec.evaluation.report import print_results
 
@@ -117,8 +142,9 @@ def results(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutO
 
 
 @app.command("config")
-def show_config(config: ConfigOpt = None, profile: ProfileOpt = "default",
-                sets: SetOpt = None) -> None:
+def show_config(
+    config: ConfigOpt = None, profile: ProfileOpt = "default", sets: SetOpt = None
+) -> None:
     """Print the resolved config (defaults <- profile <- files <- --set)."""
     import yaml
 
@@ -128,8 +154,12 @@ def show_config(config: ConfigOpt = None, profile: ProfileOpt = "default",
 
 @data_app.command("stats")
 def data_stats(
-    dataset: Annotated[str | None, typer.Option(
-        help="completejourney, ml100k, files or amazon (default: the config's source)")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="completejourney, ml100k, files or amazon (default: the config's source)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     config: ConfigOpt = None,
     profile: ProfileOpt = "default",

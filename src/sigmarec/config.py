@@ -59,7 +59,7 @@ class FilesSource(_Strict):
 
 
 class AmazonSource(_Strict):
-    """Public Amazon-reviews files: 5-core reviews plus the metadata file (2014/2018/2023 formats)."""
+    """Public Amazon-reviews files: 5-core reviews plus metadata (2014, 2018, 2023 formats)."""
 
     reviews: Path | None = None
     meta: Path | None = None
@@ -110,6 +110,9 @@ class EvalConfig(_Strict):
         0.8, gt=0, lt=1, description="head = most popular items covering this share of training"
     )
     batch_size: int = Field(256, ge=1)
+    category_level: int = Field(
+        1, ge=0, description="category-path level (0 = top) used by the diversity metrics"
+    )
 
     @field_validator("ks")
     @classmethod

@@ -53,11 +53,14 @@ def status(config: SigmaConfig, run_dir: Path) -> list[dict[str, Any]]:
     out = []
     for stage in stages():
         m = read_manifest(Path(run_dir) / stage.name)
-        out.append({
-            "stage": stage.name,
-            "state": "missing" if m is None else ("fresh" if is_fresh(stage, config, run_dir)
-                                                  else "stale"),
-            "wall_time_s": m.get("wall_time_s") if m else None,
-            "peak_memory_mb": m.get("peak_memory_mb") if m else None,
-        })
+        out.append(
+            {
+                "stage": stage.name,
+                "state": "missing"
+                if m is None
+                else ("fresh" if is_fresh(stage, config, run_dir) else "stale"),
+                "wall_time_s": m.get("wall_time_s") if m else None,
+                "peak_memory_mb": m.get("peak_memory_mb") if m else None,
+            }
+        )
     return out

@@ -11,8 +11,19 @@ from typing import Any
 
 import psutil
 
-_TRACKED = ("sigmarec", "torch", "numpy", "pandas", "pyarrow", "scipy", "pydantic",
-            "transformers", "peft", "accelerate", "faiss-cpu")
+_TRACKED = (
+    "sigmarec",
+    "torch",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "pydantic",
+    "transformers",
+    "peft",
+    "accelerate",
+    "faiss-cpu",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -27,8 +38,13 @@ def package_versions() -> dict[str, str]:
 
 def git_commit(path: Path | None = None) -> str | None:
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=path or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return res.stdout.strip() or None if res.returncode == 0 else None

@@ -32,15 +32,17 @@ def render_item_text(row: pd.Series) -> str:
     return " | ".join(parts)
 
 
-def _order_and_baskets(inter: pd.DataFrame, shuffle: bool, rng: np.random.Generator) -> pd.DataFrame:
+def _order_and_baskets(
+    inter: pd.DataFrame, shuffle: bool, rng: np.random.Generator
+) -> pd.DataFrame:
     inter = inter.copy()
     # Ties in time are broken by file order; within a basket by a seeded shuffle, because sources
     # such as Complete Journey list a basket's products sorted by id.
     inter["_rand"] = rng.random(len(inter)) if shuffle else 0.0
     missing_basket = inter["basket_id"].isna()
-    inter.loc[missing_basket, "basket_id"] = "row:" + inter.loc[missing_basket, "_file_order"].astype(
-        str
-    )
+    inter.loc[missing_basket, "basket_id"] = "row:" + inter.loc[
+        missing_basket, "_file_order"
+    ].astype(str)
     basket_time = inter.groupby(["user_id", "basket_id"], sort=False)["timestamp"].transform("min")
     inter["_basket_time"] = basket_time
     inter["_basket_first_row"] = inter.groupby(["user_id", "basket_id"], sort=False)[
@@ -58,8 +60,12 @@ def _dedupe(inter: pd.DataFrame) -> pd.DataFrame:
     grouped = (
         inter[has_basket]
         .groupby(["user_id", "basket_id", "item_id"], sort=False, as_index=False)
-        .agg(timestamp=("timestamp", "min"), quantity=("quantity", "sum"), event=("event", "first"),
-             _file_order=("_file_order", "min"))
+        .agg(
+            timestamp=("timestamp", "min"),
+            quantity=("quantity", "sum"),
+            event=("event", "first"),
+            _file_order=("_file_order", "min"),
+        )
     )
     out = pd.concat([grouped, inter[~has_basket]], ignore_index=True)
     return out.sort_values("_file_order", kind="stable").reset_index(drop=True)
@@ -72,8 +78,11 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
     inter["item_id"] = inter["item_id"].astype(str)
     inter["quantity"] = pd.to_numeric(inter["quantity"], errors="coerce").fillna(1.0)
     inter["_file_order"] = np.arange(len(inter))
-    raw_counts = {"interactions": len(inter), "users": inter["user_id"].nunique(),
-                  "items": inter["item_id"].nunique()}
+    raw_counts = {
+        "interactions": len(inter),
+        "users": inter["user_id"].nunique(),
+        "items": inter["item_id"].nunique(),
+    }
 
     if cfg.max_users is not None:
         users = np.sort(inter["user_id"].unique())
@@ -131,9 +140,15 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
     cols = ["user_idx", "item_idx", "timestamp", "basket", "quantity", "event", "split", "pos"]
     inter = inter[cols].astype({"user_idx": np.int64, "item_idx": np.int64, "basket": np.int64})
     info["counts"] = {
-        "users": len(users), "items": len(items), "interactions": len(inter),
-        **{f"{s}_interactions": int((inter["split"] == s).sum()) for s in ("train", "valid", "test")},
+        "users": len(users),
+        "items": len(items),
+        "interactions": len(inter),
+        **{
+            f"{s}_interactions": int((inter["split"] == s).sum())
+            for s in ("train", "valid", "test")
+        },
         **{f"{s}_instances": int((instances["split"] == s).sum()) for s in ("valid", "test")},
     }
-    return ProcessedData(items=items, users=users, interactions=inter, instances=instances,
-                         info=info)
+    return ProcessedData(
+        items=items, users=users, interactions=inter, instances=instances, info=info
+    )

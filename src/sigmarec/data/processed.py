@@ -31,7 +31,7 @@ class ProcessedData:
     # user_idx, item_idx, timestamp, basket (int, increasing within a user), quantity, event,
     # split ("train" / "valid" / "test"), pos; sorted by (user_idx, pos)
     interactions: pd.DataFrame
-    # instance_id, split ("valid" / "test"), task, user_idx, hist_len, targets (list[int]), timestamp
+    # instance_id, split ("valid"/"test"), task, user_idx, hist_len, targets (list[int]), timestamp
     instances: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
 

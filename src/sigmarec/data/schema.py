@@ -39,9 +39,7 @@ class Dataset:
 def require_columns(df: pd.DataFrame, columns: list[str] | tuple[str, ...], source: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataError(
-            f"{source}: missing column(s) {missing}; found {list(df.columns)}"
-        )
+        raise DataError(f"{source}: missing column(s) {missing}; found {list(df.columns)}")
 
 
 def _first_bad(mask: pd.Series, df: pd.DataFrame, column: str, source: str, what: str) -> None:
@@ -69,14 +67,29 @@ def validate(ds: Dataset) -> Dataset:
             f"{ds.interaction_source}: column 'timestamp' must be parsed to datetimes before "
             f"validation (dtype {inter['timestamp'].dtype})"
         )
-    _first_bad(inter["timestamp"].isna(), inter, "timestamp", ds.interaction_source,
-               "missing or unparseable timestamp")
+    _first_bad(
+        inter["timestamp"].isna(),
+        inter,
+        "timestamp",
+        ds.interaction_source,
+        "missing or unparseable timestamp",
+    )
     q = pd.to_numeric(inter["quantity"], errors="coerce")
-    _first_bad(q.isna() & inter["quantity"].notna(), inter, "quantity", ds.interaction_source,
-               "quantity is not a number")
+    _first_bad(
+        q.isna() & inter["quantity"].notna(),
+        inter,
+        "quantity",
+        ds.interaction_source,
+        "quantity is not a number",
+    )
     unknown = ~inter["item_id"].isin(items["item_id"])
-    _first_bad(unknown, inter, "item_id", ds.interaction_source,
-               f"item not in the catalogue ({ds.item_source})")
+    _first_bad(
+        unknown,
+        inter,
+        "item_id",
+        ds.interaction_source,
+        f"item not in the catalogue ({ds.item_source})",
+    )
     if len(inter) == 0:
         raise DataError(f"{ds.interaction_source}: no interactions")
     return ds

@@ -24,11 +24,13 @@ from sigmarec.errors import DataError
 def temporal_boundaries(ts: pd.Series, cfg: SplitConfig) -> tuple[pd.Timestamp, pd.Timestamp]:
     """``(valid_start, test_start)`` from explicit dates or windows counted back from the end."""
     last = ts.max().normalize() + timedelta(days=1)  # midnight after the last event
-    test_start = pd.Timestamp(cfg.test_start) if cfg.test_start else last - timedelta(
-        days=cfg.test_days
+    test_start = (
+        pd.Timestamp(cfg.test_start) if cfg.test_start else last - timedelta(days=cfg.test_days)
     )
-    valid_start = pd.Timestamp(cfg.valid_start) if cfg.valid_start else test_start - timedelta(
-        days=cfg.valid_days
+    valid_start = (
+        pd.Timestamp(cfg.valid_start)
+        if cfg.valid_start
+        else test_start - timedelta(days=cfg.valid_days)
     )
     first = ts.min()
     if not first < valid_start < test_start <= ts.max():
@@ -86,14 +88,16 @@ def build_instances(inter: pd.DataFrame, how: str) -> pd.DataFrame:
             hist_len = int(b["pos"].min())
             if hist_len == 0:
                 continue  # nothing to condition on
-            rows.append({
-                "split": split,
-                "task": "JustForYou",
-                "user_idx": int(u),
-                "hist_len": hist_len,
-                "targets": np.unique(b["item_idx"].to_numpy(np.int64)),
-                "timestamp": b["timestamp"].min(),
-            })
+            rows.append(
+                {
+                    "split": split,
+                    "task": "JustForYou",
+                    "user_idx": int(u),
+                    "hist_len": hist_len,
+                    "targets": np.unique(b["item_idx"].to_numpy(np.int64)),
+                    "timestamp": b["timestamp"].min(),
+                }
+            )
     cols = ["instance_id", "split", "task", "user_idx", "hist_len", "targets", "timestamp"]
     if not rows:
         return pd.DataFrame(columns=cols)

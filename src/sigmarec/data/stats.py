@@ -30,8 +30,11 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
         "items": int(inter["item_id"].nunique()),
         "catalogue_items": len(ds.items),
         "interactions": len(inter),
-        "baskets": int(inter.loc[baskets.index, ["user_id", "basket_id"]].drop_duplicates().shape[0])
-        if len(baskets) else None,
+        "baskets": int(
+            inter.loc[baskets.index, ["user_id", "basket_id"]].drop_duplicates().shape[0]
+        )
+        if len(baskets)
+        else None,
         "users_with_profile": len(ds.users),
         "profile_fields": ds.profile_columns,
         "time_range": [str(inter["timestamp"].min()), str(inter["timestamp"].max())],
@@ -55,8 +58,9 @@ def processed_stats(data: ProcessedData) -> dict[str, Any]:
             for s, g in inter.groupby("split")
         },
         "sequence_length_quantiles": _quantiles(per_user),
-        "train_item_popularity_quantiles": _quantiles(np.bincount(tr["item_idx"],
-                                                                  minlength=data.n_items)),
+        "train_item_popularity_quantiles": _quantiles(
+            np.bincount(tr["item_idx"], minlength=data.n_items)
+        ),
     }
     inst = data.instances
     if len(inst):
