@@ -47,7 +47,12 @@ def co_interaction(data: ProcessedData, budget: int, min_count: int = 3, window:
     """Items bought in the same basket, or within ``window`` baskets of each other by the same
     user, scored by positive PMI so ubiquitous items (milk, bananas) do not dominate. PMI favours
     rare pairs seen by chance, so it is shrunk by ``count / (count + shrink)``."""
-    tr = data.train()
+    return co_pairs(data.train(), data.n_items, budget, min_count, window, per_item, shrink)
+
+
+def co_pairs(tr: pd.DataFrame, n_items: int, budget: int, min_count: int = 3, window: int = 1,
+             per_item: int = 20, shrink: float = 5.0) -> pd.DataFrame:
+    """Co-interaction pairs of the given interactions (see ``co_interaction``)."""
     if tr.empty:
         return _empty()
     # A "context" is a user's basket merged with the next ``window - 1`` baskets.
@@ -59,7 +64,7 @@ def co_interaction(data: ProcessedData, budget: int, min_count: int = 3, window:
     ctx, ctx_idx = np.unique(np.concatenate(rows), return_inverse=True)
     items = np.concatenate(cols)
     b = sp.csr_matrix((np.ones(len(items), np.float32), (ctx_idx, items)),
-                      shape=(len(ctx), data.n_items))
+                      shape=(len(ctx), n_items))
     b.data[:] = 1.0
     b.sum_duplicates()
     b.data[:] = 1.0
@@ -70,7 +75,7 @@ def co_interaction(data: ProcessedData, budget: int, min_count: int = 3, window:
     r, c, v = co.row[keep], co.col[keep], co.data[keep]
     pmi = np.log(v * n_ctx / (freq[r] * freq[c])) * (v / (v + shrink))
     pos = pmi > 0
-    mat = sp.coo_matrix((pmi[pos], (r[pos], c[pos])), shape=(data.n_items, data.n_items))
+    mat = sp.coo_matrix((pmi[pos], (r[pos], c[pos])), shape=(n_items, n_items))
     return _top_pairs(mat.tocsr(), budget, per_item)
 
 

@@ -6,6 +6,7 @@ For a ranked list R and target set T, at cut-off K:
   NDCG@K   = sum_{i<K, R_i in T} 1/log2(i+2)  /  sum_{i<min(|T|,K)} 1/log2(i+2)
   MRR@K    = 1 / (rank of the first target in R[:K]), 0 if none
 Values are returned per instance so callers can aggregate by task, by target kind, or by seed.
+An item repeated within a list counts only at its first position.
 """
 
 from __future__ import annotations
@@ -35,6 +36,23 @@ def hit_matrix(ranked: np.ndarray, targets: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
+def repeated_mask(ranked: np.ndarray) -> np.ndarray:
+    """Boolean (n, N): ``ranked[i, j]`` already appeared earlier in row i.
+
+    A list that repeats a target must not earn it twice (Recall or NDCG above 1), so accuracy
+    counts only an item's first occurrence.
+    """
+    ranked = np.asarray(ranked)
+    out = np.zeros(ranked.shape, dtype=bool)
+    if ranked.ndim != 2 or ranked.shape[1] < 2:
+        return out
+    # A stable sort keeps equal items in list order, so each later copy follows its first one.
+    order = np.argsort(ranked, axis=1, kind="stable")
+    s = np.take_along_axis(ranked, order, axis=1)
+    np.put_along_axis(out, order[:, 1:], s[:, 1:] == s[:, :-1], axis=1)
+    return out
+
+
 def accuracy_metrics(
     ranked: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int]
 ) -> dict[str, np.ndarray]:
@@ -45,7 +63,7 @@ def accuracy_metrics(
     n_targets = np.array([len(set(np.asarray(t).tolist())) for t in targets], dtype=np.float64)
     if (n_targets == 0).any():
         raise ValueError("every instance needs at least one target")
-    hits = hit_matrix(ranked, targets)
+    hits = hit_matrix(ranked, targets) & ~repeated_mask(ranked)
     width = ranked.shape[1] if ranked.ndim == 2 else 0
     discounts = 1.0 / np.log2(np.arange(2, max(width, max(ks)) + 2))
     out: dict[str, np.ndarray] = {}

@@ -1,0 +1,94 @@
+"""The results table a user reads after a run: models side by side, accuracy next to diversity.
+
+Accuracy at the first K in full, HR at the others, a few beyond-accuracy metrics, and HR split
+into repeat and new targets - the last two tell a history-replaying model from one that
+discovers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from sigmarec.evaluation.harness import ALL_TASKS
+
+ACCURACY = ("HR", "NDCG", "Recall", "MRR")
+BEYOND = ("Coverage", "LongTail", "NewToUser", "Categories")
+
+
+def results_table(
+    metrics: dict[str, Any],
+    split: str = "test",
+    task: str = ALL_TASKS,
+    ks: Sequence[int] = (10, 20),
+) -> pd.DataFrame:
+    """Rows = models; metrics missing for a model (an empty kind, an absent K) are NaN."""
+    k0, rest = ks[0], ks[1:]
+    rows = {}
+    for model, tasks in metrics.get(split, {}).items():
+        kinds = tasks.get(task, {})
+        allk = kinds.get("all", {})
+        row: dict[str, float] = {f"{m}@{k0}": allk.get(f"{m}@{k0}") for m in ACCURACY}
+        row.update({f"HR@{k}": allk.get(f"HR@{k}") for k in rest})
+        row.update({f"{m}@{k0}": allk.get(f"{m}@{k0}") for m in BEYOND})
+        for kind in ("repeat", "new"):
+            row[f"HR@{k0} {kind}"] = kinds.get(kind, {}).get(f"HR@{k0}")
+        row["n"] = allk.get("n")
+        rows[model] = row
+    return pd.DataFrame.from_dict(rows, orient="index", dtype=float).rename_axis("model")
+
+
+def _fmt(column: str, value: float) -> str:
+    if pd.isna(value):
+        return "-"
+    if column == "n":
+        return str(int(value))
+    return f"{value:.2f}" if column.startswith("Categories") else f"{value:.4f}"
+
+
+def _display_ks(models: dict[str, Any]) -> list[int]:
+    """K = 10 and 20 when evaluated, else the largest two Ks the run has."""
+    first = next(iter(models.values())).get(ALL_TASKS, {}).get("all", {})
+    have = sorted(int(m.split("@")[1]) for m in first if m.startswith("HR@"))
+    return [k for k in (10, 20) if k in have] or have[-2:] or [10]
+
+
+def _table(title: str, df: pd.DataFrame, columns: list[str]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", style="cyan", no_wrap=True)
+    for col in columns:
+        table.add_column(col.replace(" ", "\n"), justify="right", no_wrap=True)
+    best = {c: df[c].max() for c in columns if c.split("@")[0] in ACCURACY and len(df) > 1}
+    for model, row in df[columns].iterrows():
+        table.add_row(str(model), *(
+            f"[bold]{_fmt(c, v)}[/bold]" if c in best and v == best[c] else _fmt(c, v)
+            for c, v in row.items()
+        ))
+    return table
+
+
+def print_results(metrics: dict[str, Any], console: Console | None = None) -> None:
+    """One rich table per split (valid, then test); the best accuracy per column is in bold.
+
+    Beyond-accuracy columns are not highlighted: more long-tail or novelty is not always better.
+    A table too wide for the console is split in two (accuracy, then beyond-accuracy) rather
+    than letting rich truncate every number to "0.…".
+    """
+    console = console or Console()
+    for split in [s for s in ("valid", "test") if metrics.get(s)]:
+        df = results_table(metrics, split=split, ks=_display_ks(metrics[split]))
+        title = f"{split} - task {ALL_TASKS}"
+        table = _table(title, df, list(df.columns))
+        wide = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        if wide <= console.width:
+            console.print(table)
+            continue
+        beyond = [c for c in df.columns if c.split("@")[0] in BEYOND or c == "n"]
+        console.print(_table(title, df, [c for c in df.columns if c not in beyond]))
+        console.print(_table(f"{title} - beyond accuracy", df, beyond))

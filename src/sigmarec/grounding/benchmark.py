@@ -1,0 +1,63 @@
+"""Does an item-embedding space carry collaborative relations without losing semantics?
+
+Collaborative measure: pairs of items bought together in the **validation** period (never used for
+fitting), and Recall@K of finding an item's partner among its K nearest neighbours (cosine, the
+item itself excluded). Semantic measure: the same Recall@K over random pairs of items that share a
+category, so a space that collapses categories scores low.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sigmarec.data.processed import ProcessedData
+from sigmarec.data.schema import category_at
+from sigmarec.grounding.views import _group_pairs, co_pairs
+
+
+def neighbour_recall(emb: np.ndarray, pairs: pd.DataFrame, ks: Sequence[int] = (10, 50),
+                     batch: int = 1024) -> dict[str, float]:
+    """Recall@K of ``b`` among the K nearest neighbours of ``a`` and vice versa (both directions
+    count), cosine similarity, the query item excluded."""
+    if pairs.empty:
+        return {f"Recall@{k}": float("nan") for k in ks}
+    x = torch.nn.functional.normalize(torch.as_tensor(emb, dtype=torch.float32), dim=1)
+    q = np.concatenate([pairs["a"].to_numpy(), pairs["b"].to_numpy()])
+    t = np.concatenate([pairs["b"].to_numpy(), pairs["a"].to_numpy()])
+    kmax = max(ks)
+    ranks = np.empty(len(q), dtype=np.int64)
+    for s in range(0, len(q), batch):
+        qi = torch.as_tensor(q[s : s + batch])
+        sims = x[qi] @ x.T
+        sims[torch.arange(len(qi)), qi] = -torch.inf  # never find yourself
+        target = sims[torch.arange(len(qi)), torch.as_tensor(t[s : s + batch])]
+        # rank = number of items scoring strictly higher than the partner
+        ranks[s : s + batch] = (sims > target[:, None]).sum(dim=1).numpy()
+    return {f"Recall@{k}": float((ranks < k).mean()) for k in ks if k <= kmax}
+
+
+def benchmark_pairs(data: ProcessedData, n_pairs: int = 5000, seed: int = 0,
+                    category_level: int = 1) -> dict[str, pd.DataFrame]:
+    """The validation-period co-interaction pairs and same-category pairs the benchmark scores."""
+    valid = data.interactions[data.interactions["split"] == "valid"]
+    rng = np.random.default_rng(seed)
+    co = co_pairs(valid, data.n_items, budget=n_pairs, min_count=2, per_item=5)
+    cats = data.items["category_path"].map(lambda p: category_at(p, category_level))
+    same_cat = _group_pairs(cats, n_pairs, rng, per_item=1)
+    return {"collaborative": co, "semantic": same_cat}
+
+
+def grounding_table(spaces: dict[str, np.ndarray], pairs: dict[str, pd.DataFrame],
+                    ks: Sequence[int] = (10, 50)) -> pd.DataFrame:
+    rows = []
+    for name, emb in spaces.items():
+        row: dict[str, float | str] = {"embedding": name, "dim": emb.shape[1]}
+        for measure, p in pairs.items():
+            for metric, v in neighbour_recall(emb, p, ks).items():
+                row[f"{measure} {metric}"] = round(v, 4)
+        rows.append(row)
+    return pd.DataFrame(rows)
