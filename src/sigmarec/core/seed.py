@@ -20,3 +20,9 @@ def seed_everything(seed: int) -> np.random.Generator:
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(n)
+        except ImportError:
+            pass
