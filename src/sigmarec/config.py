@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sigmarec.backbone.config import BackboneConfig
 from sigmarec.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -173,6 +174,56 @@ class BaselinesConfig(_Strict):
     id_tower: Literal["sasrec_bce", "sasrec_ce"] = "sasrec_ce"
 
 
+class ViewConfig(_Strict):
+    weight: float = Field(1.0, ge=0, description="share of training pairs drawn from this view")
+    budget: int = Field(20_000, ge=0, description="most pairs mined")
+
+
+def _default_views() -> dict[str, ViewConfig]:
+    return {
+        "co_interaction": ViewConfig(weight=0.5, budget=50_000),
+        "search": ViewConfig(weight=0.2, budget=20_000),
+        "knowledge": ViewConfig(weight=0.2, budget=20_000),
+        "visual": ViewConfig(weight=0.1, budget=20_000),
+    }
+
+
+class GroundingConfig(_Strict):
+    """Multi-view semantic grounding: backbone text embeddings trained on relevance pairs."""
+
+    text_field: str = Field("text", description="items column encoded as the item's text")
+    dim: int = Field(128, ge=8, description="down-projected size of v_text")
+    finetune: Literal["lora", "full", "frozen"] = "lora"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    views: dict[str, ViewConfig] = Field(default_factory=_default_views)
+    batch_size: int = Field(32, ge=2)
+    steps: int = Field(200, ge=0)
+    lr: float = Field(2e-4, gt=0, description="backbone (LoRA or full) learning rate")
+    proj_lr: float = Field(1e-3, gt=0)
+    tau: float = Field(0.05, gt=0, description="temperature of the text-similarity softmax")
+    kd_tau: float = Field(0.1, gt=0, description="temperature of the ID-similarity softmax")
+    kd_weight: float = Field(1.0, ge=0, description="weight of L_KD; 0 = contrastive only")
+    max_text_tokens: int = Field(48, ge=4)
+    encode_batch_size: int = Field(64, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    benchmark_pairs: int = Field(5000, ge=10)
+    benchmark_minilm: bool = Field(True, description="add all-MiniLM-L6-v2 to the benchmark")
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, v: dict[str, ViewConfig]) -> dict[str, ViewConfig]:
+        known = {"co_interaction", "search", "knowledge", "visual"}
+        unknown = set(v) - known
+        if unknown:
+            raise ValueError(f"unknown grounding view(s) {sorted(unknown)}; known: {sorted(known)}")
+        return v
+
+
 class SigmaConfig(_Strict):
     """Root config."""
 
@@ -183,6 +234,8 @@ class SigmaConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (plus the seed) - a stage's config key."""

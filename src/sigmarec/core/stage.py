@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -35,6 +36,9 @@ class StageContext:
     run_dir: Path
     out: Path  # the stage's temporary output folder
     inputs: dict[str, Path] = field(default_factory=dict)  # upstream stage name -> its folder
+    # Survives a failed or interrupted attempt (checkpoints live here) and is removed once the
+    # stage succeeds; keyed by the fingerprint, so a changed config never resumes a stale run.
+    scratch: Path | None = None
 
     def input(self, stage: str) -> Path:
         try:
@@ -100,8 +104,11 @@ def execute(stage: Stage, config: SigmaConfig, run_dir: Path, force: bool = Fals
     log.info("stage %s: running", stage.name)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     start = time.perf_counter()
+    scratch = run_dir / ".scratch" / f"{stage.name}-{fp}"
     with atomic_dir(target) as tmp, PeakMemory() as mem:
-        summary = stage.run(StageContext(config=config, run_dir=run_dir, out=tmp, inputs=inputs))
+        summary = stage.run(
+            StageContext(config=config, run_dir=run_dir, out=tmp, inputs=inputs, scratch=scratch)
+        )
         manifest = {
             "stage": stage.name,
             "run_id": uuid.uuid4().hex[:12],
@@ -118,6 +125,7 @@ def execute(stage: Stage, config: SigmaConfig, run_dir: Path, force: bool = Fals
         }
         # The manifest is the last file written: its presence marks the stage complete.
         write_json(tmp / MANIFEST, manifest)
+    shutil.rmtree(scratch, ignore_errors=True)
     log.info("stage %s: done in %.1fs", stage.name, manifest["wall_time_s"])
     manifest["skipped"] = False
     return manifest
