@@ -28,7 +28,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
-console = Console()
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (recorded in BENCHMARKS.md).")
+app.add_typer(bench_app, name="bench")
+# Piped output (CI logs, `| tee`) gets a width that fits the results tables.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 ConfigOpt = Annotated[
     list[Path] | None,
@@ -182,6 +185,29 @@ def data_stats(
         t.add_row(str(row["stat"]), str(row["value"]))
     for key in ("sequence_length_quantiles", "item_popularity_quantiles"):
         t.add_row(key, ", ".join(f"{k}={v:g}" for k, v in stats[key].items()))
+    console.print(t)
+
+
+@bench_app.command("grounding")
+def bench_grounding(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
+                    sets: SetOpt = None, verbose: bool = False) -> None:
+    """Nearest-neighbour Recall@10/50 of validation co-purchases and same-category pairs for the
+    untrained backbone, all-MiniLM-L6-v2, SASRec item IDs and grounded v_text."""
+    import pandas as pd
+
+    from sigmarec.pipeline import run_pipeline
+
+    _setup_logging(verbose)
+    cfg = _config(profile, config, sets)
+    run_dir = _run_dir(out, cfg)
+    manifests = run_pipeline(cfg, run_dir, until="grounding")
+    _print_stage_table(manifests)
+    table = pd.read_csv(run_dir / "grounding" / "benchmark.csv")
+    t = Table(title=f"grounding benchmark ({cfg.profile}, {cfg.data.source})")
+    for col in table.columns:
+        t.add_column(str(col))
+    for _, row in table.iterrows():
+        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
     console.print(t)
 
 

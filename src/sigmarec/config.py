@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sigmarec.backbone.config import BackboneConfig
 from sigmarec.errors import ConfigError
+from sigmarec.tokenization.config import TokenizationConfig
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -191,7 +192,10 @@ def _default_views() -> dict[str, ViewConfig]:
 class GroundingConfig(_Strict):
     """Multi-view semantic grounding: backbone text embeddings trained on relevance pairs."""
 
-    text_field: str = Field("text", description="items column encoded as the item's text")
+    text_template: str = Field(
+        "{title} | {category_path} | {brand}",
+        description="item text: items columns and attribute keys in braces",
+    )
     dim: int = Field(128, ge=8, description="down-projected size of v_text")
     finetune: Literal["lora", "full", "frozen"] = "lora"
     lora_r: int = Field(8, ge=1)
@@ -236,6 +240,7 @@ class SigmaConfig(_Strict):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+    tokenization: TokenizationConfig = Field(default_factory=TokenizationConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (plus the seed) - a stage's config key."""

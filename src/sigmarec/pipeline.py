@@ -17,8 +17,11 @@ def stages() -> list[Stage]:
     from sigmarec.baselines.stage import BaselinesStage
     from sigmarec.data.stage import DataStage
     from sigmarec.evaluation.stage import EvaluationStage
+    from sigmarec.grounding.stage import GroundingStage
+    from sigmarec.tokenization.stage import TokenizationStage
 
-    return [DataStage(), BaselinesStage(), EvaluationStage()]
+    return [DataStage(), BaselinesStage(), GroundingStage(), TokenizationStage(),
+            EvaluationStage()]
 
 
 def stage_names() -> list[str]:

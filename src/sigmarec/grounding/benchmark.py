@@ -22,21 +22,24 @@ from sigmarec.grounding.views import _group_pairs, co_pairs
 def neighbour_recall(emb: np.ndarray, pairs: pd.DataFrame, ks: Sequence[int] = (10, 50),
                      batch: int = 1024) -> dict[str, float]:
     """Recall@K of ``b`` among the K nearest neighbours of ``a`` and vice versa (both directions
-    count), cosine similarity, the query item excluded."""
+    count), cosine similarity, the query item excluded. Items tied with the partner (identical
+    texts give identical text embeddings) count half, the expected rank under random tie-breaking,
+    so a space is not rewarded for collapsing items together."""
     if pairs.empty:
         return {f"Recall@{k}": float("nan") for k in ks}
     x = torch.nn.functional.normalize(torch.as_tensor(emb, dtype=torch.float32), dim=1)
     q = np.concatenate([pairs["a"].to_numpy(), pairs["b"].to_numpy()])
     t = np.concatenate([pairs["b"].to_numpy(), pairs["a"].to_numpy()])
     kmax = max(ks)
-    ranks = np.empty(len(q), dtype=np.int64)
+    ranks = np.empty(len(q), dtype=np.float64)
     for s in range(0, len(q), batch):
         qi = torch.as_tensor(q[s : s + batch])
         sims = x[qi] @ x.T
         sims[torch.arange(len(qi)), qi] = -torch.inf  # never find yourself
         target = sims[torch.arange(len(qi)), torch.as_tensor(t[s : s + batch])]
-        # rank = number of items scoring strictly higher than the partner
-        ranks[s : s + batch] = (sims > target[:, None]).sum(dim=1).numpy()
+        higher = (sims > target[:, None]).sum(dim=1)
+        ties = (sims == target[:, None]).sum(dim=1) - 1  # the partner itself
+        ranks[s : s + batch] = (higher + 0.5 * ties).numpy()
     return {f"Recall@{k}": float((ranks < k).mean()) for k in ks if k <= kmax}
 
 

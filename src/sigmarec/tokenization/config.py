@@ -71,5 +71,21 @@ class PrefixIndexConfig(_Strict):
 
 
 class TokenizationConfig(_Strict):
+    # Which item text space is quantised: the grounded ``v_text`` (SIGMA) or the untrained
+    # backbone's pooled embedding (the "without grounding" ablation).
+    embedding: Literal["grounded", "ungrounded"] = "grounded"
     semantic_ids: SemanticIdConfig = Field(default_factory=SemanticIdConfig)
     index: PrefixIndexConfig = Field(default_factory=PrefixIndexConfig)
+    # Levels of the SID written as vocabulary tokens before the unique item embedding
+    # (SIGMA: 1; the two-level-prefix ablation: 2).
+    prefix_levels: int = Field(1, ge=1, le=16)
+    query_token: str = "<q>"
+
+    @model_validator(mode="after")
+    def _prefix_within_levels(self) -> TokenizationConfig:
+        if self.prefix_levels > self.semantic_ids.levels:
+            raise ValueError(
+                f"tokenization.prefix_levels ({self.prefix_levels}) exceeds "
+                f"semantic_ids.levels ({self.semantic_ids.levels})"
+            )
+        return self

@@ -1,0 +1,62 @@
+"""The whole pipeline on the tiny profile (real Complete Journey subset, tiny backbone)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sigmarec.config import load_config
+from sigmarec.data.processed import ProcessedData
+from sigmarec.pipeline import run_pipeline, stage_names, status
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny")
+    cfg = load_config("tiny")
+    manifests = run_pipeline(cfg, run_dir)
+    return cfg, run_dir, manifests
+
+
+def test_every_stage_ran_with_a_manifest(tiny_run):
+    cfg, run_dir, manifests = tiny_run
+    assert [m["stage"] for m in manifests] == stage_names()
+    for m in manifests:
+        assert not m["skipped"]
+        assert m["wall_time_s"] >= 0 and m["peak_memory_mb"] > 0
+        assert (run_dir / m["stage"] / "manifest.json").is_file()
+
+
+def test_artifacts_are_consistent(tiny_run):
+    cfg, run_dir, _ = tiny_run
+    data = ProcessedData.load(run_dir / "data")
+    n = data.n_items
+    emb = np.load(run_dir / "baselines" / "item_embeddings.npy")
+    assert emb.shape[0] == n
+    v = np.load(run_dir / "grounding" / "v_text.npy")
+    assert v.shape == (n, cfg.grounding.dim)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    prefixes = np.load(run_dir / "tokenization" / "item_prefix.npy")
+    assert prefixes.shape == (n,) and prefixes.max() < 16
+    vocab = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
+    assert vocab["tokens"][0] == "<a_0>" and vocab["tokens"][-1] == "<q>"
+    report = json.loads((run_dir / "grounding" / "pairs_report.json").read_text())
+    assert report["co_interaction"]["pairs"] > 0 and report["co_interaction"]["examples"]
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    for model in cfg.baselines.enabled:
+        row = metrics["test"][model]["ALL"]["all"]
+        assert 0 <= row["HR@10"] <= 1 and row["n"] > 0
+
+
+def test_second_run_skips_everything(tiny_run):
+    cfg, run_dir, _ = tiny_run
+    again = run_pipeline(cfg, run_dir)
+    assert all(m["skipped"] for m in again)
+    assert {r["state"] for r in status(cfg, run_dir)} == {"fresh"}
+    # a change to the tokenizer config reruns tokenization (and what follows it), nothing before
+    cfg2 = load_config("tiny", overrides=["tokenization.semantic_ids.kmeans_iters=5"])
+    states = {r["stage"]: r["state"] for r in status(cfg2, run_dir)}
+    assert states["data"] == states["baselines"] == states["grounding"] == "fresh"
+    assert states["tokenization"] == "stale"
