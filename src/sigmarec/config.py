@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sigmarec.backbone.config import BackboneConfig
 from sigmarec.errors import ConfigError
+from sigmarec.tasks.config import TasksConfig
 from sigmarec.tokenization.config import TokenizationConfig
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -241,6 +242,7 @@ class SigmaConfig(_Strict):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     tokenization: TokenizationConfig = Field(default_factory=TokenizationConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (plus the seed) - a stage's config key."""

@@ -18,9 +18,10 @@ def stages() -> list[Stage]:
     from sigmarec.data.stage import DataStage
     from sigmarec.evaluation.stage import EvaluationStage
     from sigmarec.grounding.stage import GroundingStage
+    from sigmarec.tasks.stage import TasksStage
     from sigmarec.tokenization.stage import TokenizationStage
 
-    return [DataStage(), BaselinesStage(), GroundingStage(), TokenizationStage(),
+    return [DataStage(), BaselinesStage(), GroundingStage(), TokenizationStage(), TasksStage(),
             EvaluationStage()]
 
 

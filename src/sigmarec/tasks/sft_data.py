@@ -1,0 +1,520 @@
+"""Multi-task SFT samples and evaluation instances, and the chat prompt they render to.
+
+Training samples (``split == "train"``) come from the training period only: a cut sits at a
+basket boundary inside it, the history is everything before the cut (the prompt shows its last
+``history_len`` items) and the target is one item of the basket that starts at the cut which the
+task admits; ``targets`` lists every item of that basket that satisfies the task's rule under
+the same instruction (the other positives, so training can avoid them as negatives). No label
+and no history item can come from the validation or test period: this is asserted.
+
+Evaluation instances (``valid`` / ``test``) follow ``ProcessedData.instances``: per user (and
+per holiday for Holiday) the first basket in the evaluation window; history = every earlier
+position; targets = the items of that basket the task admits. JustForYou copies the data
+stage's instances (same ids). Evaluation instructions use the held-out paraphrases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from sigmarec.data.processed import ProcessedData
+from sigmarec.tasks.config import TASK_NAMES, TasksConfig
+from sigmarec.tasks.definitions import SOFT_TOKEN, Cut, RowView, Task
+from sigmarec.tasks.registry import build_tasks, supported
+from sigmarec.tasks.resources import TaskResources, build_resources
+from sigmarec.tasks.text import display_category
+
+log = logging.getLogger("sigmarec")
+
+TRAIN_COLUMNS = ["sample_id", "split", "task", "user_idx", "hist_len", "history", "target",
+                 "targets", "timestamp", "instruction", "params", "profile"]
+EVAL_COLUMNS = ["instance_id", "split", "task", "user_idx", "hist_len", "targets", "timestamp",
+                "instruction", "params", "profile", "history"]
+SYSTEM_PROMPT = ("You are a recommender for a grocery retailer. Read the household's profile, "
+                 "what it bought recently and the request, then name the product to show.")
+
+
+@dataclass
+class Baskets:
+    """Rows of ``data.interactions`` grouped into baskets (contiguous by construction)."""
+
+    rows: RowView
+    gid: np.ndarray  # basket id per row
+    start: np.ndarray  # first row of each basket
+    end: np.ndarray  # one past its last row
+    hist_len: np.ndarray
+    timestamp: np.ndarray  # datetime64 per basket
+    split: np.ndarray  # per basket: "train"/"valid"/"test", "mixed" if its rows disagree
+    user: np.ndarray
+    holiday: np.ndarray  # per basket
+    season: np.ndarray  # per basket
+    n_train: np.ndarray  # per user: training rows (a prefix of the sequence)
+
+
+@dataclass
+class SFTData:
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    stats: dict[str, Any]
+    skipped: dict[str, str]
+    resources: TaskResources
+    tasks: dict[str, Task] = field(default_factory=dict)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+
+def build_baskets(data: ProcessedData, res: TaskResources) -> Baskets:
+    inter = data.interactions
+    u = inter["user_idx"].to_numpy(np.int64)
+    b = inter["basket"].to_numpy(np.int64)
+    item = inter["item_idx"].to_numpy(np.int64)
+    pos = inter["pos"].to_numpy(np.int64)
+    split = inter["split"].to_numpy(dtype=object)
+    ts = inter["timestamp"].to_numpy("datetime64[ns]")
+    n = len(inter)
+    change = np.ones(n, dtype=bool)
+    if n:
+        change[1:] = (u[1:] != u[:-1]) | (b[1:] != b[:-1])
+    gid = np.cumsum(change) - 1
+    start = np.flatnonzero(change)
+    end = np.append(start[1:], n)
+    if len(start) != len(pd.MultiIndex.from_arrays([u, b]).unique()):
+        raise AssertionError("a basket's rows are not contiguous in data.interactions")
+    bts = np.minimum.reduceat(ts, start) if n else ts[:0]
+    bsplit = split[start].copy()
+    mixed = np.zeros(len(start), dtype=bool)
+    np.logical_or.at(mixed, gid, split != split[start][gid])
+    bsplit[mixed] = "mixed"
+    bhol = res.holiday_index(pd.DatetimeIndex(bts))
+    bseason = res.month_season[pd.DatetimeIndex(bts).month.to_numpy()] if n else bhol
+    is_train = split == "train"
+    n_train = np.bincount(u[is_train], minlength=data.n_users)
+    # The training rows of every user must be a prefix of the sequence (temporal and
+    # leave-one-out splits both guarantee it); the leakage checks below rely on it.
+    if not np.array_equal(is_train, pos < n_train[u]):
+        raise AssertionError("training interactions are not a prefix of each user's sequence")
+
+    lv = res.discover_level
+    code = res.level_codes[lv, item] if res.depth else np.full(n, -1)
+    key = u * (int(code.max(initial=0)) + 2) + (code + 1)
+    first = pd.Series(gid).groupby(key).transform("min").to_numpy()
+    rows = RowView(item=item, user=u, split=split, hist_len=pos[start][gid],
+                   season=bseason[gid], holiday=bhol[gid], first_in_category=gid == first)
+    return Baskets(rows=rows, gid=gid, start=start, end=end, hist_len=pos[start], timestamp=bts,
+                   split=bsplit, user=u[start], holiday=bhol, season=bseason, n_train=n_train)
+
+
+def _cut(data: ProcessedData, res: TaskResources, bk: Baskets, g: int) -> Cut:
+    u = int(bk.user[g])
+    h = int(bk.holiday[g])
+    split = str(bk.split[g])
+    holiday = None
+    if h >= 0:
+        name = res.holidays[h].name
+        holiday = name if res.holiday_split.get(name) == split else None
+    s = int(bk.season[g])
+    return Cut(user_idx=u, hist_len=int(bk.hist_len[g]), timestamp=pd.Timestamp(bk.timestamp[g]),
+               split=split, history=data.sequence(u)[: int(bk.hist_len[g])],
+               season=res.season_names[s] if s >= 0 else None, holiday=holiday)
+
+
+def allocate(cfg: TasksConfig, names: Sequence[str]) -> dict[str, int]:
+    """Training samples per task: fixed counts first, the rest of ``total_samples`` by weight
+    (largest remainder; a task missing from ``weights`` weighs 1)."""
+    fixed = {n: int(cfg.samples_per_task[n]) for n in names if n in cfg.samples_per_task}
+    rest = [n for n in names if n not in fixed]
+    remaining = max(cfg.total_samples - sum(fixed.values()), 0)
+    w = np.array([float(cfg.weights.get(n, 1.0)) for n in rest])
+    out = dict(fixed)
+    if rest and w.sum() > 0:
+        share = remaining * w / w.sum()
+        base = np.floor(share).astype(int)
+        order = np.argsort(-(share - base), kind="stable")
+        base[order[: remaining - int(base.sum())]] += 1
+        out.update({n: int(k) for n, k in zip(rest, base, strict=True)})
+    else:
+        out.update({n: 0 for n in rest})
+    return {n: out[n] for n in names}
+
+
+def _rng(seed: int, *keys: str) -> np.random.Generator:
+    return np.random.default_rng([seed, *(sum(ord(c) * 31**i for i, c in enumerate(k)) % 2**31
+                                          for k in keys)])
+
+
+def eval_holiday_words(res: TaskResources) -> list[str]:
+    """Names (display and aliases) of the holidays of the validation and test periods."""
+    out = []
+    for h in res.holidays:
+        if res.holiday_split.get(h.name) in ("valid", "test"):
+            out += [h.name.replace("_", " "), h.display.lower().removeprefix("the "),
+                    *(a.lower() for a in h.aliases)]
+    return sorted({w for w in out if w})
+
+
+def mentions(text: str, words: Sequence[str]) -> bool:
+    t = str(text).lower()
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", t) for w in words)
+
+
+def _names_eval_holiday(task: Task, res: TaskResources) -> np.ndarray:
+    """Items whose instruction text for ``task`` would name an evaluation holiday (a product type
+    such as "CHRISTMAS LIGHTS"): kept out of training so no training instruction names one."""
+    words = eval_holiday_words(res)
+    out = np.zeros(res.n_items, dtype=bool)
+    if not words or task.name not in ("Query", "Category"):
+        return out
+    if task.name == "Query":
+        texts = res.item_query.tolist()
+    else:
+        codes = res.level_codes[res.category_level]
+        names = [display_category(n) for n in res.level_names[res.category_level]]
+        texts = [names[c] if c >= 0 else "" for c in codes.tolist()]
+    cache: dict[str, bool] = {}
+    for i, t in enumerate(texts):
+        if t not in cache:
+            cache[t] = mentions(t, words)
+        out[i] = cache[t]
+    return out
+
+
+def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Baskets,
+                   cfg: TasksConfig, n: int, seed: int) -> tuple[list[dict[str, Any]],
+                                                                  dict[str, Any]]:
+    rows = bk.rows
+    ok = ((rows.split == "train") & (bk.split[bk.gid] == "train")
+          & (rows.hist_len >= cfg.min_history) & task.admit(rows)
+          & ~_names_eval_holiday(task, res)[rows.item])
+    pool = np.flatnonzero(ok)
+    info = {"pool_rows": int(len(pool)), "pool_cuts": int(len(np.unique(bk.gid[pool])))}
+    if len(pool) < cfg.min_task_samples:
+        return [], {**info, "skipped": f"only {len(pool)} training candidates "
+                                        f"(min_task_samples = {cfg.min_task_samples})"}
+    rng = _rng(seed, "train", task.name)
+    take = pool if n >= len(pool) else np.sort(rng.choice(pool, size=n, replace=False))
+    if n > len(pool):
+        log.info("task %s: %d training samples asked, %d candidates exist", task.name, n,
+                 len(pool))
+    out = []
+    for r in take:
+        g = int(bk.gid[r])
+        cut = _cut(data, res, bk, g)
+        params, targets = task.targets(rows.item[bk.start[g]:bk.end[g]], cut, int(rows.item[r]))
+        # Leakage guard: history and basket lie inside the user's training prefix.
+        if cut.hist_len + (bk.end[g] - bk.start[g]) > bk.n_train[cut.user_idx] or (
+            res.valid_start is not None and cut.timestamp >= res.valid_start
+        ):
+            raise AssertionError(f"{task.name}: training sample of user {cut.user_idx} at "
+                                 f"position {cut.hist_len} reaches past the training period")
+        out.append({
+            "split": "train", "task": task.name, "user_idx": cut.user_idx,
+            "hist_len": cut.hist_len, "history": cut.history[-cfg.history_len:].copy(),
+            "target": int(rows.item[r]), "targets": targets, "timestamp": cut.timestamp,
+            "instruction": task.instruction(params, held_out=False, rng=rng),
+            "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
+            "_repeat": bool(np.isin(rows.item[r], cut.history)),
+        })
+    return out, info
+
+
+def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Baskets,
+                    cfg: TasksConfig, split: str, seed: int) -> list[dict[str, Any]]:
+    rows = bk.rows
+    admitted = np.zeros(len(bk.start), dtype=bool)
+    ok = task.admit(rows) & (rows.split == split)
+    np.logical_or.at(admitted, bk.gid[ok], True)
+    in_window = (bk.split == split) & (bk.hist_len > 0)
+    if task.name == "Holiday":
+        hol_ok = np.array([res.holiday_split.get(h.name) == split for h in res.holidays] + [False])
+        in_window &= hol_ok[bk.holiday]
+        group = bk.user * (len(res.holidays) + 1) + bk.holiday
+    else:
+        group = bk.user
+    cand = np.flatnonzero(in_window & admitted) if cfg.eval_basket == "first_with_target" \
+        else np.flatnonzero(in_window)
+    if not len(cand):
+        return []
+    # Baskets are in (user, time) order, so the first basket of a group is its smallest id.
+    _, first_idx = np.unique(group[cand], return_index=True)
+    chosen = [int(g) for g in cand[first_idx] if admitted[g]]
+    rng = _rng(seed, split, task.name)
+    out = []
+    for g in chosen:
+        items = rows.item[bk.start[g]:bk.end[g]]
+        mask = ok[bk.start[g]:bk.end[g]]
+        anchor = int(rng.choice(items[mask]))
+        cut = _cut(data, res, bk, g)
+        params, targets = task.targets(items, cut, anchor)
+        out.append({
+            "split": split, "task": task.name, "user_idx": cut.user_idx,
+            "hist_len": cut.hist_len, "targets": targets, "timestamp": cut.timestamp,
+            "instruction": task.instruction(params, held_out=True, rng=rng),
+            "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
+            "history": cut.history[-cfg.history_len:].copy(),
+        })
+    return out
+
+
+def _jfy_instances(task: Task, data: ProcessedData, res: TaskResources, cfg: TasksConfig,
+                   split: str, seed: int) -> list[dict[str, Any]]:
+    rng = _rng(seed, split, task.name)
+    out = []
+    for r in data.eval_instances(split).to_dict("records"):
+        u, h = int(r["user_idx"]), int(r["hist_len"])
+        out.append({
+            "instance_id": int(r["instance_id"]), "split": split, "task": task.name,
+            "user_idx": u, "hist_len": h, "targets": np.asarray(r["targets"], dtype=np.int64),
+            "timestamp": pd.Timestamp(r["timestamp"]),
+            "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
+            "profile": res.profiles[u], "history": data.history(u, h)[-cfg.history_len:].copy(),
+        })
+    return out
+
+
+def _cap(rows: list[dict[str, Any]], cap: int | None, seed: int, *keys: str) -> list[dict]:
+    if cap is None or len(rows) <= cap:
+        return rows
+    keep = np.sort(_rng(seed, "cap", *keys).choice(len(rows), size=cap, replace=False))
+    return [rows[i] for i in keep]
+
+
+def _param_counts(params: pd.Series, key: str, top: int = 12) -> dict[str, int]:
+    c = Counter(json.loads(p).get(key) for p in params)
+    return {str(k): int(v) for k, v in c.most_common(top)}
+
+
+def _task_stats(df: pd.DataFrame, data: ProcessedData, train: bool) -> dict[str, Any]:
+    if df.empty:
+        return {"n": 0}
+    tl = df["targets"].map(len).to_numpy()
+    out: dict[str, Any] = {
+        "n": int(len(df)),
+        "users": int(df["user_idx"].nunique()),
+        "targets_per_instance": round(float(tl.mean()), 3),
+    }
+    if train:
+        out["distinct_targets"] = int(df["target"].nunique())
+        out["repeat_share"] = round(float(df["_repeat"].mean()), 4)
+    else:
+        out["distinct_targets"] = int(len(np.unique(np.concatenate(df["targets"].to_list()))))
+        hits = total = 0
+        for u, h, t in zip(df["user_idx"], df["hist_len"], df["targets"], strict=True):
+            hits += int(np.isin(t, data.history(int(u), int(h))).sum())
+            total += len(t)
+        out["repeat_share"] = round(hits / max(total, 1), 4)
+    task = df["task"].iloc[0]
+    key = {"Query": "query", "Category": "category", "Season": "season",
+           "Holiday": "holiday"}.get(task)
+    if key:
+        out["distinct_params"] = int(df["params"].map(lambda p: json.loads(p).get(key)).nunique())
+        out["top_params"] = _param_counts(df["params"], key)
+    return out
+
+
+def build_sft_data(data: ProcessedData, cfg: TasksConfig, seed: int = 0) -> SFTData:
+    """Training samples, evaluation instances and statistics for the enabled tasks."""
+    t0 = time.perf_counter()
+    seed = cfg.seed if cfg.seed is not None else seed
+    res = build_resources(data, cfg)
+    tasks, skipped = supported(build_tasks(res, list(cfg.enabled)))
+    bk = build_baskets(data, res)
+    t_res = time.perf_counter() - t0
+
+    want = allocate(cfg, list(tasks))
+    train_rows: list[dict[str, Any]] = []
+    pools: dict[str, dict[str, Any]] = {}
+    for name, task in list(tasks.items()):
+        rows, info = _train_samples(task, data, res, bk, cfg, want[name], seed)
+        pools[name] = {**info, "asked": want[name]}
+        if "skipped" in info:
+            skipped[name] = info["skipped"]
+            log.info("task %s skipped: %s", name, info["skipped"])
+            del tasks[name]
+            continue
+        train_rows.extend(rows)
+    t_train = time.perf_counter() - t0 - t_res
+    words = eval_holiday_words(res)
+    for r in train_rows:
+        if mentions(r["instruction"], words) or json.loads(r["params"]).get("holiday") in {
+            h for h, s in res.holiday_split.items() if s in ("valid", "test")
+        }:
+            raise AssertionError(f"training instruction names an evaluation holiday: {r}")
+
+    evals: dict[str, list[dict[str, Any]]] = {"valid": [], "test": []}
+    next_id = int(data.instances["instance_id"].max()) + 1 if len(data.instances) else 0
+    for split in ("valid", "test"):
+        for name, task in tasks.items():
+            if name == "JustForYou":
+                rows = _jfy_instances(task, data, res, cfg, split, seed)
+            else:
+                rows = _eval_instances(task, data, res, bk, cfg, split, seed)
+            rows = _cap(rows, cfg.eval_instances_per_task, seed, split, name)
+            for r in rows:
+                if "instance_id" not in r:
+                    r["instance_id"] = next_id
+                    next_id += 1
+            evals[split].extend(rows)
+    t_eval = time.perf_counter() - t0 - t_res - t_train
+
+    train = pd.DataFrame(train_rows, columns=[*TRAIN_COLUMNS[1:], "_repeat"])
+    train.insert(0, "sample_id", np.arange(len(train), dtype=np.int64))
+    frames = {s: pd.DataFrame(evals[s], columns=EVAL_COLUMNS) for s in ("valid", "test")}
+    for s, df in frames.items():
+        frames[s] = df.astype({"instance_id": np.int64, "user_idx": np.int64,
+                               "hist_len": np.int64}).reset_index(drop=True)
+
+    order = [n for n in TASK_NAMES if n in tasks]
+    stats: dict[str, Any] = {"tasks": {}, "skipped": skipped}
+    for name in order:
+        stats["tasks"][name] = {
+            "train": {**_task_stats(train[train["task"] == name], data, True), **pools[name]},
+            **{s: _task_stats(frames[s][frames[s]["task"] == name], data, False)
+               for s in ("valid", "test")},
+        }
+    stats["totals"] = {"train": int(len(train)), "valid": int(len(frames["valid"])),
+                       "test": int(len(frames["test"]))}
+    stats["resources"] = {
+        "longtail_threshold": res.longtail_threshold,
+        "longtail_items": int(res.longtail.sum()),
+        "season_items": {s: int(res.season_items[i].sum())
+                         for i, s in enumerate(res.season_names)},
+        "holiday_split": res.holiday_split,
+        "holiday_items": {k: int(v.sum()) for k, v in res.holiday_items.items()},
+        "category_level": res.category_level,
+        "discover_level": res.discover_level,
+    }
+    stats["seconds"] = {"resources": round(t_res, 2), "train": round(t_train, 2),
+                        "eval": round(t_eval, 2)}
+    train = train.drop(columns=["_repeat"])
+    return SFTData(train=train, valid=frames["valid"], test=frames["test"], stats=stats,
+                   skipped=skipped, resources=res, tasks=tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts
+
+
+class RenderedPrompt(NamedTuple):
+    text: str  # the prompt up to the assistant turn, with one SOFT_TOKEN per history item
+    positions: list[int]  # character offset of each SOFT_TOKEN, in history order
+    history: list[int]  # the item behind each placeholder
+    label: str | None  # the target's prefix token(s) then the query token (training samples)
+
+
+def _vocab_parts(vocab: Any) -> tuple[list[int], str]:
+    if isinstance(vocab, Mapping):
+        return list(vocab["prefix_codebook_sizes"]), str(vocab.get("query_token", "<q>"))
+    return list(vocab.codebook_sizes), str(vocab.query_token)
+
+
+def prefix_tokens(item: int, vocab: Any, item_prefix: np.ndarray) -> str:
+    """The item's SID prefix written as vocabulary tokens (e.g. ``<a_3>`` or ``<a_3><b_7>``)."""
+    from sigmarec.tokenization.hybrid import prefix_token
+
+    sizes, _ = _vocab_parts(vocab)
+    flat = int(item_prefix[int(item)])
+    codes = []
+    for k in reversed(sizes):
+        codes.append(flat % k)
+        flat //= k
+    return "".join(prefix_token(lv, c) for lv, c in enumerate(reversed(codes)))
+
+
+_RESERVED = re.compile(r"<\|item\|>|<[a-z]_\d+>|<q>")
+
+
+def _sanitize(text: str, query_token: str) -> str:
+    """Free text must not smuggle placeholders or item tokens into a prompt."""
+    return _RESERVED.sub(" ", str(text).replace(query_token, " ")).strip()
+
+
+def _get(sample: Any, key: str, default: Any = None) -> Any:
+    if isinstance(sample, (Mapping, pd.Series)):
+        return sample.get(key, default)
+    return getattr(sample, key, default)
+
+
+def _chat(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    # ChatML, the layout SmolLM2's own template produces.
+    body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return body + "<|im_start|>assistant\n"
+
+
+def render_prompt(sample: Any, items: pd.DataFrame | None, vocab: Any,
+                  item_prefix: np.ndarray, tokenizer: Any = None,
+                  system: str = SYSTEM_PROMPT) -> RenderedPrompt:
+    """Chat-style prompt of one sample: profile, "Recently bought:" with each history item as
+    its prefix token(s) followed by ``SOFT_TOKEN`` (where the model puts the item's fused
+    embedding), then the instruction. ``label`` is the target's prefix token(s) and the query
+    token. ``items`` is unused here (kept for a uniform signature with ``decode_sample``)."""
+    _, qtok = _vocab_parts(vocab)
+    history = [int(i) for i in np.asarray(_get(sample, "history", []), dtype=np.int64)]
+    profile = _sanitize(_get(sample, "profile", "") or "unknown", qtok)
+    instruction = _sanitize(_get(sample, "instruction", ""), qtok)
+    hist = " ".join(f"{prefix_tokens(i, vocab, item_prefix)}{SOFT_TOKEN}" for i in history)
+    user = (f"Household profile: {profile}.\n"
+            f"Recently bought (oldest first): {hist if hist else 'nothing yet'}\n"
+            f"Request: {instruction}")
+    text = _chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                 tokenizer)
+    positions = [m.start() for m in re.finditer(re.escape(SOFT_TOKEN), text)]
+    if len(positions) != len(history):
+        raise AssertionError(f"prompt has {len(positions)} item placeholders for "
+                             f"{len(history)} history items")
+    target = _get(sample, "target", None)
+    label = None
+    if target is not None and not (isinstance(target, float) and np.isnan(target)):
+        label = prefix_tokens(int(target), vocab, item_prefix) + qtok
+    return RenderedPrompt(text, positions, history, label)
+
+
+def item_description(items: pd.DataFrame, item: int) -> str:
+    """A short readable name of an item: title, parent category, brand."""
+    r = items.iloc[int(item)]
+    parts = [str(r.get("title") or r.get("item_id"))]
+    path = [p.strip() for p in str(r.get("category_path") or "").split(" > ") if p.strip()]
+    if len(path) >= 2 and path[-2] not in parts:
+        parts.append(path[-2].lower())
+    brand = r.get("brand")
+    if isinstance(brand, str) and brand:
+        parts.append(brand)
+    return " / ".join(parts)
+
+
+def decode_sample(sample: Any, items: pd.DataFrame, vocab: Any, item_prefix: np.ndarray,
+                  tokenizer: Any = None, max_targets: int = 5) -> str:
+    """The prompt for people to read: each soft token replaced by ``[item text]``, then the
+    label (training) or the targets (evaluation)."""
+    p = render_prompt(sample, items, vocab, item_prefix, tokenizer)
+    parts, last = [], 0
+    for pos, it in zip(p.positions, p.history, strict=True):
+        parts.append(p.text[last:pos])
+        parts.append(f"[{item_description(items, it)}]")
+        last = pos + len(SOFT_TOKEN)
+    parts.append(p.text[last:])
+    text = "".join(parts)
+    if p.label is not None:
+        target = item_description(items, _get(sample, "target"))
+        text += f"{p.label}    <- label; target = [{target}]"
+    targets = [int(t) for t in np.asarray(_get(sample, "targets", []), dtype=np.int64)]
+    if targets:
+        shown = "; ".join(f"{prefix_tokens(t, vocab, item_prefix)} {item_description(items, t)}"
+                          for t in targets[:max_targets])
+        more = f" (+{len(targets) - max_targets} more)" if len(targets) > max_targets else ""
+        text += f"\n# all targets ({len(targets)}): {shown}{more}"
+    return text

