@@ -1,0 +1,1 @@
+"""Stage 2 - baselines: classical recommenders, and the SASRec ID tower later stages reuse."""
