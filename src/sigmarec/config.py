@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sigmarec.backbone.config import BackboneConfig
 from sigmarec.errors import ConfigError
+from sigmarec.model.config import ModelConfig
 from sigmarec.tasks.config import TasksConfig
 from sigmarec.tokenization.config import TokenizationConfig
+from sigmarec.training.config import TrainingConfig
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -243,6 +245,8 @@ class SigmaConfig(_Strict):
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     tokenization: TokenizationConfig = Field(default_factory=TokenizationConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (plus the seed) - a stage's config key."""

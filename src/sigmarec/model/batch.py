@@ -1,0 +1,190 @@
+"""The SFT batch format: already-tokenised examples -> padded tensors, labels and hard negatives.
+
+One example is a rendered chat prompt whose history items appear as ``<prefix> <|item|>``: the
+prefix token(s) of the item followed by ONE placeholder token that the model replaces with the
+item's soft token ``ṽ``. The collator appends the label tokens, the target's prefix token(s) then
+``<q>``, and draws the InfoNCE hard negatives (other items with the target's prefix).
+
+Padding is on the left, so the label tokens sit in the same columns of every row (the model
+reads them at fixed offsets from the end) and a prompt-only batch ends in the same column, which
+is what continuing every row over a shared KV cache needs. Position ids are derived from the
+attention mask, so left padding does not shift the real tokens' positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One rendered SFT sample (see the module docstring)."""
+
+    input_ids: list[int]
+    item_ids: list[int]
+    target_item: int
+    target_prefix: int
+
+
+def _field(example: Any, name: str) -> Any:
+    # Examples may be SFTExample objects or plain dicts (e.g. rows read back from parquet).
+    if isinstance(example, Mapping):
+        return example[name]
+    return getattr(example, name)
+
+
+def flat_to_codes(flat: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
+    """(n,) flat prefix ids -> (n, levels) per-level codes (inverse of HybridVocab.prefix_ids)."""
+    flat = np.asarray(flat, dtype=np.int64)
+    codes = np.zeros((len(flat), len(codebook_sizes)), dtype=np.int64)
+    rest = flat.copy()
+    for lv in range(len(codebook_sizes) - 1, -1, -1):
+        codes[:, lv] = rest % codebook_sizes[lv]
+        rest //= codebook_sizes[lv]
+    return codes
+
+
+class HardNegativeSampler:
+    """Draws, for each target, up to ``k`` distinct other items that share its flat prefix.
+
+    Without replacement: a duplicated negative would count twice in the softmax denominator.
+    Rows whose prefix holds fewer than ``k + 1`` items are padded with -1 (masked by the loss).
+    """
+
+    def __init__(self, item_prefix: np.ndarray, k: int) -> None:
+        self.k = int(k)
+        prefix = np.asarray(item_prefix, dtype=np.int64)
+        self.item_prefix = prefix
+        self.order = np.argsort(prefix, kind="stable")
+        n_prefixes = int(prefix.max()) + 1 if len(prefix) else 0
+        sorted_prefix = prefix[self.order]
+        self.starts = np.searchsorted(sorted_prefix, np.arange(n_prefixes), side="left")
+        self.ends = np.searchsorted(sorted_prefix, np.arange(n_prefixes), side="right")
+        # Rank of each item inside its prefix group, to skip the target in O(1).
+        self.rank = np.empty(len(prefix), dtype=np.int64)
+        self.rank[self.order] = np.arange(len(prefix)) - self.starts[sorted_prefix]
+
+    def sample(self, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        targets = np.asarray(targets, dtype=np.int64)
+        out = np.full((len(targets), self.k), -1, dtype=np.int64)
+        if self.k == 0:
+            return out
+        for row, t in enumerate(targets):
+            p = self.item_prefix[t]
+            start, end = self.starts[p], self.ends[p]
+            others = end - start - 1
+            if others <= 0:
+                continue
+            if others <= self.k:
+                picks = np.arange(others)
+            else:
+                picks = rng.choice(others, size=self.k, replace=False)
+            # Indices >= the target's rank shift by one: the target itself is never drawn.
+            picks = picks + (picks >= self.rank[t])
+            out[row, : len(picks)] = self.order[start + picks]
+        return out
+
+
+class SigmaCollator:
+    """Pads examples (left), appends ``<prefix tokens><q>`` labels and samples hard negatives.
+
+    Build it with :meth:`sigmarec.model.sigma.SigmaModel.collator`, which fills in the token ids.
+    Output keys: ``input_ids``, ``attention_mask`` (B, T), ``item_ids`` (N,) the item of every
+    placeholder in row-major order, and with labels ``target_item``, ``target_prefix`` (B,) and
+    ``hard_negatives`` (B, k) with -1 for "none".
+    """
+
+    def __init__(
+        self,
+        *,
+        pad_id: int,
+        item_token_id: int,
+        query_token_id: int,
+        level_token_ids: Sequence[Sequence[int]],
+        item_prefix: np.ndarray,
+        hard_negatives: int = 0,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        self.pad_id = int(pad_id)
+        self.item_token_id = int(item_token_id)
+        self.query_token_id = int(query_token_id)
+        self.level_token_ids = [np.asarray(ids, dtype=np.int64) for ids in level_token_ids]
+        self.codebook_sizes = [len(ids) for ids in self.level_token_ids]
+        self.n_prefixes = int(np.prod(self.codebook_sizes))
+        self.item_prefix = np.asarray(item_prefix, dtype=np.int64)
+        self.sampler = HardNegativeSampler(self.item_prefix, hard_negatives)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    @property
+    def n_label_tokens(self) -> int:
+        return len(self.codebook_sizes) + 1
+
+    def label_tokens(self, target_prefix: int) -> list[int]:
+        codes = flat_to_codes(np.array([target_prefix]), self.codebook_sizes)[0]
+        return [int(self.level_token_ids[lv][c]) for lv, c in enumerate(codes)] + [
+            self.query_token_id
+        ]
+
+    def __call__(
+        self,
+        examples: Sequence[Any],
+        *,
+        with_labels: bool = True,
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        rows: list[list[int]] = []
+        items: list[int] = []
+        targets, prefixes = [], []
+        for i, ex in enumerate(examples):
+            ids = [int(t) for t in _field(ex, "input_ids")]
+            ex_items = [int(t) for t in _field(ex, "item_ids")]
+            n_slots = sum(t == self.item_token_id for t in ids)
+            if n_slots != len(ex_items):
+                raise ValueError(
+                    f"example {i}: {n_slots} placeholder tokens but {len(ex_items)} item_ids"
+                )
+            if ex_items and not (min(ex_items) >= 0 and max(ex_items) < len(self.item_prefix)):
+                raise ValueError(f"example {i}: item_ids outside 0..{len(self.item_prefix) - 1}")
+            if with_labels:
+                t, p = int(_field(ex, "target_item")), int(_field(ex, "target_prefix"))
+                if not 0 <= t < len(self.item_prefix):
+                    raise ValueError(f"example {i}: target_item {t} is not a known item")
+                if p != self.item_prefix[t]:
+                    # The NTP label and the hard negatives must agree on the target's prefix.
+                    raise ValueError(
+                        f"example {i}: target_prefix {p} but item {t} has prefix "
+                        f"{self.item_prefix[t]}"
+                    )
+                ids = ids + self.label_tokens(p)
+                targets.append(t)
+                prefixes.append(p)
+            rows.append(ids)
+            items.extend(ex_items)
+        length = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length = (length + m - 1) // m * m
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, length - len(r):] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "item_ids": torch.tensor(items, dtype=torch.long),
+        }
+        if with_labels:
+            tgt = np.asarray(targets, dtype=np.int64)
+            rng = rng if rng is not None else np.random.default_rng(0)
+            batch["target_item"] = torch.from_numpy(tgt)
+            batch["target_prefix"] = torch.tensor(prefixes, dtype=torch.long)
+            batch["hard_negatives"] = torch.from_numpy(self.sampler.sample(tgt, rng))
+        return batch

@@ -1,0 +1,45 @@
+"""Typed settings of the SIGMA recommender model (SIGMA part 3: the fine-tuned LLM).
+
+Kept out of ``sigmarec.config`` so the model can be developed and tested on its own; the root
+config embeds :class:`ModelConfig` as the section ``model``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The LLM around the hybrid item tokens, its adaptation and its two losses."""
+
+    finetune: Literal["lora", "full"] = Field(
+        "lora", description="lora: adapters (+ new token rows, ProjFuse, head); full: everything"
+    )
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names that get LoRA adapters (add gate/up/down_proj for the MLP)",
+    )
+    train_new_tokens: bool = Field(
+        True, description="train the input/output rows of the prefix tokens and <q>"
+    )
+    item_token: str = Field(
+        "<|item|>", description="placeholder token whose embedding is replaced by the soft token"
+    )
+    fuse_dropout: float = Field(0.1, ge=0, lt=1, description="dropout inside ProjFuse")
+    head: Literal["linear", "mlp"] = Field(
+        "linear", description="projection of the <q> hidden state (hidden -> hidden)"
+    )
+    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature")
+    infonce_weight: float = Field(1.0, ge=0, description="lambda in L_NTP + lambda * L_InfoNCE")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward (less memory, ~30% slower)"
+    )

@@ -1,0 +1,581 @@
+"""The SIGMA recommender: an LLM that reads hybrid item tokens and answers with a prefix + <q>.
+
+``SigmaModel`` wraps any Hugging Face causal LM:
+
+* the vocabulary gains the prefix tokens (``<a_k>``, one per code of each prefix level), the query
+  token ``<q>`` and the placeholder ``<|item|>``;
+* each item's soft token ``ṽ = ProjFuse(v_ID, v_text[, v_img])`` (frozen features held as
+  buffers, ProjFuse trainable) replaces the embedding of the placeholder that follows the item's
+  prefix in the prompt, through ``inputs_embeds``;
+* a projection head maps the final hidden state at ``<q>`` to a query vector compared with ``ṽ``
+  by cosine.
+
+Losses (SIGMA part 3): ``L_NTP``, cross-entropy of each label prefix token at the position before
+it, over that prefix level's tokens only (exactly the softmax generation step 1 takes), plus
+``λ · L_InfoNCE`` between the normalised query vector and the target's ``ṽ``, against hard
+negatives that share the target's prefix and the other in-batch targets.
+
+Why the new token rows are separate parameters (``token_delta``, and ``head_delta`` for untied
+output embeddings) added to the frozen rows instead of unfreezing the embedding matrix: the
+optimizer then holds state for a few hundred rows instead of the whole vocabulary, weight decay
+never touches other rows, and FSDP/DeepSpeed see an ordinary small parameter. The rows start at
+zero, so the model starts out exactly as ``add_special_tokens`` initialised it.
+
+The loss heads read the decoder's last hidden state directly, never the LM head: only the
+prefix rows of the output matrix are needed, which saves a (tokens x vocabulary) matmul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sigmarec.backbone.loading import add_special_tokens
+from sigmarec.model.batch import SigmaCollator
+from sigmarec.model.config import ModelConfig
+from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse
+
+if TYPE_CHECKING:
+    from sigmarec.backbone.config import BackboneConfig
+
+WEIGHTS_FILE = "sigma_trainable.safetensors"
+META_FILE = "sigma_model.json"
+
+
+@dataclass
+class PromptCache:
+    """What :meth:`SigmaModel.prefix_logprobs` keeps of a batch of prompts for continuing them.
+
+    ``past_key_values`` is the backbone's KV cache (never modified by ``query_vectors``),
+    ``attention_mask`` the prompts' (B, T) mask, ``next_position`` the position id of the first
+    continuation token of each row, ``logprobs`` the (B, codes of level 1) prefix log-probs.
+    """
+
+    past_key_values: Any
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _Head(nn.Module):
+    """hidden -> hidden projection of the <q> state. Starts as the identity: the query begins
+    as the LLM's own representation and training learns the correction."""
+
+    def __init__(self, hidden: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(hidden, hidden)
+        with torch.no_grad():
+            if kind == "linear":
+                self.proj.weight.copy_(torch.eye(hidden))
+                self.proj.bias.zero_()
+            else:
+                self.out = nn.Linear(hidden, hidden)
+                self.out.weight.zero_()
+                self.out.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return self.proj(h)
+        return h + self.out(F.gelu(self.proj(h)))
+
+
+class SigmaModel(nn.Module):
+    """The SFT model; see the module docstring. Build it before wrapping with accelerate."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        vocab: HybridVocab,
+        item_features: Mapping[str, np.ndarray | torch.Tensor],
+        item_prefix: np.ndarray | torch.Tensor,
+        cfg: ModelConfig | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        feats = {s: torch.as_tensor(np.asarray(f), dtype=torch.float32)
+                 for s, f in item_features.items()}
+        if not feats:
+            raise ValueError("item_features needs at least one source (e.g. 'id', 'text')")
+        sizes = {s: tuple(f.shape) for s, f in feats.items()}
+        if any(len(sh) != 2 for sh in sizes.values()) or len({sh[0] for sh in sizes.values()}) > 1:
+            raise ValueError(f"item features must be (n_items, d) with one n_items, got {sizes}")
+        self.n_items = next(iter(feats.values())).shape[0]
+        prefix = torch.as_tensor(np.asarray(item_prefix), dtype=torch.long)
+        if prefix.shape != (self.n_items,):
+            raise ValueError(f"item_prefix must have shape ({self.n_items},), got {prefix.shape}")
+        if len(prefix) and (prefix.min() < 0 or prefix.max() >= vocab.n_prefixes):
+            raise ValueError(f"item_prefix values must lie in 0..{vocab.n_prefixes - 1}")
+
+        text_cfg = _text_config(backbone)
+        self.hidden = int(text_cfg.hidden_size)
+        self.logit_softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        # Measured before the new rows exist: the soft tokens are scaled to look like tokens.
+        target_norm = _typical_embedding_norm(backbone, len(tokenizer))
+
+        self.codebook_sizes = [int(k) for k in vocab.codebook_sizes]
+        n_prefix_tokens = len(vocab.prefix_tokens)
+        ids = add_special_tokens(
+            backbone, tokenizer, [*vocab.prefix_tokens, vocab.query_token, cfg.item_token]
+        )
+        if len(set(ids)) != len(ids):
+            raise ValueError("prefix, query and item tokens must all be distinct")
+        self.prefix_token_ids = ids[:n_prefix_tokens]
+        self.query_token_id = ids[n_prefix_tokens]
+        self.item_token_id = ids[n_prefix_tokens + 1]
+        offsets = np.concatenate([[0], np.cumsum(self.codebook_sizes)]).astype(int)
+        self.level_offsets = offsets.tolist()
+        self.level_token_ids = [self.prefix_token_ids[offsets[i]:offsets[i + 1]]
+                                for i in range(len(self.codebook_sizes))]
+
+        inp = backbone.get_input_embeddings()
+        out = backbone.get_output_embeddings()
+        self.tied = out is None or out.weight.data_ptr() == inp.weight.data_ptr()
+
+        if cfg.gradient_checkpointing:
+            # Non-reentrant: works although only inputs_embeds (not the weights) need grads.
+            ckpt_kwargs = {"use_reentrant": False}
+            if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x
+                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        if cfg.finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            with warnings.catch_warnings():
+                # peft probes a deprecated transformers attribute; not ours to fix.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                backbone = get_peft_model(backbone, LoraConfig(
+                    r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.lora_targets), bias="none",
+                ))
+        else:
+            backbone.requires_grad_(True)
+        self.backbone = backbone
+        self._cache_kw = _cache_keyword(self._decoder())
+
+        # New-token rows: prefix tokens then <q>. Row 0 of the lookup means "no delta".
+        trainable_ids = [*self.prefix_token_ids, self.query_token_id]
+        lookup = torch.zeros(inp.weight.shape[0], dtype=torch.long)
+        lookup[torch.tensor(trainable_ids)] = torch.arange(1, len(trainable_ids) + 1)
+        self.register_buffer("token_row", lookup, persistent=False)
+        self.register_buffer("prefix_ids_t", torch.tensor(self.prefix_token_ids), persistent=False)
+        self.token_delta = nn.Parameter(torch.zeros(len(trainable_ids), self.hidden),
+                                        requires_grad=cfg.train_new_tokens)
+        self.head_delta = None
+        if not self.tied:
+            self.head_delta = nn.Parameter(torch.zeros(n_prefix_tokens, self.hidden),
+                                           requires_grad=cfg.train_new_tokens)
+
+        # Frozen item features: inputs, not weights, so non-persistent (never in checkpoints).
+        self.sources = sorted(feats)
+        for s in self.sources:
+            self.register_buffer(f"feat_{s}", feats[s], persistent=False)
+        self.register_buffer("item_prefix", prefix, persistent=False)
+        self.fuse = ProjFuse({s: int(feats[s].shape[1]) for s in self.sources}, self.hidden,
+                             target_norm, dropout=cfg.fuse_dropout)
+        self.head = _Head(self.hidden, cfg.head)
+
+    # ---------------------------------------------------------------------------- building
+
+    def collator(self, hard_negatives: int = 0,
+                 pad_to_multiple_of: int | None = None) -> SigmaCollator:
+        """The collator that turns examples into this model's batches."""
+        return SigmaCollator(
+            pad_id=int(self.tokenizer.pad_token_id),
+            item_token_id=self.item_token_id,
+            query_token_id=self.query_token_id,
+            level_token_ids=self.level_token_ids,
+            item_prefix=self.item_prefix.cpu().numpy(),
+            hard_negatives=hard_negatives,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
+
+    @property
+    def n_prefixes(self) -> int:
+        return int(np.prod(self.codebook_sizes))
+
+    @property
+    def levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    # ---------------------------------------------------------------------------- pieces
+
+    def _decoder(self) -> nn.Module:
+        get = getattr(self.backbone, "get_decoder", None)
+        if callable(get):
+            with contextlib.suppress(AttributeError, NotImplementedError, ValueError):
+                dec = get()
+                if dec is not None and dec is not self.backbone:
+                    return dec
+        raise ValueError(
+            f"{type(self.backbone).__name__} exposes no decoder (get_decoder); SigmaModel needs "
+            "a causal LM with a separate base model and LM head"
+        )
+
+    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        """ṽ of the items ``idx`` (not normalised), with gradients; dropout as the mode says."""
+        feats = {s: getattr(self, f"feat_{s}")[idx] for s in self.sources}
+        return self.fuse(feats)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, with the trainable rows of the new tokens added."""
+        emb = self.backbone.get_input_embeddings()(input_ids)
+        delta = F.pad(self.token_delta, (0, 0, 1, 0))  # row 0 = zeros for every other token
+        return emb + delta[self.token_row[input_ids]].to(emb.dtype)
+
+    def inputs_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      soft: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with each placeholder's row replaced by the next row of ``soft``."""
+        emb = self.embed_tokens(input_ids)
+        slots = (input_ids == self.item_token_id) & attention_mask.bool()
+        n = int(slots.sum())
+        if n != soft.shape[0]:
+            raise ValueError(f"{n} placeholder tokens in the batch but {soft.shape[0]} items")
+        filled = torch.zeros_like(emb)
+        filled[slots] = soft.to(emb.dtype)
+        # torch.where, not an add: the placeholder's own vocabulary row must not leak through.
+        return torch.where(slots[..., None], filled, emb)
+
+    def _decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, cache: Any = None,
+                use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        kwargs: dict[str, Any] = {}
+        if use_cache:
+            kwargs[self._cache_kw] = cache
+        out = self._decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=use_cache, **kwargs)
+        new_cache = getattr(out, self._cache_kw, None) if use_cache else None
+        return out.last_hidden_state, new_cache
+
+    def _prefix_rows(self) -> torch.Tensor:
+        """Output-embedding rows of all prefix tokens (P, H) in fp32, trainable deltas added."""
+        out = self.backbone.get_output_embeddings()
+        weight = (out if out is not None else self.backbone.get_input_embeddings()).weight
+        rows = weight[self.prefix_ids_t].float()
+        delta = self.token_delta[: len(self.prefix_token_ids)] if self.tied else self.head_delta
+        return rows + delta.float()
+
+    def level_logits(self, h: torch.Tensor, level: int,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the prefix tokens of ``level`` only, from final hidden states ``h``."""
+        rows = self._prefix_rows() if rows is None else rows
+        lo, hi = self.level_offsets[level], self.level_offsets[level + 1]
+        logits = h.float() @ rows[lo:hi].T
+        out = self.backbone.get_output_embeddings()
+        bias = getattr(out, "bias", None) if out is not None else None
+        if bias is not None:
+            logits = logits + bias[self.prefix_ids_t[lo:hi]].float()
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def query_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Normalised query vector from the final hidden state at <q> (fp32)."""
+        return F.normalize(self.head(h.float()).float(), dim=-1)
+
+    # ---------------------------------------------------------------------------- training
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        item_ids: torch.Tensor,
+        target_item: torch.Tensor | None = None,
+        target_prefix: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Losses of a collated batch (labels appended), or the hidden states without labels."""
+        n_hist = item_ids.numel()
+        parts = [item_ids.view(-1)]
+        if target_item is not None:
+            parts.append(target_item.view(-1))
+            if hard_negatives is not None and hard_negatives.numel():
+                parts.append(hard_negatives.clamp(min=0).view(-1))
+        # ProjFuse runs once per distinct item of the batch (history, targets and negatives).
+        uniq, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+        v = self.item_embeddings(uniq)
+        embeds = self.inputs_embeds(input_ids, attention_mask, v[inverse[:n_hist]])
+        h, _ = self._decode(embeds, attention_mask, positions_from_mask(attention_mask))
+        if target_item is None:
+            return {"hidden": h}
+        if target_prefix is None:
+            raise ValueError("target_prefix is required with target_item")
+
+        bsz, t = input_ids.shape
+        n_levels = self.levels
+        q = self.query_from_hidden(h[:, t - 1])
+        with _no_autocast(h.device.type):
+            rows = self._prefix_rows()
+            codes = _codes_tensor(target_prefix, self.codebook_sizes)
+            ntp, correct = [], torch.ones(bsz, dtype=torch.bool, device=h.device)
+            for lv in range(n_levels):
+                # The level-lv label token sits at column t-1-L+lv, predicted one column before.
+                logits = self.level_logits(h[:, t - 2 - n_levels + lv], lv, rows)
+                ntp.append(F.cross_entropy(logits, codes[:, lv]))
+                correct &= logits.argmax(-1) == codes[:, lv]
+            # Token-averaged like any LM loss, so λ keeps its meaning with 2-level prefixes.
+            l_ntp = torch.stack(ntp).mean()
+
+            offset = n_hist
+            v_tgt = F.normalize(v[inverse[offset:offset + bsz]].float(), dim=-1)
+            logits_in = q @ v_tgt.T
+            # Another row with the same target is not a negative.
+            same = target_item[None, :] == target_item[:, None]
+            same.fill_diagonal_(False)
+            logits_in = logits_in.masked_fill(same, -torch.inf)
+            cols = [logits_in]
+            if hard_negatives is not None and hard_negatives.numel():
+                k = hard_negatives.shape[1]
+                v_neg = v[inverse[offset + bsz:offset + bsz + bsz * k]].view(bsz, k, -1)
+                logits_h = torch.einsum("bh,bkh->bk", q, F.normalize(v_neg.float(), dim=-1))
+                bad = (hard_negatives < 0) | (hard_negatives == target_item[:, None])
+                cols.append(logits_h.masked_fill(bad, -torch.inf))
+            logits_nce = torch.cat(cols, dim=1) / self.cfg.temperature
+            labels = torch.arange(bsz, device=h.device)
+            l_nce = F.cross_entropy(logits_nce, labels)
+            loss = l_ntp + self.cfg.infonce_weight * l_nce
+            item_acc = (logits_nce.argmax(-1) == labels).float().mean()
+        return {
+            "loss": loss,
+            "l_ntp": l_ntp.detach(),
+            "l_infonce": l_nce.detach(),
+            "prefix_acc": correct.float().mean(),
+            "item_acc": item_acc.detach(),
+        }
+
+    # ---------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def prefix_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, PromptCache]:
+        """Generation step 1: log-probs over the first-level prefix tokens after each prompt.
+
+        Prompts must be left-padded (as the collator does with ``with_labels=False``). Returns
+        (B, codes of level 1) log-probs (for a one-level prefix: over all flat prefixes) and a
+        :class:`PromptCache` for :meth:`query_vectors`.
+        """
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("prompts must be left-padded: the last column must be real tokens")
+        with _eval_mode(self):
+            uniq, inverse = torch.unique(item_ids.view(-1), return_inverse=True)
+            soft = self.item_embeddings(uniq)[inverse]
+            embeds = self.inputs_embeds(input_ids, attention_mask, soft)
+            pos = positions_from_mask(attention_mask)
+            h, cache = self._decode(embeds, attention_mask, pos, use_cache=True)
+            logp = F.log_softmax(self.level_logits(h[:, -1], 0), dim=-1)
+        return logp, PromptCache(cache, attention_mask, pos[:, -1] + 1, logp)
+
+    @torch.no_grad()
+    def query_vectors(
+        self, cache: PromptCache, prefix_ids: torch.Tensor, return_prefix_logprobs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Generation step 2: feed ``<c_k><q>`` for K flat prefixes per prompt, batched over the
+        shared KV cache (expanded along the batch), and read the normalised query vectors.
+
+        ``prefix_ids`` is (B, K) of flat prefix ids; returns (B, K, H). With
+        ``return_prefix_logprobs`` also the (B, K) log P(prefix | prompt) chained over the
+        prefix levels (for one level it equals ``cache.logprobs`` gathered at the prefixes).
+        The given cache is left unchanged, so it can be continued again.
+        """
+        bsz, k = prefix_ids.shape
+        n_levels = self.levels
+        codes = _codes_tensor(prefix_ids.reshape(-1), self.codebook_sizes)  # (B*K, L)
+        level_ids = [torch.tensor(ids, device=codes.device) for ids in self.level_token_ids]
+        tokens = torch.stack([level_ids[lv][codes[:, lv]] for lv in range(n_levels)], dim=1)
+        q_col = torch.full((bsz * k, 1), self.query_token_id, device=codes.device)
+        tokens = torch.cat([tokens, q_col], dim=1)
+        kv = copy.deepcopy(cache.past_key_values)
+        kv.batch_repeat_interleave(k)
+        mask = torch.cat([cache.attention_mask.repeat_interleave(k, dim=0),
+                          torch.ones_like(tokens)], dim=1)
+        pos = cache.next_position.repeat_interleave(k)[:, None] + torch.arange(
+            n_levels + 1, device=tokens.device)
+        with _eval_mode(self):
+            h, _ = self._decode(self.embed_tokens(tokens), mask, pos, cache=kv, use_cache=True)
+            q = self.query_from_hidden(h[:, -1]).view(bsz, k, -1)
+            if not return_prefix_logprobs:
+                return q
+            lp = cache.logprobs.repeat_interleave(k, dim=0).gather(1, codes[:, :1]).squeeze(1)
+            for lv in range(1, n_levels):
+                step = F.log_softmax(self.level_logits(h[:, lv - 1], lv), dim=-1)
+                lp = lp + step.gather(1, codes[:, lv:lv + 1]).squeeze(1)
+        return q, lp.view(bsz, k)
+
+    @torch.no_grad()
+    def item_vectors(self, idx: torch.Tensor | np.ndarray | None = None,
+                     batch_size: int = 8192) -> torch.Tensor:
+        """Normalised ṽ (eval mode, fp32) of ``idx``, or of every item when ``idx`` is None."""
+        if idx is None:
+            idx = torch.arange(self.n_items, device=self.item_prefix.device)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.item_prefix.device)
+        with _eval_mode(self):
+            out = [F.normalize(self.item_embeddings(idx[s:s + batch_size]).float(), dim=-1)
+                   for s in range(0, len(idx), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.hidden)
+
+    # ---------------------------------------------------------------------------- save/load
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state(self, state: Mapping[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """What training changes (adapters, new-token rows, ProjFuse, head; all weights with
+        full fine-tuning), as CPU copies. ``state`` filters a full state dict instead (e.g. the
+        gathered one of an FSDP model)."""
+        full = self.state_dict() if state is None else state
+        keep = set(self.trainable_names()) | {k for k in full if k.startswith("fuse.")}
+        return {k: v.detach().to("cpu", copy=True).contiguous()
+                for k, v in full.items() if k in keep}
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"weights for unknown parameters: {unknown[:3]}")
+        missing = sorted(set(self.trainable_names()) - set(state))
+        if missing:
+            raise ValueError(f"weights missing for trainable parameters: {missing[:3]}")
+        self.load_state_dict(dict(state), strict=False)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model_config": self.cfg.model_dump(mode="json"),
+            "codebook_sizes": self.codebook_sizes,
+            "query_token": self.vocab.query_token,
+            "prefix_token_ids": self.prefix_token_ids,
+            "query_token_id": self.query_token_id,
+            "item_token_id": self.item_token_id,
+            "feature_dims": {s: int(getattr(self, f"feat_{s}").shape[1]) for s in self.sources},
+            "n_items": self.n_items,
+            "hidden": self.hidden,
+        }
+
+    def save_trainable(self, folder: Path, state: Mapping[str, torch.Tensor] | None = None
+                       ) -> None:
+        """Write the trainable weights and what is needed to rebuild the model into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = self.trainable_state(state)
+        save_file(tensors, str(folder / WEIGHTS_FILE))
+        (folder / META_FILE).write_text(json.dumps(self.meta(), indent=2) + "\n")
+
+    def load_trainable(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text())
+        for key in ("prefix_token_ids", "query_token_id", "item_token_id", "n_items", "hidden"):
+            if meta[key] != self.meta()[key]:
+                raise ValueError(f"{folder}: saved {key} differs from this model's; the weights "
+                                 "belong to another vocabulary, catalogue or backbone")
+        state = load_file(str(folder / WEIGHTS_FILE))
+        device = self.item_prefix.device
+        self.load_trainable_state({k: v.to(device) for k, v in state.items()})
+
+
+# -------------------------------------------------------------------------------- builders
+
+
+def build_sigma_model(
+    backbone_cfg: BackboneConfig,
+    model_cfg: ModelConfig,
+    vocab: HybridVocab,
+    item_features: Mapping[str, np.ndarray | torch.Tensor],
+    item_prefix: np.ndarray,
+) -> tuple[SigmaModel, dict[str, Any]]:
+    """Load the backbone and wrap it; returns (model, backbone facts)."""
+    from sigmarec.backbone.loading import load_backbone
+
+    backbone, tokenizer, facts = load_backbone(backbone_cfg)
+    return SigmaModel(backbone, tokenizer, vocab, item_features, item_prefix, model_cfg), facts
+
+
+def load_sigma_model(
+    folder: Path,
+    backbone_cfg: BackboneConfig,
+    item_features: Mapping[str, np.ndarray | torch.Tensor],
+    item_prefix: np.ndarray,
+) -> SigmaModel:
+    """Rebuild a model saved with :meth:`SigmaModel.save_trainable` (eval mode)."""
+    meta = json.loads((Path(folder) / META_FILE).read_text())
+    vocab = HybridVocab(codebook_sizes=meta["codebook_sizes"], query_token=meta["query_token"])
+    model, _ = build_sigma_model(backbone_cfg, ModelConfig(**meta["model_config"]), vocab,
+                                 item_features, item_prefix)
+    model.load_trainable(folder)
+    return model.eval()
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _text_config(model: nn.Module) -> Any:
+    get = getattr(model.config, "get_text_config", None)
+    return get() if callable(get) else model.config
+
+
+def _typical_embedding_norm(model: nn.Module, vocab_size: int, sample: int = 8192) -> float:
+    """Median norm of the embedding layer's outputs (scaled embeddings included)."""
+    emb = model.get_input_embeddings()
+    n = min(vocab_size, emb.weight.shape[0])
+    ids = torch.linspace(0, n - 1, steps=min(n, sample)).long().to(emb.weight.device)
+    with torch.no_grad():
+        return float(emb(ids).float().norm(dim=-1).median())
+
+
+def _cache_keyword(decoder: nn.Module) -> str:
+    # transformers 5.x renamed the decoder's `past_key_values` argument to `cache`.
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _codes_tensor(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """(n,) flat prefix ids -> (n, levels) codes, on the tensor's device (no host sync)."""
+    rest, cols = flat.reshape(-1).long(), []
+    for size in reversed(sizes):
+        cols.append(rest % size)
+        rest = torch.div(rest, size, rounding_mode="floor")
+    return torch.stack(cols[::-1], dim=1)
+
+
+@contextlib.contextmanager
+def _no_autocast(device_type: str) -> Iterator[None]:
+    # Losses in fp32: cosine logits divided by a small temperature lose too much in bf16.
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
