@@ -53,6 +53,8 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
         force=True,
     )
+    # accelerate logs every checkpoint file at INFO; keep the run log readable
+    logging.getLogger("accelerate").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _config(profile: str, config: list[Path] | None, sets: list[str] | None) -> SigmaConfig:

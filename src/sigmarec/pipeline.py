@@ -20,9 +20,10 @@ def stages() -> list[Stage]:
     from sigmarec.grounding.stage import GroundingStage
     from sigmarec.tasks.stage import TasksStage
     from sigmarec.tokenization.stage import TokenizationStage
+    from sigmarec.training.stage import TrainingStage
 
     return [DataStage(), BaselinesStage(), GroundingStage(), TokenizationStage(), TasksStage(),
-            EvaluationStage()]
+            TrainingStage(), EvaluationStage()]
 
 
 def stage_names() -> list[str]:

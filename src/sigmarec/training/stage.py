@@ -1,0 +1,119 @@
+"""The SFT stage: render the tasks stage's samples into token ids, build SigmaModel over the
+frozen ID tower and grounded text embeddings, and train it with the accelerate loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sigmarec.core.stage import Stage, StageContext
+from sigmarec.errors import StageError
+from sigmarec.model.batch import SFTExample
+from sigmarec.model.sigma import SigmaModel, build_sigma_model
+from sigmarec.tasks.sft_data import render_prompt
+from sigmarec.tokenization.hybrid import HybridVocab
+from sigmarec.training.loop import train_sigma
+
+log = logging.getLogger("sigmarec")
+
+
+def load_item_features(ctx: StageContext) -> dict[str, np.ndarray]:
+    """Frozen item features for ProjFuse: the SASRec ID tower and the text space that the
+    tokenizer quantised (grounded, or ungrounded for the ablation)."""
+    emb = ctx.config.tokenization.embedding
+    text_file = "v_text.npy" if emb == "grounded" else "v_text_ungrounded.npy"
+    feats = {"text": np.load(ctx.input("grounding") / text_file)}
+    id_path = ctx.input("baselines") / "item_embeddings.npy"
+    if id_path.is_file():
+        feats["id"] = np.load(id_path)
+    else:
+        log.info("training: no ID tower (%s); ProjFuse uses text embeddings only", id_path)
+    return feats
+
+
+def load_vocab(ctx: StageContext) -> tuple[HybridVocab, np.ndarray]:
+    meta = json.loads((ctx.input("tokenization") / "vocab.json").read_text())
+    vocab = HybridVocab(codebook_sizes=meta["prefix_codebook_sizes"],
+                        query_token=meta["query_token"])
+    return vocab, np.load(ctx.input("tokenization") / "item_prefix.npy")
+
+
+def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
+                item_prefix: np.ndarray, with_target: bool = True) -> list[SFTExample]:
+    """Render and tokenise samples (one row each) into the model's examples."""
+    out = []
+    tok = model.tokenizer
+    for row in samples.itertuples(index=False):
+        rp = render_prompt(row, None, vocab, item_prefix, tok)
+        ids = tok(rp.text, add_special_tokens=False)["input_ids"]
+        target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
+        out.append(SFTExample(input_ids=ids, item_ids=list(rp.history), target_item=target,
+                              target_prefix=int(item_prefix[target])))
+    return out
+
+
+@torch.no_grad()
+def quick_hr(model: SigmaModel, examples: Sequence[SFTExample], targets: Sequence[np.ndarray],
+             k_prefixes: int = 10, n: int = 10, batch_size: int = 16) -> float:
+    """HR@n of a plain three-step decode (top prefixes, query vectors, exhaustive search within
+    each prefix, P(c)·softmax(cos/τ)): a cheap training-time signal, not the evaluated decoder."""
+    collate = model.collator()
+    items = model.item_vectors()
+    prefix_of = model.item_prefix
+    hits = []
+    for s in range(0, len(examples), batch_size):
+        batch = collate(list(examples[s : s + batch_size]), with_labels=False)
+        logp, cache = model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
+                                            batch["item_ids"])
+        k = min(k_prefixes, logp.shape[1])
+        top_lp, top_c = logp.topk(k, dim=1)
+        q = model.query_vectors(cache, top_c)  # (B, K, H)
+        sims = torch.einsum("bkh,nh->bkn", q.float(), items)
+        same = prefix_of[None, None, :] == top_c[:, :, None]
+        logits = (sims / model.cfg.temperature).masked_fill(~same, -torch.inf)
+        score = top_lp[:, :, None] + logits.log_softmax(-1)
+        best = score.amax(dim=1)  # an item lives under one prefix
+        top = best.topk(n, dim=1).indices.numpy()
+        for row, t in zip(top, targets[s : s + batch_size], strict=True):
+            hits.append(bool(np.isin(row, t).any()))
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+class TrainingStage(Stage):
+    name: ClassVar[str] = "training"
+    requires: ClassVar[tuple[str, ...]] = ("baselines", "grounding", "tokenization", "tasks")
+    config_sections: ClassVar[tuple[str, ...]] = ("backbone", "model", "training")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        cfg = ctx.config
+        vocab, item_prefix = load_vocab(ctx)
+        feats = load_item_features(ctx)
+        model, facts = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
+        train_df = pd.read_parquet(ctx.input("tasks") / "train.parquet")
+        valid_df = pd.read_parquet(ctx.input("tasks") / "valid.parquet")
+        if train_df.empty:
+            raise StageError(f"{ctx.input('tasks')}/train.parquet holds no SFT samples")
+        train_ex = to_examples(train_df, model, vocab, item_prefix)
+        rng = np.random.default_rng(cfg.seed)
+        n_valid = min(len(valid_df), cfg.training.max_valid_examples or 256)
+        vsub = valid_df.iloc[np.sort(rng.choice(len(valid_df), n_valid, replace=False))]
+        valid_ex = to_examples(vsub, model, vocab, item_prefix, with_target=False)
+        valid_targets = [np.asarray(t) for t in vsub["targets"]]
+        lengths = [len(e.input_ids) for e in train_ex]
+        log.info("training: %d SFT samples (prompt tokens median %d, max %d), %d validation",
+                 len(train_ex), int(np.median(lengths)), max(lengths), len(valid_ex))
+
+        def validate(m: SigmaModel, step: int) -> dict[str, float]:
+            return {"valid_hr10": quick_hr(m, valid_ex, valid_targets)}
+
+        result = train_sigma(model, train_ex, cfg.training, seed=cfg.seed,
+                             checkpoint_dir=ctx.scratch, valid_examples=valid_ex,
+                             validate_fn=validate, output_dir=ctx.out / "model")
+        return {"backbone": facts, "train_samples": len(train_ex),
+                "prompt_tokens_median": int(np.median(lengths)), **result.summary()}
