@@ -55,6 +55,8 @@ def test_second_run_skips_everything(tiny_run):
     again = run_pipeline(cfg, run_dir)
     assert all(m["skipped"] for m in again)
     assert {r["state"] for r in status(cfg, run_dir)} == {"fresh"}
+    only = run_pipeline(cfg, run_dir, only=["evaluation"])
+    assert [m["stage"] for m in only] == ["evaluation"] and only[0]["skipped"]
     # a change to the tokenizer config reruns tokenization (and what follows it), nothing before
     cfg2 = load_config("tiny", overrides=["tokenization.semantic_ids.kmeans_iters=5"])
     states = {r["stage"]: r["state"] for r in status(cfg2, run_dir)}

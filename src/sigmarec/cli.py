@@ -75,6 +75,8 @@ def run(
         typer.Option("--force", help="recompute this stage (repeatable; 'all' for every stage)"),
     ] = None,
     until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="run just this stage (repeatable); its inputs must exist")] = None,
     sets: SetOpt = None,
     verbose: bool = False,
 ) -> None:
@@ -85,10 +87,12 @@ def run(
     _setup_logging(verbose)
     cfg = _config(profile, config, sets)
     run_dir = _run_dir(out, cfg)
-    manifests = run_pipeline(cfg, run_dir, force=force, until=until)
+    manifests = run_pipeline(cfg, run_dir, force=force, until=until, only=only)
     _print_stage_table(manifests)
     metrics = run_dir / "evaluation" / "metrics.json"
-    if metrics.is_file() and (until is None or until == "evaluation"):
+    if metrics.is_file() and (until is None or until == "evaluation") and (
+        not only or "evaluation" in only
+    ):
         print_results(json.loads(metrics.read_text()), console=console)
     console.print(f"run directory: {run_dir}")
 

@@ -172,6 +172,21 @@ class BaselinesConfig(_Strict):
         default_factory=lambda: ["mostpop", "repurchase", "cooccurrence", "sasrec_bce", "sasrec_ce"]
     )
     sasrec: SASRecConfig = Field(default_factory=SASRecConfig)
+    # Per-loss changes to ``sasrec`` (the two losses like different learning rates), e.g.
+    # {"sasrec_bce": {"lr": 0.001, "max_epochs": 10}}.
+    sasrec_overrides: dict[Literal["sasrec_bce", "sasrec_ce"], dict[str, Any]] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _overrides_valid(self) -> BaselinesConfig:
+        for name in self.sasrec_overrides:
+            self.sasrec_for(name)  # raises on an unknown or invalid key, at load time
+        return self
+
+    def sasrec_for(self, name: str) -> SASRecConfig:
+        over = self.sasrec_overrides.get(name, {})  # type: ignore[call-overload]
+        return SASRecConfig.model_validate({**self.sasrec.model_dump(), **over})
     cooccurrence: CooccurrenceConfig = Field(default_factory=CooccurrenceConfig)
     repurchase_decay: float = Field(1.0, gt=0, le=1, description="per-step recency decay")
     # Which SASRec's item embeddings become the frozen ID tower for later stages.

@@ -35,17 +35,21 @@ def run_pipeline(
     run_dir: Path,
     force: list[str] | None = None,
     until: str | None = None,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every stage (up to ``until``), skipping fresh ones; ``force`` names stages to redo."""
+    """Run every stage (up to ``until``, or just the ``only`` ones, whose inputs must exist),
+    skipping fresh ones; ``force`` names stages to redo."""
     names = stage_names()
     force = list(force or [])
-    for f in [*force, *([until] if until else [])]:
+    for f in [*force, *([until] if until else []), *(only or [])]:
         if f != "all" and f not in names:
             raise StageError(f"unknown stage {f!r}; stages are {names}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifests = []
     for stage in stages():
+        if only and stage.name not in only:
+            continue
         manifests.append(
             execute(stage, config, run_dir, force="all" in force or stage.name in force)
         )

@@ -44,7 +44,7 @@ class SASRecRecommender(Recommender):
 
     @classmethod
     def from_config(cls, config: SigmaConfig) -> SASRecRecommender:
-        return cls(config.baselines.sasrec, config.seed, config.eval)
+        return cls(config.baselines.sasrec_for(cls.name), config.seed, config.eval)
 
     def fit(self, data: ProcessedData) -> dict[str, Any]:
         self.model, self.trained_cfg, summary = fit_sasrec(
