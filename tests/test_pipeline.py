@@ -62,3 +62,16 @@ def test_second_run_skips_everything(tiny_run):
     states = {r["stage"]: r["state"] for r in status(cfg2, run_dir)}
     assert states["data"] == states["baselines"] == states["grounding"] == "fresh"
     assert states["tokenization"] == "stale"
+
+
+def test_sft_show_decodes_every_task(tiny_run):
+    from typer.testing import CliRunner
+
+    from sigmarec.cli import app
+
+    cfg, run_dir, _ = tiny_run
+    for task in ("JustForYou", "Query", "Category", "Longtail", "Discover", "Season", "Holiday"):
+        res = CliRunner().invoke(app, ["sft", "show", "--task", task, "-n", "1", "--profile",
+                                       "tiny", "--out", str(run_dir)])
+        assert res.exit_code == 0, (task, res.output)
+        assert "<- label; target = [" in res.output and "<q>" in res.output

@@ -30,6 +30,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (recorded in BENCHMARKS.md).")
 app.add_typer(bench_app, name="bench")
+sft_app = typer.Typer(no_args_is_help=True, help="Inspect the instruction (SFT) data.")
+app.add_typer(sft_app, name="sft")
 # Piped output (CI logs, `| tee`) gets a width that fits the results tables.
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -192,6 +194,47 @@ def data_stats(
     for key in ("sequence_length_quantiles", "item_popularity_quantiles"):
         t.add_row(key, ", ".join(f"{k}={v:g}" for k, v in stats[key].items()))
     console.print(t)
+
+
+@sft_app.command("show")
+def sft_show(
+    task: Annotated[str, typer.Option(help="JustForYou, Query, Category, Longtail, Discover, "
+                                      "Season or Holiday")] = "JustForYou",
+    n: Annotated[int, typer.Option("-n", help="how many samples")] = 3,
+    split: Annotated[str, typer.Option(help="train, valid or test")] = "train",
+    config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
+    sets: SetOpt = None, verbose: bool = False,
+) -> None:
+    """Print decoded SFT samples (prompt with item texts in place of soft tokens, and label)."""
+    import numpy as np
+    import pandas as pd
+
+    from sigmarec.pipeline import run_pipeline
+    from sigmarec.tasks.registry import get_task_class
+    from sigmarec.tasks.sft_data import decode_sample
+    from sigmarec.tokenization.hybrid import HybridVocab
+
+    task = get_task_class(task).name  # unknown: a one-line error listing the known tasks
+    if split not in ("train", "valid", "test"):
+        raise SigmaError(f"--split must be train, valid or test, got {split!r}")
+    if n < 1 or n > 1000:
+        raise SigmaError(f"-n must be between 1 and 1000, got {n}")
+    _setup_logging(verbose)
+    cfg = _config(profile, config, sets)
+    run_dir = _run_dir(out, cfg)
+    run_pipeline(cfg, run_dir, until="tasks")
+    samples = pd.read_parquet(run_dir / "tasks" / f"{split}.parquet")
+    samples = samples[samples["task"] == task]
+    if samples.empty:
+        raise SigmaError(f"no {split} samples for task {task!r} in {run_dir / 'tasks'} "
+                         f"(the task may be unsupported by this dataset; see its stats.json)")
+    items = pd.read_parquet(run_dir / "data" / "items.parquet")
+    meta = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
+    vocab = HybridVocab(meta["prefix_codebook_sizes"], meta["query_token"])
+    prefix = np.load(run_dir / "tokenization" / "item_prefix.npy")
+    for i, row in enumerate(samples.head(n).itertuples(index=False)):
+        console.rule(f"{task} - {split} sample {i + 1}")
+        console.print(decode_sample(row, items, vocab, prefix), markup=False, highlight=False)
 
 
 @bench_app.command("grounding")
