@@ -18,7 +18,7 @@ added (``build`` first, then each ``add_items`` call appends).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Self
 
 import faiss
 import numpy as np
@@ -43,6 +43,17 @@ class ItemSubsetIndex(Protocol):
 
 class _PrefixIndexBase:
     """Input checks and the (B, K, D) -> (B*K, D) batching shared by both implementations."""
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, prefixes: np.ndarray, n_prefixes: int,
+              normalize: bool = False) -> Self:
+        """An index over ``vectors`` (n_items, D), item i stored under ``prefixes[i]``."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors must be (n_items, D), got shape {vectors.shape}")
+        out = cls(vectors.shape[1], n_prefixes, normalize)
+        out.add_items(vectors, prefixes)
+        return out
 
     def __init__(self, dim: int, n_prefixes: int, normalize: bool) -> None:
         if dim < 1 or n_prefixes < 1:
@@ -181,16 +192,6 @@ class PrefixIndex(_PrefixIndexBase):
                                         faiss.METRIC_INNER_PRODUCT)
         self.index.is_trained = True
 
-    @classmethod
-    def build(cls, vectors: np.ndarray, prefixes: np.ndarray, n_prefixes: int,
-              normalize: bool = False) -> PrefixIndex:
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2:
-            raise ValueError(f"vectors must be (n_items, D), got shape {vectors.shape}")
-        out = cls(vectors.shape[1], n_prefixes, normalize)
-        out.add_items(vectors, prefixes)
-        return out
-
     def _add(self, vectors: np.ndarray, prefixes: np.ndarray, ids: np.ndarray) -> None:
         # add_core with precomputed list numbers: the documented IVF entry point for "the
         # assignment is already known" (faiss's own add() computes it with the quantizer).
@@ -244,16 +245,6 @@ class ExhaustivePrefixIndex(_PrefixIndexBase):
     def __init__(self, dim: int, n_prefixes: int, normalize: bool = False) -> None:
         super().__init__(dim, n_prefixes, normalize)
         self._vecs = np.empty((0, self.dim), dtype=np.float32)
-
-    @classmethod
-    def build(cls, vectors: np.ndarray, prefixes: np.ndarray, n_prefixes: int,
-              normalize: bool = False) -> ExhaustivePrefixIndex:
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2:
-            raise ValueError(f"vectors must be (n_items, D), got shape {vectors.shape}")
-        out = cls(vectors.shape[1], n_prefixes, normalize)
-        out.add_items(vectors, prefixes)
-        return out
 
     def _add(self, vectors: np.ndarray, prefixes: np.ndarray, ids: np.ndarray) -> None:
         self._vecs = np.concatenate([self._vecs, vectors])
