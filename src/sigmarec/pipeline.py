@@ -17,13 +17,14 @@ def stages() -> list[Stage]:
     from sigmarec.baselines.stage import BaselinesStage
     from sigmarec.data.stage import DataStage
     from sigmarec.evaluation.stage import EvaluationStage
+    from sigmarec.gr.stage import GRBaselinesStage
     from sigmarec.grounding.stage import GroundingStage
     from sigmarec.tasks.stage import TasksStage
     from sigmarec.tokenization.stage import TokenizationStage
     from sigmarec.training.stage import TrainingStage
 
     return [DataStage(), BaselinesStage(), GroundingStage(), TokenizationStage(), TasksStage(),
-            TrainingStage(), EvaluationStage()]
+            TrainingStage(), GRBaselinesStage(), EvaluationStage()]
 
 
 def stage_names() -> list[str]:

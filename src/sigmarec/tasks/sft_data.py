@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -457,29 +457,38 @@ def _chat(messages: list[dict[str, str]], tokenizer: Any) -> str:
 
 def render_prompt(sample: Any, items: pd.DataFrame | None, vocab: Any,
                   item_prefix: np.ndarray, tokenizer: Any = None,
-                  system: str = SYSTEM_PROMPT) -> RenderedPrompt:
+                  system: str = SYSTEM_PROMPT, *,
+                  item_text: Callable[[int], str] | None = None) -> RenderedPrompt:
     """Chat-style prompt of one sample: profile, "Recently bought:" with each history item as
     its prefix token(s) followed by ``SOFT_TOKEN`` (where the model puts the item's fused
     embedding), then the instruction. ``label`` is the target's prefix token(s) and the query
-    token. ``items`` is unused here (kept for a uniform signature with ``decode_sample``)."""
+    token. ``items`` is unused here (kept for a uniform signature with ``decode_sample``).
+
+    ``item_text`` (the GR baselines) writes each item, in the history and as the label, as
+    that string instead (e.g. its full semantic ID as tokens): same prompt, no placeholders
+    (``positions`` is empty) and no query token."""
     _, qtok = _vocab_parts(vocab)
     history = [int(i) for i in np.asarray(_get(sample, "history", []), dtype=np.int64)]
     profile = _sanitize(_get(sample, "profile", "") or "unknown", qtok)
     instruction = _sanitize(_get(sample, "instruction", ""), qtok)
-    hist = " ".join(f"{prefix_tokens(i, vocab, item_prefix)}{SOFT_TOKEN}" for i in history)
+    if item_text is None:
+        hist = " ".join(f"{prefix_tokens(i, vocab, item_prefix)}{SOFT_TOKEN}" for i in history)
+    else:
+        hist = " ".join(item_text(i) for i in history)
     user = (f"Household profile: {profile}.\n"
             f"Recently bought (oldest first): {hist if hist else 'nothing yet'}\n"
             f"Request: {instruction}")
     text = _chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
                  tokenizer)
     positions = [m.start() for m in re.finditer(re.escape(SOFT_TOKEN), text)]
-    if len(positions) != len(history):
+    if item_text is None and len(positions) != len(history):
         raise AssertionError(f"prompt has {len(positions)} item placeholders for "
                              f"{len(history)} history items")
     target = _get(sample, "target", None)
     label = None
     if target is not None and not (isinstance(target, float) and np.isnan(target)):
-        label = prefix_tokens(int(target), vocab, item_prefix) + qtok
+        label = (prefix_tokens(int(target), vocab, item_prefix) + qtok if item_text is None
+                 else item_text(int(target)))
     return RenderedPrompt(text, positions, history, label)
 
 
