@@ -92,7 +92,10 @@ def test_beyond_metrics_hand_example() -> None:
 def test_repeat_new_split_and_tasks() -> None:
     data = make_data()
     res = evaluate_rankings(data, rankings(TEST_LISTS), "test", CFG)
-    assert set(res) == {"ALL", "JustForYou", "Other"}
+    assert set(res) == {"ALL", "JustForYou", "Other", "MEAN"}
+    # MEAN: each task once, whatever its size.
+    assert res["MEAN"]["all"]["HR@1"] == pytest.approx(
+        (res["JustForYou"]["all"]["HR@1"] + res["Other"]["all"]["HR@1"]) / 2)
     jfy = res["JustForYou"]
     # Instance 1: repeat {0} ranked 1st; new {4} ranked 3rd. Instance 2: only new {3, 5}.
     assert (jfy["all"]["n"], jfy["repeat"]["n"], jfy["new"]["n"]) == (2, 1, 2)
@@ -162,6 +165,9 @@ def test_stage_end_to_end(tmp_path) -> None:
     rankings({0: [4, 1, 2, 3]}).to_parquet(base / "rankings" / "mostpop_valid.parquet")
     rankings({i: [3, 2, 1, 0] for i in TEST_LISTS}).to_parquet(
         base / "rankings" / "sasrec_ce_test.parquet")
+    for stage in ("tasks", "gr_baselines", "generation"):  # ran, but ranked nothing here
+        (run_dir / stage).mkdir()
+        (run_dir / stage / "manifest.json").write_text(json.dumps({"run_id": stage}))
     cfg = SigmaConfig(eval=CFG.model_dump())
 
     manifest = execute(EvaluationStage(), cfg, run_dir)
@@ -172,7 +178,8 @@ def test_stage_end_to_end(tmp_path) -> None:
     assert manifest["summary"]["models"] == {"valid": ["mostpop"], "test": ["mostpop", "sasrec_ce"]}
     table = pd.read_csv(out / "metrics_table.csv")
     assert list(table.columns[:5]) == ["split", "model", "task", "kind", "n"]
-    assert len(table) == 2 * 3 * 3 + 1 * 2 * 3  # test: 2 models x 3 tasks; valid: 1 x 2; 3 kinds
+    # test: 2 models x 3 tasks x 3 kinds + MEAN (kind all); valid: 1 model x 2 tasks x 3 kinds
+    assert len(table) == 2 * 3 * 3 + 2 + 1 * 2 * 3
     assert execute(EvaluationStage(), cfg, run_dir)["skipped"]
 
     df = results_table(metrics, split="test", ks=(1, 3))
@@ -188,7 +195,7 @@ def test_stage_end_to_end(tmp_path) -> None:
 def test_stage_without_rankings_fails(tmp_path) -> None:
     run_dir = tmp_path / "run"
     make_data().save(run_dir / "data")
-    for stage in ("data", "baselines"):
+    for stage in ("data", "baselines", "tasks", "gr_baselines", "generation"):
         (run_dir / stage).mkdir(exist_ok=True)
         (run_dir / stage / "manifest.json").write_text(json.dumps({"run_id": stage}))
     with pytest.raises(StageError, match="no rankings"):

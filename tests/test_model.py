@@ -363,3 +363,44 @@ def test_untied_output_embeddings_get_their_own_trainable_rows(
         logits = backbone.lm_head(h[:, -3])[:, m.prefix_token_ids]
     expected = torch.nn.functional.cross_entropy(logits, batch["target_prefix"])
     assert torch.allclose(out["l_ntp"].detach(), expected, atol=1e-5)
+
+
+def test_shared_row_continuations_equal_the_expanded_cache_path(
+        model: SigmaModel, examples: list[SFTExample]) -> None:
+    # The fast path (K continuations side by side under a 4D mask, cache cropped afterwards)
+    # and the plain path (cache copied K times) are the same computation.
+    two = make_model([4, 3]).eval()
+    for m in (model, two):
+        exs = [example(m, [1, 2, 3], 5), example(m, [7, 8], 9, "Find snacks"),
+               example(m, [10, 11, 12, 13, 14], 1)]
+        pb = m.collator()(exs, with_labels=False)
+        _, cache = m.prefix_logprobs(pb["input_ids"], pb["attention_mask"], pb["item_ids"])
+        length = cache.past_key_values.get_seq_length()
+        prefixes = torch.tensor([[0, 2, 3], [1, 0, 2], [3, 3, 1]]) % m.n_prefixes
+        q_fast, lp_fast = m.query_vectors(cache, prefixes, return_prefix_logprobs=True)
+        assert cache.past_key_values.get_seq_length() == length  # appended tokens dropped
+        m.cfg.shared_prefix_decode = False
+        try:
+            q_plain, lp_plain = m.query_vectors(cache, prefixes, return_prefix_logprobs=True)
+        finally:
+            m.cfg.shared_prefix_decode = True
+        assert torch.allclose(q_fast, q_plain, atol=1e-5)
+        assert torch.allclose(lp_fast, lp_plain, atol=1e-5)
+
+
+def test_prefix_rows_start_from_their_items_text() -> None:
+    m = make_model([4, 3])
+    rng = np.random.default_rng(0)
+    vecs = [rng.normal(size=(4, m.hidden)).astype(np.float32),
+            rng.normal(size=(3, m.hidden)).astype(np.float32)]
+    m.init_prefix_rows(vecs)
+    emb = m.embed_tokens(torch.tensor(m.prefix_token_ids)).detach()
+    # Rows now differ, and each lies along its centred direction from the shared mean row.
+    assert torch.cdist(emb, emb).triu(1)[torch.triu(torch.ones(7, 7), 1).bool()].min() > 0
+    centred = torch.from_numpy(vecs[0] - vecs[0].mean(0))
+    step = emb[:4] - emb[:4].mean(0)
+    cos = torch.nn.functional.cosine_similarity(step, centred, dim=-1)
+    assert (cos > 0.99).all()
+    assert torch.allclose(emb.norm(dim=-1).median(), torch.tensor(m.token_norm), rtol=0.5)
+    with pytest.raises(ValueError, match="level 1"):
+        m.init_prefix_rows([vecs[0], vecs[0]])

@@ -50,6 +50,42 @@ def test_artifacts_are_consistent(tiny_run):
         assert 0 <= row["HR@10"] <= 1 and row["n"] > 0
 
 
+def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
+    cfg, run_dir, _ = tiny_run
+    tasks = json.loads((run_dir / "evaluation" / "metrics_tasks.json").read_text())
+    models = set(tasks["test"])
+    assert {"sigma", "sigma_fixed", "sigma_off"} <= models
+    for name in cfg.baselines.enabled:
+        assert {name, f"{name}+rule"} <= models
+    for res in tasks["test"].values():
+        for task, kinds in res.items():
+            if task in ("ALL", "MEAN"):
+                continue
+            share = kinds["all"]["RuleShare@10"]
+            assert 0 <= share <= 1
+            if task == "JustForYou":
+                assert share == 1.0  # no rule: every item satisfies it
+        assert "MEAN" in res and 0 <= res["MEAN"]["all"]["HR@10"] <= 1
+    # With the rule as a filter a baseline follows the instruction wherever it can.
+    plain, ruled = tasks["test"]["mostpop"]["Category"], tasks["test"]["mostpop+rule"]["Category"]
+    assert ruled["all"]["RuleShare@10"] >= plain["all"]["RuleShare@10"]
+    gen = run_dir / "generation"
+    assert (gen / "tau_curve.csv").is_file() and (gen / "prefix_usage.json").is_file()
+    manifest = json.loads((gen / "manifest.json").read_text())
+    assert set(manifest["summary"]["sigma"]["tau"]) == {"adaptive", "fixed"}
+
+
+def test_report_writes_markdown_and_plots(tiny_run):
+    from sigmarec.evaluation.markdown import write_report
+
+    _, run_dir, _ = tiny_run
+    md = write_report(run_dir)
+    text = md.read_text()
+    assert "## HR@10 per task" in text and "sigma" in text
+    for png in ("tasks_hr10.png", "tasks_ndcg10.png", "tau_curve.png", "prefix_usage.png"):
+        assert (md.parent / png).stat().st_size > 1000
+
+
 def test_second_run_skips_everything(tiny_run):
     cfg, run_dir, _ = tiny_run
     again = run_pipeline(cfg, run_dir)

@@ -219,6 +219,22 @@ def test_vectorised_admission_agrees_with_the_rules(data, sft) -> None:
             assert bool(ok[r]) == bool(rule_ok), (name, r)
 
 
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_vectorised_allow_mask_is_the_rule_for_every_item(data, sft, split) -> None:
+    # allowed() filters retrieval and scores instruction following: it must be the rule itself,
+    # also for parameters no target satisfies (an unknown category or holiday).
+    for row in sft.split(split).to_dict("records"):
+        task = sft.tasks[row["task"]]
+        params, cut = json.loads(row["params"]), _cut(data, row)
+        expect = [task.rule(i, params, cut) for i in range(data.n_items)]
+        assert task.allowed(params, cut).tolist() == expect, (row["task"], params)
+    some = {"Category": {"category": "NO SUCH"}, "Holiday": {"holiday": "nope"},
+            "Season": {"season": "monsoon"}, "Query": {"query": "zzz"}}
+    for name, params in some.items():
+        if name in sft.tasks:
+            assert not sft.tasks[name].allowed(params, None).any()
+
+
 # ---------------------------------------------------------------------- templates
 def test_held_out_templates_differ_and_are_used_only_for_evaluation(sft) -> None:
     def pattern(t: str) -> re.Pattern:

@@ -32,6 +32,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (recorded in BENC
 app.add_typer(bench_app, name="bench")
 sft_app = typer.Typer(no_args_is_help=True, help="Inspect the instruction (SFT) data.")
 app.add_typer(sft_app, name="sft")
+exp_app = typer.Typer(no_args_is_help=True, help="Multi-run experiments.")
+app.add_typer(exp_app, name="experiment")
 # Piped output (CI logs, `| tee`) gets a width that fits the results tables.
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -83,7 +85,6 @@ def run(
     verbose: bool = False,
 ) -> None:
     """Run every stage into the run directory, skipping stages that are up to date."""
-    from sigmarec.evaluation.report import print_results
     from sigmarec.pipeline import run_pipeline
 
     _setup_logging(verbose)
@@ -95,7 +96,7 @@ def run(
     if metrics.is_file() and (until is None or until == "evaluation") and (
         not only or "evaluation" in only
     ):
-        print_results(json.loads(metrics.read_text()), console=console)
+        _print_metrics(run_dir / "evaluation")
     console.print(f"run directory: {run_dir}")
 
 
@@ -143,13 +144,23 @@ def results(
     sets: SetOpt = None,
 ) -> None:
     """Print the metrics table of a finished run."""
-    from sigmarec.evaluation.report import print_results
 
     cfg = _config(profile, config, sets)
     path = _run_dir(out, cfg) / "evaluation" / "metrics.json"
     if not path.is_file():
         raise SigmaError(f"{path}: no metrics yet; run `sigma run` first")
-    print_results(json.loads(path.read_text()), console=console)
+    _print_metrics(path.parent)
+
+
+def _print_metrics(folder: Path) -> None:
+    """The next-basket table (every user) and the instruction-task table."""
+    from sigmarec.evaluation.report import print_results, print_task_results
+
+    console.print("[bold]Next basket, every household[/bold] (classical baselines)")
+    print_results(json.loads((folder / "metrics.json").read_text()), console=console)
+    tasks = folder / "metrics_tasks.json"
+    if tasks.is_file():
+        print_task_results(json.loads(tasks.read_text()), console=console)
 
 
 @app.command("config")
@@ -258,6 +269,97 @@ def bench_grounding(config: ConfigOpt = None, profile: ProfileOpt = "default", o
     for _, row in table.iterrows():
         t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
     console.print(t)
+
+
+@app.command()
+def report(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
+           sets: SetOpt = None) -> None:
+    """Write <run>/report/report.md with PNG plots (per-task bars, the APF tau curve, prefix
+    utilisation, example recommendations). For a comparison directory, over its seeds."""
+    from sigmarec.evaluation.markdown import write_report
+
+    cfg = _config(profile, config, sets)
+    md = write_report(_run_dir(out, cfg))
+    console.print(f"report: {md}")
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SigmaError(f"--{name} must be comma-separated integers, got {text!r}") from None
+
+
+@exp_app.command("compare")
+def experiment_compare(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = "default",
+    out: OutOpt = None,
+    sets: SetOpt = None,
+    seeds: Annotated[str, typer.Option(help="seeds of the main runs")] = "0,1,2",
+    ablations: Annotated[str, typer.Option(help="no_grounding,two_level or empty")] = (
+        "no_grounding,two_level"),
+    gr_seeds: Annotated[str, typer.Option(help="seeds that also train GR(SID)/GR(ID)")] = "0",
+    ablation_seeds: Annotated[str, typer.Option(help="seeds that run the ablations")] = "0",
+    verbose: bool = False,
+) -> None:
+    """SIGMA vs the classical and generative baselines and its ablations, over seeds; then the
+    report. Resumable: finished runs and stages are skipped."""
+    from sigmarec.evaluation.markdown import write_report
+    from sigmarec.evaluation.report import print_task_results
+    from sigmarec.experiment import run_comparison
+
+    _setup_logging(verbose)
+    cfg = _config(profile, config, sets)
+    out_dir = out if out is not None else Path("runs") / f"{cfg.profile}-compare"
+    record = run_comparison(cfg, out_dir, _ints(seeds, "seeds"),
+                            [a for a in ablations.split(",") if a.strip()],
+                            _ints(gr_seeds, "gr-seeds"), _ints(ablation_seeds, "ablation-seeds"))
+    first = Path(record["runs"][0]["dir"]) / "evaluation" / "metrics_tasks.json"
+    if first.is_file():
+        print_task_results(json.loads(first.read_text()), console=console)
+    console.print(f"comparison wall time {record['wall_time_s']:.0f} s; "
+                  f"report: {write_report(out_dir)}")
+
+
+@bench_app.command("generate")
+def bench_generate_cmd(config: ConfigOpt = None, profile: ProfileOpt = "default",
+                       out: OutOpt = None, sets: SetOpt = None,
+                       users: Annotated[int, typer.Option(help="requests timed")] = 64,
+                       batch_size: Annotated[int, typer.Option(help="throughput batch")] = 16,
+                       verbose: bool = False) -> None:
+    """Speed of SIGMA's three steps vs GR(SID) beam search (same K) vs a bare forward pass, as
+    ratios; runs the pipeline up to training first if needed."""
+    from sigmarec.core.atomic import write_json
+    from sigmarec.generation.bench import bench_generate
+    from sigmarec.pipeline import run_pipeline
+
+    if users < 1 or batch_size < 1:
+        raise SigmaError(f"--users ({users}) and --batch-size ({batch_size}) must be >= 1")
+    _setup_logging(verbose)
+    cfg = _config(profile, config, sets)
+    run_dir = _run_dir(out, cfg)
+    run_pipeline(cfg, run_dir, until="training")
+    df = bench_generate(cfg, run_dir, users, batch_size)
+    write_json(run_dir / "bench_generate.json", {"users": users, "batch_size": batch_size,
+                                                 "threads": torch_threads(),
+                                                 "rows": df.reset_index().to_dict("records")})
+    t = Table(title=f"bench generate ({cfg.profile}, {users} requests, batch {batch_size})")
+    t.add_column("method")
+    cols = [c for c in df.columns if c != "weights"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for name, row in df.iterrows():
+        t.add_row(str(name), *[f"{row[c]:.3g}" for c in cols])
+    console.print(t)
+    if "weights" in df.columns and df["weights"].notna().any():
+        console.print(f"GR(SID) weights: {df['weights'].dropna().iloc[0]}")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main() -> None:

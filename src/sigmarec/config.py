@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sigmarec.backbone.config import BackboneConfig
 from sigmarec.errors import ConfigError
+from sigmarec.generation.config import GenerationConfig
 from sigmarec.gr.config import GRConfig
 from sigmarec.model.config import ModelConfig
 from sigmarec.tasks.config import TasksConfig
@@ -263,6 +264,7 @@ class SigmaConfig(_Strict):
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     gr: GRConfig = Field(default_factory=GRConfig)
 
     def section_hash(self, *sections: str) -> str:

@@ -17,6 +17,7 @@ def stages() -> list[Stage]:
     from sigmarec.baselines.stage import BaselinesStage
     from sigmarec.data.stage import DataStage
     from sigmarec.evaluation.stage import EvaluationStage
+    from sigmarec.generation.stage import GenerationStage
     from sigmarec.gr.stage import GRBaselinesStage
     from sigmarec.grounding.stage import GroundingStage
     from sigmarec.tasks.stage import TasksStage
@@ -24,7 +25,8 @@ def stages() -> list[Stage]:
     from sigmarec.training.stage import TrainingStage
 
     return [DataStage(), BaselinesStage(), GroundingStage(), TokenizationStage(), TasksStage(),
-            TrainingStage(), GRBaselinesStage(), EvaluationStage()]
+            TrainingStage(), GRBaselinesStage(), GenerationStage(),
+            EvaluationStage()]
 
 
 def stage_names() -> list[str]:

@@ -31,6 +31,7 @@ from sigmarec.metrics import (
 
 KINDS = ("all", "repeat", "new")
 ALL_TASKS = "ALL"
+MEAN_TASK = "MEAN"
 # Fixed, not the run seed: every seed and every model is scored on the same subset.
 SUBSET_SEED = 0
 
@@ -60,9 +61,11 @@ def align_rankings(
     split: str,
     cfg: EvalConfig,
     source: str = "rankings",
+    instances: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Validate a rankings table; return the scored instances and their (n, max K) item lists.
 
+    ``instances``: the instances to score (e.g. the tasks stage's); default the data stage's.
     Every problem is a ``StageError`` naming ``source``, so a broken model output fails loudly
     instead of quietly scoring zero or above one.
     """
@@ -75,8 +78,12 @@ def align_rankings(
     dup = ids[ids.duplicated()].unique()
     if len(dup):
         raise StageError(f"{source}: duplicate instance_id(s) {_few(dup)}")
-    inst = eval_instances(data, split, cfg)
-    all_split = set(data.eval_instances(split)["instance_id"].tolist())
+    if instances is None:
+        inst = eval_instances(data, split, cfg)
+        all_split = set(data.eval_instances(split)["instance_id"].tolist())
+    else:
+        inst = instances.reset_index(drop=True)
+        all_split = set(inst["instance_id"].tolist())
     foreign = sorted(set(ids.tolist()) - all_split)
     if foreign:
         raise StageError(f"{source}: instance_id(s) {_few(foreign)} are not {split} instances")
@@ -130,7 +137,8 @@ def _kind_targets(
 
 
 def instance_metrics(
-    data: ProcessedData, inst: pd.DataFrame, ranked: np.ndarray, cfg: EvalConfig
+    data: ProcessedData, inst: pd.DataFrame, ranked: np.ndarray, cfg: EvalConfig,
+    allow: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per instance: target counts, ``{kind}:{metric}`` accuracy (NaN if the kind is empty) and
     beyond-accuracy metrics - the raw material for aggregates and paired significance tests."""
@@ -151,6 +159,11 @@ def instance_metrics(
     head = head_mask(data.train_item_counts, cfg.long_tail_head_share)
     for name, values in beyond_metrics(ranked, cfg.ks, cats, head, histories).items():
         out[name] = values
+    if allow is not None:
+        # Instruction following: the share of listed items that satisfy the instance's rule.
+        ok = np.take_along_axis(allow, ranked, axis=1)
+        for k in cfg.ks:
+            out[f"RuleShare@{k}"] = ok[:, :k].mean(axis=1)
     return out
 
 
@@ -179,15 +192,27 @@ def evaluate_rankings(
     split: str,
     cfg: EvalConfig,
     source: str = "rankings",
+    instances: pd.DataFrame | None = None,
+    allow: np.ndarray | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Every metric, per task and target kind, plus the "ALL" task (see module doc)."""
-    inst, ranked = align_rankings(data, rankings_df, split, cfg, source)
+    """Every metric, per task and target kind, plus the "ALL" task (see module doc).
+
+    With several tasks, "MEAN" is the unweighted mean of the tasks' "all" metrics (each task
+    counts once, however many instances it has). ``allow`` (n_instances, n_items), aligned with
+    ``instances``, adds the instruction-following share ``RuleShare@K``.
+    """
+    inst, ranked = align_rankings(data, rankings_df, split, cfg, source, instances)
     if len(inst) == 0:
         raise StageError(f"{source}: the {split} split has no instances to evaluate")
-    per = instance_metrics(data, inst, ranked, cfg)
+    per = instance_metrics(data, inst, ranked, cfg, allow)
     result = {ALL_TASKS: _aggregate(per, ranked, cfg, data.n_items)}
     tasks = per["task"].to_numpy()
     for task in sorted(set(tasks.tolist())):
         m = tasks == task
         result[task] = _aggregate(per.loc[m].reset_index(drop=True), ranked[m], cfg, data.n_items)
+    names = sorted(set(tasks.tolist()))
+    if len(names) > 1:
+        keys = set.intersection(*(set(result[t]["all"]) for t in names))
+        result[MEAN_TASK] = {"all": {k: float(np.mean([result[t]["all"][k] for t in names]))
+                                     for k in sorted(keys) if k != "n"} | {"n": len(names)}}
     return result

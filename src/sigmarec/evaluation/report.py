@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from sigmarec.evaluation.harness import ALL_TASKS
+from sigmarec.evaluation.harness import ALL_TASKS, MEAN_TASK
 
 ACCURACY = ("HR", "NDCG", "Recall", "MRR")
 BEYOND = ("Coverage", "LongTail", "NewToUser", "Categories")
@@ -92,3 +92,43 @@ def print_results(metrics: dict[str, Any], console: Console | None = None) -> No
         beyond = [c for c in df.columns if c.split("@")[0] in BEYOND or c == "n"]
         console.print(_table(title, df, [c for c in df.columns if c not in beyond]))
         console.print(_table(f"{title} - beyond accuracy", df, beyond))
+
+
+NO_RULE_TASKS = ("JustForYou",)
+
+
+def task_table(metrics: dict[str, Any], split: str = "test", metric: str = "HR@10"
+               ) -> pd.DataFrame:
+    """Rows = models; one column per task with ``metric``, the task mean, and instruction
+    following (RuleShare@10 averaged over the tasks that have a rule)."""
+    rows = {}
+    for model, tasks in metrics.get(split, {}).items():
+        names = [t for t in tasks if t not in (ALL_TASKS, MEAN_TASK)]
+        row = {t: tasks[t]["all"].get(metric) for t in sorted(names)}
+        row[f"mean {metric}"] = tasks.get(MEAN_TASK, tasks.get(ALL_TASKS, {}))["all"].get(metric)
+        shares = [tasks[t]["all"].get("RuleShare@10") for t in names if t not in NO_RULE_TASKS]
+        shares = [v for v in shares if v is not None]
+        row["rule@10"] = float(sum(shares) / len(shares)) if shares else float("nan")
+        rows[model] = row
+    return pd.DataFrame.from_dict(rows, orient="index", dtype=float).rename_axis("model")
+
+
+def print_task_results(metrics: dict[str, Any], console: Console | None = None,
+                       split: str = "test") -> None:
+    """The instruction tasks: HR@10 per task and on average, and instruction following."""
+    console = console or Console()
+    if not metrics.get(split):
+        return
+    df = task_table(metrics, split).sort_values("mean HR@10", ascending=False)
+    table = Table(title=f"{split} - instruction tasks (HR@10; rule@10 = share of the top 10 "
+                  "that satisfies the instruction)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("model", style="cyan", no_wrap=True)
+    for col in df.columns:
+        table.add_column(col.replace(" ", "\n"), justify="right", no_wrap=True)
+    best = {c: df[c].max() for c in df.columns}
+    for model, row in df.iterrows():
+        table.add_row(str(model), *(
+            f"[bold]{_fmt(c, v)}[/bold]" if v == best[c] else _fmt(c, v) for c, v in row.items()
+        ))
+    console.print(table)

@@ -34,12 +34,21 @@ class ModelConfig(_Strict):
     item_token: str = Field(
         "<|item|>", description="placeholder token whose embedding is replaced by the soft token"
     )
+    prefix_init: Literal["shared", "item_text"] = Field(
+        "shared", description="start values of the prefix-token rows: shared = the mean "
+        "embedding for all (as added); item_text = plus the centred mean untrained-backbone text "
+        "state of the items under each code (needs the grounding stage's ungrounded states)",
+    )
     fuse_dropout: float = Field(0.1, ge=0, lt=1, description="dropout inside ProjFuse")
     head: Literal["linear", "mlp"] = Field(
         "linear", description="projection of the <q> hidden state (hidden -> hidden)"
     )
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature")
     infonce_weight: float = Field(1.0, ge=0, description="lambda in L_NTP + lambda * L_InfoNCE")
+    shared_prefix_decode: bool = Field(
+        True, description="generation: run the K continuations of a prompt in one row under a "
+        "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward (less memory, ~30% slower)"
     )

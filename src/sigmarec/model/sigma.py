@@ -133,6 +133,7 @@ class SigmaModel(nn.Module):
         self.logit_softcap = getattr(text_cfg, "final_logit_softcapping", None)
         # Measured before the new rows exist: the soft tokens are scaled to look like tokens.
         target_norm = _typical_embedding_norm(backbone, len(tokenizer))
+        self.token_norm = target_norm
 
         self.codebook_sizes = [int(k) for k in vocab.codebook_sizes]
         n_prefix_tokens = len(vocab.prefix_tokens)
@@ -219,6 +220,33 @@ class SigmaModel(nn.Module):
     @property
     def levels(self) -> int:
         return len(self.codebook_sizes)
+
+    @torch.no_grad()
+    def init_prefix_rows(self, level_vectors: list[np.ndarray], strength: float = 1.0) -> None:
+        """Start each prefix token from what its items are about instead of from one shared row.
+
+        ``level_vectors[lv]`` is (codes of level lv, H): e.g. the mean untrained-backbone text
+        state of the items carrying that code. Centred and scaled to the typical token norm,
+        it is added to the shared mean row (input and output side), so at step 0 the logit of
+        a prefix already tracks how close the answer state is to its items' texts.
+        """
+        if len(level_vectors) != self.levels:
+            raise ValueError(f"need one (codes, H) array per prefix level ({self.levels})")
+        rows = []
+        for lv, vec in enumerate(level_vectors):
+            v = torch.as_tensor(np.asarray(vec), dtype=torch.float32)
+            if v.shape != (self.codebook_sizes[lv], self.hidden):
+                want = (self.codebook_sizes[lv], self.hidden)
+                raise ValueError(f"level {lv}: expected shape {want}, got {tuple(v.shape)}")
+            rows.append(F.normalize(v - v.mean(0, keepdim=True), dim=-1))
+        direction = torch.cat(rows) * self.token_norm * strength
+        n = len(self.prefix_token_ids)
+        dev = self.token_delta.device
+        base = self.backbone.get_input_embeddings().weight[self.prefix_ids_t].float()
+        self.token_delta[:n] = (base.mean(0) + direction.to(dev) - base).to(self.token_delta.dtype)
+        if self.head_delta is not None:
+            out = self.backbone.get_output_embeddings().weight[self.prefix_ids_t].float()
+            self.head_delta.copy_((out.mean(0) + direction.to(dev) - out).to(self.head_delta.dtype))
 
     # ---------------------------------------------------------------------------- pieces
 
@@ -388,6 +416,78 @@ class SigmaModel(nn.Module):
             logp = F.log_softmax(self.level_logits(h[:, -1], 0), dim=-1)
         return logp, PromptCache(cache, attention_mask, pos[:, -1] + 1, logp)
 
+    def _continue(self, cache: PromptCache, codes: torch.Tensor, levels: int,
+                  query: bool) -> torch.Tensor:
+        """Feed the first ``levels`` prefix tokens of ``codes`` (B*K, L) (then ``<q>``) after
+        each prompt, K continuations per prompt over the prompt's KV cache; returns the final
+        hidden states of the fed tokens (B*K, levels (+1), H). The cache is left as it was."""
+        rows = codes.shape[0]
+        level_ids = [torch.tensor(ids, device=codes.device) for ids in self.level_token_ids]
+        cols = [level_ids[lv][codes[:, lv]] for lv in range(levels)]
+        if query:
+            cols.append(torch.full((rows,), self.query_token_id, device=codes.device))
+        tokens = torch.stack(cols, dim=1)
+        if self.cfg.shared_prefix_decode and _croppable(cache.past_key_values):
+            return self._continue_shared(cache, tokens)
+        return self._continue_expanded(cache, tokens)
+
+    def _continue_expanded(self, cache: PromptCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Plain path: a copy of the cache repeated K times along the batch (memory x K)."""
+        k = tokens.shape[0] // cache.attention_mask.shape[0]
+        kv = copy.deepcopy(cache.past_key_values)
+        kv.batch_repeat_interleave(k)
+        mask = torch.cat([cache.attention_mask.repeat_interleave(k, dim=0),
+                          torch.ones_like(tokens)], dim=1)
+        pos = cache.next_position.repeat_interleave(k)[:, None] + torch.arange(
+            tokens.shape[1], device=tokens.device)
+        with _eval_mode(self):
+            h, _ = self._decode(self.embed_tokens(tokens), mask, pos, cache=kv, use_cache=True)
+        return h
+
+    def _continue_shared(self, cache: PromptCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Fast path: the K continuations of a prompt go in ONE row, side by side, under a 4D
+        mask that lets each continuation see the prompt and itself only, with the positions it
+        would have alone. The prompt's keys and values are read once, never copied; the
+        appended tokens are cropped from the cache afterwards."""
+        bsz, t = cache.attention_mask.shape
+        k, g = tokens.shape[0] // bsz, tokens.shape[1]
+        dev = tokens.device
+        new = tokens.view(bsz, k * g)
+        group = torch.arange(k * g, device=dev) // g
+        step = torch.arange(k * g, device=dev) % g
+        # (K*g, K*g): same continuation and not in the future of it.
+        own = (group[:, None] == group[None, :]) & (step[:, None] >= step[None, :])
+        allowed = torch.cat([cache.attention_mask.bool()[:, None, :].expand(bsz, k * g, t),
+                             own[None].expand(bsz, -1, -1)], dim=2)
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+        pos = cache.next_position[:, None] + step[None, :]
+        kv = cache.past_key_values
+        try:
+            with _eval_mode(self):
+                h, _ = self._decode(self.embed_tokens(new), mask, pos, cache=kv, use_cache=True)
+        finally:
+            extra = kv.get_seq_length() - t
+            if extra > 0:
+                kv.crop(-extra)
+        return h.reshape(bsz * k, g, -1)
+
+    @torch.no_grad()
+    def next_level_logprobs(self, cache: PromptCache, partial: torch.Tensor,
+                            level: int) -> torch.Tensor:
+        """Prefix beam search below level 0: log-probs (B, K, codes of ``level``) of the next
+        prefix token after the partial prefixes ``partial`` (B, K), flat ids over the first
+        ``level`` levels."""
+        bsz, k = partial.shape
+        if not 1 <= level < self.levels:
+            raise ValueError(f"level must be in 1..{self.levels - 1}, got {level}")
+        codes = _codes_tensor(partial.reshape(-1), self.codebook_sizes[:level])
+        h = self._continue(cache, codes, level, query=False)
+        with _eval_mode(self):
+            lp = F.log_softmax(self.level_logits(h[:, -1], level), dim=-1)
+        return lp.view(bsz, k, -1)
+
     @torch.no_grad()
     def query_vectors(
         self, cache: PromptCache, prefix_ids: torch.Tensor, return_prefix_logprobs: bool = False
@@ -403,18 +503,8 @@ class SigmaModel(nn.Module):
         bsz, k = prefix_ids.shape
         n_levels = self.levels
         codes = _codes_tensor(prefix_ids.reshape(-1), self.codebook_sizes)  # (B*K, L)
-        level_ids = [torch.tensor(ids, device=codes.device) for ids in self.level_token_ids]
-        tokens = torch.stack([level_ids[lv][codes[:, lv]] for lv in range(n_levels)], dim=1)
-        q_col = torch.full((bsz * k, 1), self.query_token_id, device=codes.device)
-        tokens = torch.cat([tokens, q_col], dim=1)
-        kv = copy.deepcopy(cache.past_key_values)
-        kv.batch_repeat_interleave(k)
-        mask = torch.cat([cache.attention_mask.repeat_interleave(k, dim=0),
-                          torch.ones_like(tokens)], dim=1)
-        pos = cache.next_position.repeat_interleave(k)[:, None] + torch.arange(
-            n_levels + 1, device=tokens.device)
+        h = self._continue(cache, codes, n_levels, query=True)
         with _eval_mode(self):
-            h, _ = self._decode(self.embed_tokens(tokens), mask, pos, cache=kv, use_cache=True)
             q = self.query_from_hidden(h[:, -1]).view(bsz, k, -1)
             if not return_prefix_logprobs:
                 return q
@@ -553,6 +643,16 @@ def _cache_keyword(decoder: nn.Module) -> str:
     # transformers 5.x renamed the decoder's `past_key_values` argument to `cache`.
     params = inspect.signature(decoder.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _croppable(kv: Any) -> bool:
+    """A plain DynamicCache (full attention in every layer) can take the appended continuation
+    tokens and drop them again; sliding-window or static caches take the copying path."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(kv, "layers", None)
+    return (type(kv) is DynamicCache and layers is not None
+            and all(type(layer) is DynamicLayer for layer in layers))
 
 
 def _codes_tensor(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:

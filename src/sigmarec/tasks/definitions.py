@@ -78,6 +78,17 @@ class Task(ABC):
             return False
         return self._rule(int(item_idx), params, context)
 
+    def allowed(self, params: dict[str, Any], context: Cut | None = None) -> np.ndarray:
+        """(n_items,) bool: ``rule`` for every item at once. Used as a filter inside retrieval
+        (baselines "+rule", SIGMA's business filters) and to measure instruction following."""
+        ok = self._allowed(params, context)
+        return ok & self.res.eligible if self.eligible_only else ok
+
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        # Correct for any rule, but one Python call per item: tasks override it vectorised.
+        return np.array([self._rule(i, params, context) for i in range(self.res.n_items)],
+                        dtype=bool)
+
     @abstractmethod
     def _admit(self, rows: RowView) -> np.ndarray: ...
 
@@ -141,6 +152,9 @@ class JustForYou(Task):
     def _rule(self, item_idx: int, params: dict[str, Any], context: Cut | None) -> bool:
         return 0 <= int(item_idx) < self.res.n_items
 
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        return np.ones(self.res.n_items, dtype=bool)
+
 
 class Query(Task):
     name = "Query"
@@ -180,6 +194,13 @@ class Query(Task):
         words = set(clean_words(params["query"])) or set(str(params["query"]).split())
         return bool(words) and words <= self._words[int(item_idx)]
 
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        words = set(clean_words(params["query"])) or set(str(params["query"]).split())
+        if not words:
+            return np.zeros(self.res.n_items, dtype=bool)
+        return np.fromiter((words <= w for w in self._words), dtype=bool,
+                           count=self.res.n_items)
+
     def display(self, params: dict[str, Any]) -> dict[str, str]:
         return {"query": str(params["query"])}
 
@@ -217,6 +238,13 @@ class Category(Task):
         lv = int(params.get("level", self.res.category_level))
         return self.res.level_of(int(item_idx), lv) == params["category"]
 
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        lv = int(params.get("level", self.res.category_level))
+        names = self.res.level_names[lv]
+        if params["category"] not in names:
+            return np.zeros(self.res.n_items, dtype=bool)
+        return self.res.level_codes[lv] == names.index(params["category"])
+
     def display(self, params: dict[str, Any]) -> dict[str, str]:
         return {"category": display_category(params["category"])}
 
@@ -248,6 +276,9 @@ class Longtail(Task):
 
     def _rule(self, item_idx: int, params: dict[str, Any], context: Cut | None) -> bool:
         return bool(self.res.longtail[int(item_idx)])
+
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        return np.asarray(self.res.longtail, dtype=bool).copy()
 
 
 class Discover(Task):
@@ -286,6 +317,13 @@ class Discover(Task):
         c = codes[int(item_idx)]
         return bool(c >= 0 and c not in set(codes[context.history].tolist()))
 
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        if context is None:
+            raise ValueError("Discover's rule needs the user's history (context)")
+        codes = self.res.level_codes[int(params.get("level", self.res.discover_level))]
+        seen = np.unique(codes[np.asarray(context.history, dtype=np.int64)])
+        return (codes >= 0) & ~np.isin(codes, seen)
+
 
 class Season(Task):
     name = "Season"
@@ -323,6 +361,12 @@ class Season(Task):
         if params.get("season") not in names:
             return False
         return bool(self.res.season_items[names.index(params["season"]), int(item_idx)])
+
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        names = self.res.season_names
+        if params.get("season") not in names:
+            return np.zeros(self.res.n_items, dtype=bool)
+        return np.asarray(self.res.season_items[names.index(params["season"])], dtype=bool)
 
     def display(self, params: dict[str, Any]) -> dict[str, str]:
         return {"season": str(params["season"])}
@@ -369,6 +413,12 @@ class Holiday(Task):
     def _rule(self, item_idx: int, params: dict[str, Any], context: Cut | None) -> bool:
         items = self.res.holiday_items.get(params.get("holiday"))
         return bool(items is not None and items[int(item_idx)])
+
+    def _allowed(self, params: dict[str, Any], context: Cut | None) -> np.ndarray:
+        items = self.res.holiday_items.get(params.get("holiday"))
+        if items is None:
+            return np.zeros(self.res.n_items, dtype=bool)
+        return np.asarray(items, dtype=bool).copy()
 
     def display(self, params: dict[str, Any]) -> dict[str, str]:
         try:

@@ -44,6 +44,28 @@ def load_vocab(ctx: StageContext) -> tuple[HybridVocab, np.ndarray]:
     return vocab, np.load(ctx.input("tokenization") / "item_prefix.npy")
 
 
+def prefix_text_states(ctx: StageContext, vocab: HybridVocab, hidden: int) -> list[np.ndarray]:
+    """Per prefix level, the mean untrained-backbone text state of the items with each code."""
+    from sigmarec.tokenization.semantic_ids import SemanticIds
+
+    path = ctx.input("grounding") / "v_text_ungrounded.npy"
+    if not path.is_file():
+        raise StageError(f"{path}: missing; model.prefix_init item_text needs the grounding "
+                         "stage's ungrounded text states (or set model.prefix_init: shared)")
+    states = np.load(path)
+    if states.shape[1] != hidden:
+        raise StageError(f"{path}: states have size {states.shape[1]} but the backbone's hidden "
+                         f"size is {hidden}; was grounding run with another backbone?")
+    codes = SemanticIds.load(ctx.input("tokenization")).codes
+    out = []
+    for lv, size in enumerate(vocab.codebook_sizes):
+        sums = np.zeros((size, hidden))
+        np.add.at(sums, codes[:, lv], states)
+        counts = np.bincount(codes[:, lv], minlength=size)[:, None]
+        out.append((sums / np.maximum(counts, 1)).astype(np.float32))
+    return out
+
+
 def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
                 item_prefix: np.ndarray, with_target: bool = True) -> list[SFTExample]:
     """Render and tokenise samples (one row each) into the model's examples."""
@@ -95,6 +117,8 @@ class TrainingStage(Stage):
         vocab, item_prefix = load_vocab(ctx)
         feats = load_item_features(ctx)
         model, facts = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
+        if cfg.model.prefix_init == "item_text":
+            model.init_prefix_rows(prefix_text_states(ctx, vocab, model.hidden))
         train_df = pd.read_parquet(ctx.input("tasks") / "train.parquet")
         valid_df = pd.read_parquet(ctx.input("tasks") / "valid.parquet")
         if train_df.empty:

@@ -1,0 +1,65 @@
+"""Typed settings of SIGMA's three-step generation (SIGMA part 4) and of the task rankings.
+
+Kept out of ``sigmarec.config`` so generation can be developed and tested on its own; the root
+config embeds :class:`GenerationConfig` as the section ``generation``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Fusion = Literal["adaptive", "fixed", "off"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GenerationConfig(_Strict):
+    """Step 1 keeps ``k_prefixes`` prefixes, step 2 ``m_per_prefix`` items under each, step 3
+    fuses them and keeps ``eval.top_n``."""
+
+    k_prefixes: int = Field(20, ge=1, description="K: prefixes continued after step 1")
+    m_per_prefix: int = Field(20, ge=1, description="M: items kept per prefix by the search")
+    fusion: Fusion = Field(
+        "adaptive",
+        description="adaptive: softmax(cos*s/tau) within a prefix, s = std of the top-K prefix "
+        "probabilities; fixed: s = 1; off: prefix probability, then cosine (lexicographic)",
+    )
+    tau: float = Field(
+        0.05, gt=0, description="APF temperature (adaptive and fixed); see select_tau"
+    )
+    select_tau: bool = Field(
+        True, description="pick tau per fusion mode from tau_grid by validation HR@10 (test is "
+        "never used); the chosen value is in the manifest",
+    )
+    tau_grid: list[float] = Field(
+        default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+        description="tau values tried (validation choice, and the report's accuracy/diversity "
+        "curve in fixed mode)",
+    )
+    variants: list[Fusion] = Field(
+        default_factory=lambda: ["adaptive", "fixed", "off"],
+        description="fusion modes also written as separate models (sigma_fixed, sigma_off): "
+        "steps 1-2 are shared, so the APF ablation costs one extra sort",
+    )
+    batch_size: int = Field(16, ge=1, description="prompts decoded together")
+    exclude_seen: bool = Field(
+        False, description="business filter: never return an item of the user's history"
+    )
+    rule_filtered_baselines: bool = Field(
+        True, description="also rank every baseline with each task's checkable rule as a filter "
+        "(models '<name>+rule')",
+    )
+    baselines: list[str] | None = Field(
+        None, description="baselines re-ranked on the task instances; None = baselines.enabled"
+    )
+    examples: int = Field(3, ge=0, description="example lists per task kept for the report")
+
+    @model_validator(mode="after")
+    def _grid(self) -> GenerationConfig:
+        if any(t <= 0 for t in self.tau_grid):
+            raise ValueError(f"generation.tau_grid must be positive, got {self.tau_grid}")
+        return self

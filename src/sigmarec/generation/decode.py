@@ -1,0 +1,145 @@
+"""SIGMA's three-step generation, batched over many requests (SIGMA part 4).
+
+1. One forward pass of each (left-padded) prompt keeps its KV cache and gives the prefix
+   distribution; a beam over the prefix levels (a plain top-K for a one-level prefix) keeps K.
+2. The K continuations ``<c_k><q>`` run as one batch over the shared cache and give K query
+   vectors; each searches only its prefix's items (:class:`~sigmarec.tokenization.prefix_index.
+   PrefixIndex`), top-M each, with any business filter (allow mask) inside the search.
+3. :func:`~sigmarec.generation.fusion.fuse`: APF and one global sort to the top-N.
+
+Filters never cost list length: prefixes without an eligible item are masked out of the beam,
+and a request whose K prefixes hold fewer than N eligible items is given more prefixes (the
+next most probable ones), so N items come back whenever N eligible items exist.
+
+:mod:`sigmarec.generation.reference` is the plain, slow version of the same computation (no
+cache reuse, exhaustive search) that the tests compare this one with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from sigmarec.generation.config import Fusion
+from sigmarec.generation.fusion import Candidates, fuse
+from sigmarec.model.batch import SFTExample
+from sigmarec.model.sigma import PromptCache, SigmaModel
+from sigmarec.tokenization.prefix_index import ItemSubsetIndex, make_prefix_index
+
+
+def build_item_index(model: SigmaModel, backend: str = "faiss") -> ItemSubsetIndex:
+    """The prefix-partitioned index over the model's normalised soft tokens ṽ."""
+    vecs = model.item_vectors().cpu().numpy().astype(np.float32)
+    prefixes = model.item_prefix.cpu().numpy()
+    return make_prefix_index(backend, vecs, prefixes, model.n_prefixes)
+
+
+def eligible_counts(item_prefix: np.ndarray, n_prefixes: int,
+                    allow_mask: np.ndarray | None, batch: int) -> np.ndarray:
+    """(B, n_prefixes) number of items each request may receive under each flat prefix."""
+    if allow_mask is None:
+        return np.broadcast_to(np.bincount(item_prefix, minlength=n_prefixes), (batch, n_prefixes))
+    mask = np.broadcast_to(np.asarray(allow_mask, dtype=bool), (batch, len(item_prefix)))
+    out = np.zeros((batch, n_prefixes), dtype=np.int64)
+    for b in range(batch):
+        out[b] = np.bincount(item_prefix[mask[b]], minlength=n_prefixes)
+    return out
+
+
+def prefix_beam(model: SigmaModel, cache: PromptCache, width: int,
+                counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1: the ``width`` most probable flat prefixes that hold an eligible item.
+
+    Beam search over the prefix levels (exact for one level); partial prefixes whose subtree has
+    no eligible item are pruned. Returns (prefixes (B, w), log-probs (B, w)), -1 / -inf padded.
+    """
+    sizes = model.codebook_sizes
+    b = counts.shape[0]
+    dev = cache.logprobs.device
+    cnt = torch.as_tensor(np.array(counts, dtype=np.int64), device=dev)
+    sub = cnt.view(b, sizes[0], -1).sum(-1)
+    score = cache.logprobs.double().masked_fill(sub == 0, -torch.inf)
+    lp, partial = score.topk(min(width, sizes[0]), dim=1)
+    for lv in range(1, len(sizes)):
+        step = model.next_level_logprobs(cache, partial.clamp(min=0), lv).double()
+        total = lp[:, :, None] + step  # (B, w, C_lv)
+        flat = partial[:, :, None] * sizes[lv] + torch.arange(sizes[lv], device=dev)
+        sub = cnt.view(b, int(np.prod(sizes[: lv + 1])), -1).sum(-1)
+        ok = sub.gather(1, flat.clamp(min=0).view(b, -1)).view_as(flat) > 0
+        total = total.masked_fill(~ok | (partial[:, :, None] < 0), -torch.inf)
+        lp, idx = total.view(b, -1).topk(min(width, total[0].numel()), dim=1)
+        partial = flat.view(b, -1).gather(1, idx)
+    partial = partial.masked_fill(~torch.isfinite(lp), -1)
+    return partial.cpu().numpy().astype(np.int64), lp.cpu().numpy()
+
+
+def widths_needed(prefixes: np.ndarray, counts: np.ndarray, m: np.ndarray | int,
+                  n: int) -> np.ndarray:
+    """Per request, True where its prefixes cannot fill min(N, eligible items) places."""
+    held = np.where(prefixes >= 0, np.take_along_axis(counts, prefixes.clip(0), axis=1), 0)
+    return np.minimum(held, np.asarray(m).reshape(-1, 1)).sum(1) < np.minimum(n, counts.sum(1))
+
+
+class SigmaDecoder:
+    """The optimised three-step decoder over a trained :class:`SigmaModel`."""
+
+    def __init__(self, model: SigmaModel, k_prefixes: int, m_per_prefix: int,
+                 index: ItemSubsetIndex | None = None, index_backend: str = "faiss") -> None:
+        if k_prefixes < 1 or m_per_prefix < 1:
+            raise ValueError(f"K ({k_prefixes}) and M ({m_per_prefix}) must be positive")
+        self.model = model.eval()
+        self.k = int(k_prefixes)
+        self.m = int(m_per_prefix)
+        self.index = index if index is not None else build_item_index(model, index_backend)
+        self.item_prefix = model.item_prefix.cpu().numpy()
+        self.collate = model.collator()
+
+    def batch(self, examples: Sequence[SFTExample]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt tensors of ``examples`` on the model's device."""
+        dev = self.model.item_prefix.device
+        return {k: v.to(dev) for k, v in self.collate(list(examples), with_labels=False).items()}
+
+    @torch.no_grad()
+    def candidates(self, batch: dict[str, Any], n: int,
+                   allow_mask: np.ndarray | None = None) -> Candidates:
+        """Steps 1 and 2 for a collated batch; ``allow_mask`` None, (n_items,) or (B, n_items)."""
+        model = self.model
+        _, cache = model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
+                                         batch["item_ids"])
+        bsz = batch["input_ids"].shape[0]
+        counts = eligible_counts(self.item_prefix, model.n_prefixes, allow_mask, bsz)
+        m = np.full(bsz, self.m)
+        prefixes, logp = prefix_beam(model, cache, self.k, counts)
+        width = self.k
+        # Rare (restrictive filters): widen the beam for the requests that need it, and when
+        # every prefix is in and the eligible items sit unevenly, take up to N from each.
+        while (need := widths_needed(prefixes, counts, m, n)).any():
+            if width >= model.n_prefixes:
+                m[need] = max(self.m, n)
+                break
+            width = min(width * 2, model.n_prefixes)
+            wide_p, wide_lp = prefix_beam(model, cache, width, counts)
+            pad = width - prefixes.shape[1]
+            prefixes = np.pad(prefixes, ((0, 0), (0, pad)), constant_values=-1)
+            logp = np.pad(logp, ((0, 0), (0, pad)), constant_values=-np.inf)
+            prefixes[need], logp[need] = wide_p[need], wide_lp[need]
+        q = model.query_vectors(cache, torch.as_tensor(prefixes.clip(0), device=cache.logprobs
+                                                       .device))
+        q = q.float().cpu().numpy()
+        cos, items = self.index.search_multi(q, prefixes, int(m.max()), allow_mask=allow_mask)
+        beyond = np.arange(items.shape[2])[None, None, :] >= m[:, None, None]
+        items[np.broadcast_to(beyond, items.shape)] = -1
+        cos[np.broadcast_to(beyond, cos.shape)] = -np.inf
+        return Candidates(prefixes=prefixes, prefix_logp=logp, items=items,
+                          cosine=cos.astype(np.float64), k_for_spread=self.k)
+
+    def recommend(self, examples: Sequence[SFTExample], n: int, fusion: Fusion = "adaptive",
+                  tau: float = 1.0, allow_mask: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` items and scores (B, n) for the prompts of ``examples``."""
+        cands = self.candidates(self.batch(examples), n, allow_mask)
+        return fuse(cands, fusion, tau, n)
+

@@ -1,0 +1,101 @@
+"""Step 3 of SIGMA's generation: adaptive probabilistic fusion (APF) and one global sort.
+
+``P(item | T) = P(c_k | T) · softmax_{items of c_k}(cos(h_k, ṽ_item) · s / τ)``, where ``s`` is
+the standard deviation of the request's top-K prefix probabilities: a confident prefix
+distribution (large ``s``) sharpens the within-prefix ranking, a flat one (small ``s``) flattens
+it and lets more prefixes into the top-N. ``fixed`` uses ``s = 1`` (one temperature for every
+request), ``off`` ranks by prefix probability first and cosine second (no fusion at all).
+
+Every item lives under exactly one prefix, so the K·M candidates of a request are distinct and
+the global sort needs no de-duplication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sigmarec.generation.config import Fusion
+
+
+@dataclass
+class Candidates:
+    """What steps 1-2 produce for a batch of B requests: K prefix slots with M items each.
+
+    Padding: a prefix slot of -1 (log-prob -inf) was not used; an item of -1 (cosine -inf) is an
+    empty place in a prefix with fewer than M eligible items.
+    """
+
+    prefixes: np.ndarray  # (B, K) int64 flat prefix ids
+    prefix_logp: np.ndarray  # (B, K) float64 log P(c_k | T)
+    items: np.ndarray  # (B, K, M) int64
+    cosine: np.ndarray  # (B, K, M) float64
+    # The K used for ``s``: the configured K, even where a request was given extra prefixes to
+    # reach N eligible items (those are padding for the statistic, not a different request).
+    k_for_spread: int
+
+    def __post_init__(self) -> None:
+        b, k, m = self.items.shape
+        if self.prefixes.shape != (b, k) or self.prefix_logp.shape != (b, k):
+            raise ValueError("prefixes / prefix_logp must be (B, K) like items' first two axes")
+        if self.cosine.shape != (b, k, m):
+            raise ValueError("cosine must have the shape of items")
+
+
+def prefix_spread(prefix_logp: np.ndarray, k: int) -> np.ndarray:
+    """``s`` per request: population std of the probabilities of its (first) ``k`` prefixes."""
+    p = np.exp(prefix_logp[:, :k])
+    valid = np.isfinite(prefix_logp[:, :k])
+    n = np.maximum(valid.sum(1), 1)
+    mean = np.where(valid, p, 0.0).sum(1) / n
+    var = np.where(valid, (p - mean[:, None]) ** 2, 0.0).sum(1) / n
+    return np.sqrt(var)
+
+
+def _log_softmax_masked(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    x = np.where(valid, x, -np.inf)
+    top = np.max(x, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    z = np.exp(x - top)
+    lse = np.log(np.maximum(z.sum(-1, keepdims=True), 1e-300)) + top
+    return np.where(valid, x - lse, -np.inf)
+
+
+def fused_scores(c: Candidates, mode: Fusion, tau: float) -> np.ndarray:
+    """(B, K, M) log P(item | T) of every candidate (``off``: a lexicographic key instead)."""
+    valid = (c.items >= 0) & np.isfinite(c.cosine) & np.isfinite(c.prefix_logp)[:, :, None]
+    if mode == "off":
+        # Prefix first, cosine (in [-1, 1]) second: a key with the same order as the tuple.
+        rank = np.argsort(np.argsort(-c.prefix_logp, axis=1, kind="stable"), axis=1)
+        key = -rank[:, :, None] * 4.0 + np.clip(c.cosine, -1.0, 1.0)
+        return np.where(valid, key, -np.inf)
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if mode == "adaptive":
+        scale = prefix_spread(c.prefix_logp, c.k_for_spread) / tau
+    elif mode == "fixed":
+        scale = np.full(c.items.shape[0], 1.0 / tau)
+    else:
+        raise ValueError(f"unknown fusion mode {mode!r} (adaptive | fixed | off)")
+    within = _log_softmax_masked(np.where(valid, c.cosine, 0.0) * scale[:, None, None], valid)
+    return np.where(valid, c.prefix_logp[:, :, None] + within, -np.inf)
+
+
+def fuse(c: Candidates, mode: Fusion, tau: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The global top-``n``: (items (B, n), scores (B, n)), padded with -1 / -inf."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    b = c.items.shape[0]
+    scores = fused_scores(c, mode, tau).reshape(b, -1)
+    items = c.items.reshape(b, -1)
+    # Stable sort on (-score, flat position): ties keep prefix order, then within-prefix order.
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    top_s = np.take_along_axis(scores, order, axis=1)
+    top_i = np.take_along_axis(items, order, axis=1)
+    top_i = np.where(np.isfinite(top_s), top_i, -1)
+    if top_i.shape[1] < n:
+        pad = n - top_i.shape[1]
+        top_i = np.pad(top_i, ((0, 0), (0, pad)), constant_values=-1)
+        top_s = np.pad(top_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return top_i, top_s

@@ -1,0 +1,312 @@
+"""The generation stage: ranked lists for every task's evaluation instances.
+
+* SIGMA: the three-step decoder over the trained model. Steps 1-2 run once per instance; each
+  fusion mode (``generation.variants``) and each tau of ``tau_grid`` is then only a re-sort of
+  the same candidates, so the APF ablation and the accuracy/diversity curve cost seconds. tau is
+  chosen per mode on validation HR@10 (averaged over tasks); test is only reported.
+* The classical baselines, re-ranked on the same task instances (they ignore the instruction),
+  and with each instance's checkable rule as a filter ("<name>+rule": admitted items first,
+  then the rest, so lists stay full).
+
+Artifacts: ``rankings/{model}_{split}.parquet`` (instance_id, items, scores), ``tau_curve.csv``,
+``prefix_usage.json``, ``examples.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from sigmarec.baselines.registry import restore
+from sigmarec.core.atomic import atomic_path, write_json, write_parquet
+from sigmarec.core.stage import Stage, StageContext
+from sigmarec.data.processed import ProcessedData
+from sigmarec.errors import StageError
+from sigmarec.generation.decode import SigmaDecoder
+from sigmarec.generation.fusion import Candidates, fuse, prefix_spread
+from sigmarec.metrics import accuracy_metrics, beyond_metrics, category_codes, head_mask
+from sigmarec.metrics.ranking import top_n
+from sigmarec.model.sigma import load_sigma_model
+from sigmarec.tasks.rules import instance_allow_masks, load_tasks
+from sigmarec.training.stage import load_item_features, load_vocab, to_examples
+
+log = logging.getLogger("sigmarec")
+
+SPLITS = ("valid", "test")
+
+
+def concat_candidates(parts: list[Candidates]) -> Candidates:
+    """Batches may have been given different K (filters widen the beam): pad to the largest."""
+    k = max(p.items.shape[1] for p in parts)
+    m = max(p.items.shape[2] for p in parts)
+
+    def pad(x: np.ndarray, value: float, dims: int) -> np.ndarray:
+        widths = [(0, 0), (0, k - x.shape[1])] + ([(0, m - x.shape[2])] if dims == 3 else [])
+        return np.pad(x, widths, constant_values=value)
+
+    return Candidates(
+        prefixes=np.concatenate([pad(p.prefixes, -1, 2) for p in parts]),
+        prefix_logp=np.concatenate([pad(p.prefix_logp, -np.inf, 2) for p in parts]),
+        items=np.concatenate([pad(p.items, -1, 3) for p in parts]),
+        cosine=np.concatenate([pad(p.cosine, -np.inf, 3) for p in parts]),
+        k_for_spread=parts[0].k_for_spread,
+    )
+
+
+def decode_split(decoder: SigmaDecoder, examples: list[Any], n: int, batch_size: int,
+                 allow: np.ndarray | None, desc: str) -> tuple[Candidates, float]:
+    """Steps 1-2 for every example; returns the candidates and the seconds spent."""
+    parts = []
+    t0 = time.perf_counter()
+    # Prompts of similar length batched together: less left padding to compute.
+    order = np.argsort([len(e.input_ids) for e in examples], kind="stable")
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        rows = order[s:s + batch_size]
+        batch = decoder.batch([examples[r] for r in rows])
+        parts.append(decoder.candidates(batch, n, None if allow is None else allow[rows]))
+    cands = concat_candidates(parts)
+    back = np.argsort(order, kind="stable")
+    return Candidates(cands.prefixes[back], cands.prefix_logp[back], cands.items[back],
+                      cands.cosine[back], cands.k_for_spread), time.perf_counter() - t0
+
+
+def fill_lists(items: np.ndarray, popularity_order: np.ndarray) -> tuple[np.ndarray, int]:
+    """Replace -1 padding by the most popular items not already listed; returns the count."""
+    out, filled = items.copy(), 0
+    for row in out:
+        holes = np.flatnonzero(row < 0)
+        if len(holes):
+            extra = popularity_order[~np.isin(popularity_order, row)][: len(holes)]
+            row[holes[: len(extra)]] = extra
+            filled += len(holes)
+    return out, filled
+
+
+def rankings_frame(instances: pd.DataFrame, items: np.ndarray, scores: np.ndarray
+                   ) -> pd.DataFrame:
+    return pd.DataFrame({"instance_id": instances["instance_id"].to_numpy(np.int64),
+                         "items": list(items.astype(np.int64)),
+                         "scores": list(np.asarray(scores, dtype=np.float64))})
+
+
+def task_hr(instances: pd.DataFrame, items: np.ndarray, k: int = 10) -> float:
+    """HR@k averaged over tasks (each task weighs the same, as in the comparison tables)."""
+    hr = accuracy_metrics(items[:, :k], list(instances["targets"]), [k])[f"HR@{k}"]
+    return float(pd.Series(hr).groupby(instances["task"].to_numpy()).mean().mean())
+
+
+def rank_with_masks(model: Any, data: ProcessedData, instances: pd.DataFrame, top: int,
+                    masks: np.ndarray | None, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full-catalogue ranking; with ``masks``, admitted items rank above every other item."""
+    users = instances["user_idx"].to_numpy()
+    hist = data.histories(instances)
+    out_i, out_s = [], []
+    for s in range(0, len(instances), batch_size):
+        with torch.no_grad():
+            sc = model.score(users[s:s + batch_size], hist[s:s + batch_size]).float()
+        if masks is not None:
+            ok = torch.from_numpy(masks[s:s + batch_size])
+            # Shift the rest below the lowest admitted score; the original order is kept.
+            low = sc.min() - sc.max() - 1.0
+            sc = torch.where(ok, sc, sc + low)
+        idx, val = top_n(sc, top)
+        out_i.append(idx)
+        out_s.append(val)
+    return np.concatenate(out_i), np.concatenate(out_s)
+
+
+class GenerationStage(Stage):
+    name: ClassVar[str] = "generation"
+    requires: ClassVar[tuple[str, ...]] = ("data", "baselines", "grounding", "tokenization",
+                                           "tasks", "training")
+    config_sections: ClassVar[tuple[str, ...]] = ("eval", "generation", "backbone")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        cfg = ctx.config
+        data = ProcessedData.load(ctx.input("data"))
+        inst = {s: pd.read_parquet(ctx.input("tasks") / f"{s}.parquet") for s in SPLITS}
+        if all(df.empty for df in inst.values()):
+            raise StageError(f"{ctx.input('tasks')}: no valid/test task instances to rank")
+        n = cfg.eval.top_n
+        if n < max(cfg.eval.ks):
+            raise StageError(f"eval.top_n ({n}) is below the largest eval.ks ({max(cfg.eval.ks)})")
+        tasks = load_tasks(data, cfg.tasks)
+        t0 = time.perf_counter()
+        masks = {s: instance_allow_masks(data, df, tasks) for s, df in inst.items()}
+        log.info("generation: rule masks for %d instances in %.1fs",
+                 sum(len(df) for df in inst.values()), time.perf_counter() - t0)
+        popularity = np.argsort(-data.train_item_counts, kind="stable")
+        summary: dict[str, Any] = {"instances": {s: len(df) for s, df in inst.items()}}
+
+        summary["sigma"] = self._sigma(ctx, data, inst, masks, popularity, n)
+        summary["baselines"] = self._baselines(ctx, data, inst, masks, n)
+        return summary
+
+    # ------------------------------------------------------------------------------ SIGMA
+    def _sigma(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
+               masks: dict[str, np.ndarray], popularity: np.ndarray, n: int) -> dict[str, Any]:
+        cfg, gcfg = ctx.config, ctx.config.generation
+        vocab, item_prefix = load_vocab(ctx)
+        model = load_sigma_model(ctx.input("training") / "model", cfg.backbone,
+                                 load_item_features(ctx), item_prefix)
+        decoder = SigmaDecoder(model, gcfg.k_prefixes, gcfg.m_per_prefix,
+                               index_backend=cfg.tokenization.index.backend)
+        cands, seconds = {}, {}
+        for split, df in inst.items():
+            if df.empty:
+                continue
+            ex = to_examples(df, model, vocab, item_prefix, with_target=False)
+            allow = None
+            if gcfg.exclude_seen:
+                allow = np.ones((len(df), data.n_items), dtype=bool)
+                for r, h in enumerate(data.histories(df)):
+                    allow[r, h] = False
+            cands[split], seconds[split] = decode_split(
+                decoder, ex, n, gcfg.batch_size, allow, f"sigma {split}")
+            log.info("generation: SIGMA decoded %d %s instances in %.1fs (%.1f users/s)",
+                     len(df), split, seconds[split], len(df) / max(seconds[split], 1e-9))
+
+        for split, c in cands.items():
+            # Steps 1-2 kept: any fusion or tau can be re-sorted later without the model.
+            with atomic_path(ctx.out / f"candidates_{split}.npz") as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(fh, prefixes=c.prefixes, prefix_logp=c.prefix_logp,
+                                    items=c.items, cosine=c.cosine.astype(np.float32),
+                                    k_for_spread=c.k_for_spread)
+        taus = self._choose_tau(gcfg, inst, cands, n)
+        out: dict[str, Any] = {"tau": taus, "seconds": {s: round(v, 2) for s, v in seconds.items()},
+                               "users_per_s": {s: round(len(inst[s]) / max(v, 1e-9), 2)
+                                               for s, v in seconds.items()}}
+        filled_total = 0
+        for mode in dict.fromkeys(["adaptive", *gcfg.variants]):
+            name = "sigma" if mode == "adaptive" else f"sigma_{mode}"
+            for split, c in cands.items():
+                items, scores = fuse(c, mode, taus.get(mode, gcfg.tau), n)
+                items, filled = fill_lists(items, popularity)
+                filled_total += filled
+                write_parquet(ctx.out / "rankings" / f"{name}_{split}.parquet",
+                              rankings_frame(inst[split], items, scores))
+        out["filled_from_popularity"] = filled_total
+        self._tau_curve(ctx, data, inst, cands, taus, n)
+        out["prefix_usage"] = self._prefix_usage(ctx, model, inst, cands, taus, n)
+        self._examples(ctx, data, inst, cands, taus, n)
+        return out
+
+    def _choose_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
+                    cands: dict[str, Candidates], n: int) -> dict[str, float]:
+        taus = {m: gcfg.tau for m in ("adaptive", "fixed")}
+        if not gcfg.select_tau or "valid" not in cands:
+            return taus
+        # s (the spread of the top-K prefix probabilities) is small - about 1/K - so adaptive
+        # tau lives on another scale: its grid is the fixed grid times the median validation s,
+        # and both modes then try the same effective temperatures.
+        s_med = float(np.median(prefix_spread(cands["valid"].prefix_logp, cands["valid"]
+                                              .k_for_spread)))
+        grids = {"fixed": list(gcfg.tau_grid),
+                 "adaptive": [t * s_med for t in gcfg.tau_grid] if s_med > 0 else [gcfg.tau]}
+        for mode in ("adaptive", "fixed"):
+            scores = {t: task_hr(inst["valid"], fuse(cands["valid"], mode, t, n)[0])
+                      for t in grids[mode]}
+            # Ties go to the middle of the grid rather than to an extreme.
+            mid = grids[mode][len(grids[mode]) // 2]
+            taus[mode] = max(scores, key=lambda t: (scores[t], -abs(np.log(t / mid))))
+            log.info("generation: %s fusion, validation HR@10 by tau %s -> tau %s", mode,
+                     {t: round(v, 4) for t, v in scores.items()}, taus[mode])
+        return taus
+
+    def _tau_curve(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
+                   cands: dict[str, Candidates], taus: dict[str, float], n: int) -> None:
+        """Accuracy and diversity of fixed-tau fusion as tau varies, plus the adaptive point."""
+        ev = ctx.config.eval
+        cats = category_codes(data.items["category_path"].tolist(), ev.category_level)
+        head = head_mask(data.train_item_counts, ev.long_tail_head_share)
+        rows = []
+        points = [("fixed", t) for t in ctx.config.generation.tau_grid]
+        points += [("adaptive", taus["adaptive"]), ("off", 1.0)]
+        for split, c in cands.items():
+            df = inst[split]
+            hist = data.histories(df)
+            for mode, tau in points:
+                items = fill_lists(fuse(c, mode, tau, n)[0], np.arange(data.n_items))[0]
+                acc = accuracy_metrics(items, list(df["targets"]), [10])
+                bey = beyond_metrics(items, [10], cats, head, hist)
+                rows.append({"split": split, "mode": mode, "tau": tau,
+                             "HR@10": float(pd.Series(acc["HR@10"]).groupby(
+                                 df["task"].to_numpy()).mean().mean()),
+                             "NDCG@10": float(acc["NDCG@10"].mean()),
+                             "Categories@10": float(bey["Categories@10"].mean()),
+                             "Coverage@10": len(np.unique(items[:, :10])) / data.n_items,
+                             "NewToUser@10": float(bey["NewToUser@10"].mean())})
+        pd.DataFrame(rows).to_csv(ctx.out / "tau_curve.csv", index=False)
+
+    def _prefix_usage(self, ctx: StageContext, model: Any, inst: dict[str, pd.DataFrame],
+                      cands: dict[str, Candidates], taus: dict[str, float], n: int
+                      ) -> dict[str, Any]:
+        """How many prefixes a top-10 draws from, and how much of the prefix space is used."""
+        if "test" not in cands:
+            return {}
+        items = fuse(cands["test"], "adaptive", taus["adaptive"], n)[0][:, :10]
+        prefix_of = model.item_prefix.cpu().numpy()
+        per_list = [len(np.unique(prefix_of[r[r >= 0]])) for r in items]
+        used = np.unique(prefix_of[items[items >= 0]])
+        sizes = np.bincount(prefix_of, minlength=model.n_prefixes)
+        hits = np.bincount(prefix_of[items[items >= 0]], minlength=model.n_prefixes)
+        out = {"prefixes_per_top10_mean": float(np.mean(per_list)),
+               "prefixes_per_top10_hist": np.bincount(per_list, minlength=11).tolist(),
+               "prefixes_used": int(len(used)), "n_prefixes": int(model.n_prefixes),
+               "prefix_sizes": sizes.tolist(), "prefix_hits": hits.tolist(),
+               "top1_prefix_prob_mean": float(np.exp(cands["test"].prefix_logp[:, 0]).mean())}
+        write_json(ctx.out / "prefix_usage.json", out)
+        return {k: v for k, v in out.items() if not isinstance(v, list)}
+
+    def _examples(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
+                  cands: dict[str, Candidates], taus: dict[str, float], n: int) -> None:
+        per = ctx.config.generation.examples
+        if "test" not in cands or per == 0:
+            write_json(ctx.out / "examples.json", [])
+            return
+        df = inst["test"]
+        items = fuse(cands["test"], "adaptive", taus["adaptive"], n)[0]
+        text = data.items["title"].fillna("").astype(str) + " | " + \
+            data.items["category_path"].fillna("").astype(str)
+        out = []
+        for task, idx in df.groupby("task").indices.items():
+            for r in idx[:per]:
+                row = df.iloc[r]
+                out.append({
+                    "task": task, "instance_id": int(row["instance_id"]),
+                    "instruction": row["instruction"],
+                    "history": [text.iloc[i] for i in np.asarray(row["history"])[-5:]],
+                    "targets": [text.iloc[i] for i in np.asarray(row["targets"])[:5]],
+                    "sigma_top5": [{"item": text.iloc[i], "hit": bool(i in set(row["targets"]))}
+                                   for i in items[r, :5] if i >= 0],
+                })
+        write_json(ctx.out / "examples.json", out)
+
+    # ------------------------------------------------------------------------------ baselines
+    def _baselines(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
+                   masks: dict[str, np.ndarray], n: int) -> dict[str, Any]:
+        cfg, gcfg = ctx.config, ctx.config.generation
+        names = gcfg.baselines if gcfg.baselines is not None else list(cfg.baselines.enabled)
+        out: dict[str, Any] = {}
+        for name in names:
+            t0 = time.perf_counter()
+            model = restore(name, cfg, ctx.input("baselines") / "models" / name, data)
+            variants = [(name, False)] + ([(f"{name}+rule", True)]
+                                          if gcfg.rule_filtered_baselines else [])
+            for label, filtered in variants:
+                for split, df in inst.items():
+                    if df.empty:
+                        continue
+                    items, scores = rank_with_masks(model, data, df, n,
+                                                    masks[split] if filtered else None,
+                                                    cfg.eval.batch_size)
+                    write_parquet(ctx.out / "rankings" / f"{label}_{split}.parquet",
+                                  rankings_frame(df, items, scores))
+            out[name] = {"seconds": round(time.perf_counter() - t0, 2)}
+        return out

@@ -1,0 +1,145 @@
+"""Three-step generation: the batched decoder against the slow reference, APF, filters."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_model import N_ITEMS, example, make_model
+
+from sigmarec.generation.decode import SigmaDecoder
+from sigmarec.generation.fusion import Candidates, fuse, fused_scores, prefix_spread
+from sigmarec.generation.reference import reference_recommend
+
+torch.set_num_threads(1)
+
+
+def _trained_looking(sizes):
+    # A fresh model gives every new token the same row, hence exact ties everywhere; random
+    # new-token rows stand in for training so that the orderings being compared are strict.
+    model = make_model(sizes).eval()
+    with torch.no_grad():
+        model.token_delta.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def one_level():
+    return _trained_looking([4])
+
+
+@pytest.fixture(scope="module")
+def two_level():
+    return _trained_looking([4, 3])
+
+
+def _examples(model):
+    return [example(model, [1, 2, 3], 5), example(model, [7, 8], 9, "Find snacks"),
+            example(model, [10, 11, 12, 13, 14], 1), example(model, [20, 6], 5, "Something new")]
+
+
+@pytest.mark.parametrize("fusion", ["adaptive", "fixed", "off"])
+@pytest.mark.parametrize("levels", ["one_level", "two_level"])
+def test_batched_decoder_equals_the_reference(request, levels, fusion) -> None:
+    model = request.getfixturevalue(levels)
+    exs = _examples(model)
+    k, m, n = 2, 3, 5
+    dec = SigmaDecoder(model, k, m)
+    items, scores = dec.recommend(exs, n, fusion=fusion, tau=0.05)
+    for b, ex in enumerate(exs):
+        ref_items, ref_scores = reference_recommend(model, ex, k, m, n, fusion, 0.05)
+        assert items[b].tolist() == ref_items
+        assert np.allclose(scores[b], ref_scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("levels", ["one_level", "two_level"])
+def test_filters_apply_inside_the_search_and_lists_stay_full(request, levels) -> None:
+    model = request.getfixturevalue(levels)
+    exs = _examples(model)
+    rng = np.random.default_rng(1)
+    # Few allowed items, scattered over prefixes: K=1 prefix cannot hold N of them.
+    allow = np.zeros((len(exs), N_ITEMS), dtype=bool)
+    for b in range(len(exs)):
+        allow[b, rng.choice(N_ITEMS, size=8, replace=False)] = True
+    dec = SigmaDecoder(model, 1, 2)
+    items, _ = dec.recommend(exs, 6, fusion="adaptive", tau=0.1, allow_mask=allow)
+    for b, ex in enumerate(exs):
+        assert (items[b] >= 0).all(), "6 eligible items exist, so 6 must come back"
+        assert allow[b, items[b]].all()
+        assert len(set(items[b].tolist())) == 6
+        ref, _ = reference_recommend(model, ex, 1, 2, 6, "adaptive", 0.1, allow[b])
+        assert items[b].tolist() == ref
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(allowed=st.sets(st.integers(0, N_ITEMS - 1), max_size=N_ITEMS), n=st.integers(1, 12),
+       k=st.integers(1, 4), m=st.integers(1, 5))
+def test_exactly_min_n_eligible_items_come_back(one_level, allowed, n, k, m) -> None:
+    mask = np.zeros(N_ITEMS, dtype=bool)
+    mask[list(allowed)] = True
+    dec = SigmaDecoder(one_level, k, m)
+    items, scores = dec.recommend(_examples(one_level)[:2], n, allow_mask=mask, tau=0.1)
+    for row, srow in zip(items, scores, strict=True):
+        real = row[row >= 0]
+        assert len(real) == min(n, len(allowed))
+        assert mask[real].all() and len(set(real.tolist())) == len(real)
+        assert np.all(np.diff(srow[: len(real)]) <= 1e-12)  # sorted best first
+
+
+# ------------------------------------------------------------------------------------- fusion
+
+
+def _cands(logp, cos, k_spread=None):
+    logp = np.asarray(logp, dtype=float)
+    cos = np.asarray(cos, dtype=float)
+    b, k, m = cos.shape
+    items = np.arange(b * k * m).reshape(b, k, m) % (k * m)
+    return Candidates(np.tile(np.arange(k), (b, 1)), logp, items, cos, k_spread or k)
+
+
+def test_fusion_is_a_distribution_and_adaptive_follows_the_spread() -> None:
+    c = _cands(np.log([[0.7, 0.2, 0.1], [0.34, 0.33, 0.33]]),
+               np.random.default_rng(0).uniform(-1, 1, size=(2, 3, 4)))
+    for mode in ("adaptive", "fixed"):
+        p = np.exp(fused_scores(c, mode, 0.1))
+        # Within-prefix softmax times the prefix probability: the K*M mass equals sum P(c_k).
+        assert np.allclose(p.sum((1, 2)), np.exp(c.prefix_logp).sum(1))
+    s = prefix_spread(c.prefix_logp, 3)
+    assert s[0] > s[1] > 0
+    # Adaptive == fixed with tau / s, request by request.
+    a = fused_scores(c, "adaptive", 0.1)
+    for b in range(2):
+        f = fused_scores(_cands(c.prefix_logp[b:b + 1], c.cosine[b:b + 1]), "fixed", 0.1 / s[b])
+        assert np.allclose(a[b], f[0])
+
+
+def test_off_is_lexicographic_prefix_then_cosine() -> None:
+    cos = np.array([[[0.1, 0.2], [0.9, 0.8]]])
+    items, _ = fuse(_cands(np.log([[0.6, 0.4]]), cos), "off", 1.0, 4)
+    assert items.tolist() == [[1, 0, 2, 3]]  # prefix 0's items first, by cosine
+
+
+def test_tau_moves_between_prefix_order_and_cosine_order() -> None:
+    cos = np.array([[[0.0, -0.5], [0.95, 0.9]]])
+    c = _cands(np.log([[0.55, 0.45]]), cos)
+    sharp, _ = fuse(c, "fixed", 0.01, 2)  # near argmax within prefix: tops of both prefixes
+    flat, _ = fuse(c, "fixed", 100.0, 2)  # near uniform within: the likelier prefix's pair
+    assert sorted(sharp[0].tolist()) == [0, 2]
+    assert sorted(flat[0].tolist()) == [0, 1]
+
+
+def test_padding_never_reaches_the_list() -> None:
+    cos = np.array([[[0.3, -np.inf], [0.2, 0.1]]])
+    c = _cands(np.log([[0.5, 0.5]]), cos)
+    c.items[0, 0, 1] = -1
+    items, scores = fuse(c, "adaptive", 0.1, 5)
+    assert sorted(items[0, :3].tolist()) == [0, 2, 3]
+    assert items[0, 3:].tolist() == [-1, -1] and np.isneginf(scores[0, 3:]).all()
