@@ -49,12 +49,13 @@ def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
     if not seeds:
         raise ConfigError("give at least one seed")
     runs = []
+    # Seed by seed, each main run followed by its ablations: an interrupted comparison then
+    # holds complete seeds.
     for s in seeds:
         cfg = _overlay(base, {"seed": s, "gr": {"enabled": ["gr_sid", "gr_id"]
                                                if s in gr_seeds else []}})
         runs.append({"dir": out / f"seed{s}" / "main", "seed": s, "variant": "main", "cfg": cfg})
-    for s in [s for s in seeds if s in ablation_seeds]:
-        for name in ablations:
+        for name in ablations if s in ablation_seeds else []:
             # Only SIGMA is retrained; the baselines are not re-ranked (the main run has them).
             cfg = _overlay(base, {"seed": s, **ABLATIONS[name], "gr": {"enabled": []},
                                   "generation": {"baselines": [], "variants": ["adaptive"]}})

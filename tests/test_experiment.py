@@ -1,0 +1,37 @@
+"""The comparison plan: every variant is a config overlay of the base config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sigmarec.config import load_config
+from sigmarec.errors import ConfigError
+from sigmarec.experiment import plan
+
+
+def test_plan_orders_seeds_and_overlays_the_variants(tmp_path: Path) -> None:
+    base = load_config("tiny")
+    runs = plan(base, tmp_path, [0, 1, 2], ["no_grounding", "two_level"], [0], [0])
+    assert [(r["seed"], r["variant"]) for r in runs] == [
+        (0, "main"), (0, "no_grounding"), (0, "two_level"), (1, "main"), (2, "main")]
+    main0, nog, two, main1, _ = runs
+    assert main0["cfg"].gr.enabled == ["gr_sid", "gr_id"] and main1["cfg"].gr.enabled == []
+    assert main1["cfg"].seed == 1 and main1["cfg"].tokenization == base.tokenization
+    assert nog["cfg"].tokenization.embedding == "ungrounded"
+    assert two["cfg"].tokenization.prefix_levels == 2
+    # Ablations share the main run's upstream stages, whose config they leave unchanged.
+    for r in (nog, two):
+        assert r["share_from"] == tmp_path / "seed0" / "main"
+        for section in ("data", "baselines", "grounding", "backbone", "model", "training"):
+            assert getattr(r["cfg"], section) == getattr(main0["cfg"], section)
+        assert r["cfg"].generation.baselines == [] and r["cfg"].gr.enabled == []
+
+
+def test_plan_rejects_unknown_ablations_and_empty_seeds(tmp_path: Path) -> None:
+    base = load_config("tiny")
+    with pytest.raises(ConfigError, match="no_such"):
+        plan(base, tmp_path, [0], ["no_such"], [], [])
+    with pytest.raises(ConfigError, match="seed"):
+        plan(base, tmp_path, [], [], [], [])
