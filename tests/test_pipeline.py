@@ -86,6 +86,19 @@ def test_report_writes_markdown_and_plots(tiny_run):
         assert (md.parent / png).stat().st_size > 1000
 
 
+def test_evaluate_and_report_commands(tiny_run):
+    from typer.testing import CliRunner
+
+    from sigmarec.cli import app
+
+    _, run_dir, _ = tiny_run
+    res = CliRunner().invoke(app, ["evaluate", "--profile", "tiny", "--out", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "instruction tasks" in res.output and "sigma" in res.output
+    res = CliRunner().invoke(app, ["report", "--profile", "tiny", "--out", str(run_dir)])
+    assert res.exit_code == 0 and (run_dir / "report" / "report.md").is_file()
+
+
 def test_second_run_skips_everything(tiny_run):
     cfg, run_dir, _ = tiny_run
     again = run_pipeline(cfg, run_dir)

@@ -272,6 +272,20 @@ def bench_grounding(config: ConfigOpt = None, profile: ProfileOpt = "default", o
 
 
 @app.command()
+def evaluate(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
+             sets: SetOpt = None, verbose: bool = False) -> None:
+    """Score every model on every task (runs the stages up to evaluation where they are not up
+    to date) and print the next-basket and instruction-task tables."""
+    from sigmarec.pipeline import run_pipeline
+
+    _setup_logging(verbose)
+    cfg = _config(profile, config, sets)
+    run_dir = _run_dir(out, cfg)
+    run_pipeline(cfg, run_dir, until="evaluation")
+    _print_metrics(run_dir / "evaluation")
+
+
+@app.command()
 def report(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOpt = None,
            sets: SetOpt = None) -> None:
     """Write <run>/report/report.md with PNG plots (per-task bars, the APF tau curve, prefix
