@@ -17,9 +17,7 @@ Hugging Face ``generate`` (beam search) sees exactly the trained model.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,8 @@ from torch.nn import functional as F
 
 from sigmarec.backbone.loading import add_special_tokens
 from sigmarec.gr.items import ItemTokens
+from sigmarec.model.adapt import adapt_backbone, cache_keyword
+from sigmarec.model.batch import left_pad
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import positions_from_mask
 
@@ -84,16 +84,10 @@ class GRCollator:
                 tail = self.item_seqs[t].tolist()
             rows.append(ids + tail)
             label_lens.append(len(tail))
-        length = max(len(r) for r in rows)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            length = (length + m - 1) // m * m
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        input_ids, mask = left_pad(rows, self.pad_id, self.pad_to_multiple_of)
+        length = input_ids.shape[1]
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for i, (r, n) in enumerate(zip(rows, label_lens, strict=True)):
-            input_ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, length - len(r):] = 1
+        for i, n in enumerate(label_lens):
             if n:
                 labels[i, length - n:] = input_ids[i, length - n:]
         batch = {"input_ids": input_ids, "attention_mask": mask}
@@ -128,27 +122,9 @@ class GRModel(nn.Module):
             raise ValueError(f"{type(backbone).__name__} has no output embeddings (LM head)")
         self.tied = out.weight.data_ptr() == inp.weight.data_ptr()
         self.vocab_rows = int(out.weight.shape[0])
-        if cfg.gradient_checkpointing:
-            kw = {"use_reentrant": False}
-            if hasattr(backbone, "activation_checkpointing_enable"):
-                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else:
-                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        if cfg.finetune == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-                backbone = get_peft_model(backbone, LoraConfig(
-                    r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=list(cfg.lora_targets), bias="none",
-                ))
-        else:
-            backbone.requires_grad_(True)
+        backbone = adapt_backbone(backbone, cfg)
         self.backbone = backbone
-        # transformers 5.x renamed ``past_key_values`` to ``cache`` (argument and output).
-        params = inspect.signature(self._decoder().forward).parameters
-        self.cache_keyword = "cache" if "cache" in params else "past_key_values"
+        self.cache_keyword = cache_keyword(self._decoder())
 
         lookup = torch.zeros(inp.weight.shape[0], dtype=torch.long)
         lookup[ids_t] = torch.arange(1, len(ids) + 1)

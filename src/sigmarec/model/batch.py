@@ -49,6 +49,22 @@ def flat_to_codes(flat: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray
     return codes
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, multiple_of: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows padded on the left to one length (rounded up
+    to ``multiple_of``): the last column is a real token in every row."""
+    length = max(len(r) for r in rows)
+    if multiple_of:
+        length = (length + multiple_of - 1) // multiple_of * multiple_of
+    input_ids = torch.full((len(rows), length), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            input_ids[i, length - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, length - len(r):] = 1
+    return input_ids, mask
+
+
 class HardNegativeSampler:
     """Draws, for each target, up to ``k`` distinct other items that share its flat prefix.
 
@@ -167,15 +183,7 @@ class SigmaCollator:
                 prefixes.append(p)
             rows.append(ids)
             items.extend(ex_items)
-        length = max(len(r) for r in rows)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            length = (length + m - 1) // m * m
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, length - len(r):] = 1
+        input_ids, mask = left_pad(rows, self.pad_id, self.pad_to_multiple_of)
         batch = {
             "input_ids": input_ids,
             "attention_mask": mask,

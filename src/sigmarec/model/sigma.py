@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sigmarec.backbone.loading import add_special_tokens
+from sigmarec.model.adapt import adapt_backbone, cache_keyword
 from sigmarec.model.batch import SigmaCollator
 from sigmarec.model.config import ModelConfig
 from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse
@@ -154,27 +153,9 @@ class SigmaModel(nn.Module):
         out = backbone.get_output_embeddings()
         self.tied = out is None or out.weight.data_ptr() == inp.weight.data_ptr()
 
-        if cfg.gradient_checkpointing:
-            # Non-reentrant: works although only inputs_embeds (not the weights) need grads.
-            ckpt_kwargs = {"use_reentrant": False}
-            if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x
-                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-            else:
-                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-        if cfg.finetune == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            with warnings.catch_warnings():
-                # peft probes a deprecated transformers attribute; not ours to fix.
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-                backbone = get_peft_model(backbone, LoraConfig(
-                    r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=list(cfg.lora_targets), bias="none",
-                ))
-        else:
-            backbone.requires_grad_(True)
+        backbone = adapt_backbone(backbone, cfg)
         self.backbone = backbone
-        self._cache_kw = _cache_keyword(self._decoder())
+        self._cache_kw = cache_keyword(self._decoder())
 
         # New-token rows: prefix tokens then <q>. Row 0 of the lookup means "no delta".
         trainable_ids = [*self.prefix_token_ids, self.query_token_id]
@@ -637,12 +618,6 @@ def _typical_embedding_norm(model: nn.Module, vocab_size: int, sample: int = 819
     ids = torch.linspace(0, n - 1, steps=min(n, sample)).long().to(emb.weight.device)
     with torch.no_grad():
         return float(emb(ids).float().norm(dim=-1).median())
-
-
-def _cache_keyword(decoder: nn.Module) -> str:
-    # transformers 5.x renamed the decoder's `past_key_values` argument to `cache`.
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _croppable(kv: Any) -> bool:

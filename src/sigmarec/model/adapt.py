@@ -1,0 +1,42 @@
+"""How a backbone is made trainable for SFT, shared by SIGMA and the GR baselines (which must get
+the same adaptation for the comparison to be fair)."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+from torch import nn
+
+from sigmarec.model.config import ModelConfig
+
+
+def adapt_backbone(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Activation checkpointing if asked, then LoRA adapters (``finetune: lora``) or every weight
+    trainable (``full``). Returns the module to train (the peft wrapper with LoRA)."""
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works although only inputs_embeds (not the weights) need grads.
+        kw = {"use_reentrant": False}
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if cfg.finetune != "lora":
+        backbone.requires_grad_(True)
+        return backbone
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        # peft probes a deprecated transformers attribute; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(backbone, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets), bias="none",
+        ))
+
+
+def cache_keyword(decoder: nn.Module) -> str:
+    """The decoder's KV-cache argument: transformers 5.x renamed ``past_key_values`` to
+    ``cache``."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
