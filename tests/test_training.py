@@ -51,7 +51,7 @@ def build(n_examples: int = 24, seed: int = 0, **model_cfg) -> tuple[SigmaModel,
 
 def cfg(**kw) -> TrainingConfig:
     base = {"steps": 6, "per_device_batch_size": 4, "hard_negatives": 3, "warmup_ratio": 0.2,
-            "checkpoint_every": 3, "eval_every": 3}
+            "checkpoint_every": 3, "eval_every": 3, "mixed_precision": "no"}
     return TrainingConfig(**{**base, **kw})
 
 

@@ -69,7 +69,8 @@ def _worker(out: Path) -> None:
     from sigmarec.training.loop import ExampleStream
 
     cfg = TrainingConfig(steps=3, per_device_batch_size=3, grad_accum_steps=2, hard_negatives=2,
-                         checkpoint_every=3, eval_every=3, warmup_ratio=0.0)
+                         checkpoint_every=3, eval_every=3, warmup_ratio=0.0,
+                         mixed_precision="no")
     acc = make_accelerator(cfg)
     model, examples = build(n_examples=16)
     if acc.is_main_process:

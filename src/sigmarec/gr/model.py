@@ -185,16 +185,40 @@ class GRModel(nn.Module):
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss and the training loop's metrics: ``prefix_acc`` = first label token right,
         ``item_acc`` = every label token right (both under teacher forcing)."""
-        logits, tgt = self.label_logits(input_ids, attention_mask, labels)
-        loss = F.cross_entropy(logits, tgt)
+        h = self._decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=positions_from_mask(attention_mask),
+                            use_cache=False).last_hidden_state
+        logits, tgt = self._logits_at(h, labels)
+        l_label = F.cross_entropy(logits, tgt)
+        loss = l_label
         bsz, n = input_ids.shape[0], self.items.length
         if tgt.numel() != bsz * n:
             raise ValueError(f"expected {n} label tokens per row, got {tgt.numel()} in {bsz} rows")
         correct = (logits.argmax(-1) == tgt).view(bsz, n)
         zero = loss.detach() * 0
-        return {"loss": loss, "l_ntp": loss.detach(), "l_infonce": zero,
+        l_dense = zero
+        if self.cfg.dense_weight > 0:
+            # The same dense next-item loss SIGMA gets, so the comparison stays fair: every item
+            # token of the prompt's history is a next-token target (its tokens in the prompt).
+            hist = (self.token_row[input_ids] > 0) & attention_mask.bool() & (labels == -100)
+            dense_labels = torch.where(hist, input_ids, torch.full_like(input_ids, -100))
+            if bool(hist[:, 1:].any()):
+                d_logits, d_tgt = self._logits_at(h, dense_labels)
+                l_dense = F.cross_entropy(d_logits, d_tgt)
+                loss = loss + self.cfg.dense_weight * l_dense
+        return {"loss": loss, "l_ntp": l_label.detach(), "l_infonce": zero,
+                "l_ntp_dense": l_dense.detach(), "l_infonce_dense": zero,
                 "prefix_acc": correct[:, 0].float().mean(),
                 "item_acc": correct.all(dim=1).float().mean()}
+
+    def _logits_at(self, h: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        tgt = labels[:, 1:]
+        sel = tgt != -100
+        logits = self.backbone.get_output_embeddings()(h[:, :-1][sel]).float()
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits, tgt[sel]
 
     # ------------------------------------------------------------------------------ save/load
 

@@ -29,6 +29,12 @@ class SFTExample:
     item_ids: list[int]
     target_item: int
     target_prefix: int
+    # Leading placeholders that are context (the "bought most often" section), not the
+    # purchase sequence: the dense next-item losses skip them.
+    n_context: int = 0
+    # Every item admitted under the same instruction in the target basket (the target among
+    # them): never negatives, and with multi-positive NTP the label is their prefix mix.
+    positives: tuple[int, ...] = ()
 
 
 def _field(example: Any, name: str) -> Any:
@@ -36,6 +42,12 @@ def _field(example: Any, name: str) -> Any:
     if isinstance(example, Mapping):
         return example[name]
     return getattr(example, name)
+
+
+def _optional(example: Any, name: str, default: Any) -> Any:
+    if isinstance(example, Mapping):
+        return example.get(name, default)
+    return getattr(example, name, default)
 
 
 def flat_to_codes(flat: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
@@ -111,8 +123,10 @@ class SigmaCollator:
 
     Build it with :meth:`sigmarec.model.sigma.SigmaModel.collator`, which fills in the token ids.
     Output keys: ``input_ids``, ``attention_mask`` (B, T), ``item_ids`` (N,) the item of every
-    placeholder in row-major order, and with labels ``target_item``, ``target_prefix`` (B,) and
-    ``hard_negatives`` (B, k) with -1 for "none".
+    placeholder in row-major order, ``sequence_mask`` (N,) whether that placeholder belongs to
+    the purchase sequence (not the context section), and with labels ``target_item``,
+    ``target_prefix`` (B,), ``hard_negatives`` (B, k) with -1 for "none" and ``positives``
+    (B, P) every positive of the row (the target first), -1 padded.
     """
 
     def __init__(
@@ -157,7 +171,8 @@ class SigmaCollator:
             raise ValueError("cannot collate an empty batch")
         rows: list[list[int]] = []
         items: list[int] = []
-        targets, prefixes = [], []
+        seq: list[bool] = []
+        targets, prefixes, positives = [], [], []
         for i, ex in enumerate(examples):
             ids = [int(t) for t in _field(ex, "input_ids")]
             ex_items = [int(t) for t in _field(ex, "item_ids")]
@@ -181,18 +196,37 @@ class SigmaCollator:
                 ids = ids + self.label_tokens(p)
                 targets.append(t)
                 prefixes.append(p)
+                extra = _optional(ex, "positives", ())
+                others = [int(x) for x in (extra if extra is not None else ()) if int(x) != t]
+                n_items = len(self.item_prefix)
+                if others and not (min(others) >= 0 and max(others) < n_items):
+                    raise ValueError(f"example {i}: positives outside 0..{n_items - 1}")
+                positives.append([t, *dict.fromkeys(others)])
+            n_ctx = int(_optional(ex, "n_context", 0) or 0)
+            if not 0 <= n_ctx <= len(ex_items):
+                raise ValueError(f"example {i}: n_context {n_ctx} outside 0..{len(ex_items)}")
             rows.append(ids)
             items.extend(ex_items)
+            seq.extend([False] * n_ctx + [True] * (len(ex_items) - n_ctx))
         input_ids, mask = left_pad(rows, self.pad_id, self.pad_to_multiple_of)
         batch = {
             "input_ids": input_ids,
             "attention_mask": mask,
             "item_ids": torch.tensor(items, dtype=torch.long),
+            "sequence_mask": torch.tensor(seq, dtype=torch.bool),
         }
         if with_labels:
             tgt = np.asarray(targets, dtype=np.int64)
             rng = rng if rng is not None else np.random.default_rng(0)
             batch["target_item"] = torch.from_numpy(tgt)
             batch["target_prefix"] = torch.tensor(prefixes, dtype=torch.long)
-            batch["hard_negatives"] = torch.from_numpy(self.sampler.sample(tgt, rng))
+            hard = self.sampler.sample(tgt, rng)
+            width = max(len(p) for p in positives)
+            pos = np.full((len(positives), width), -1, dtype=np.int64)
+            for r, p in enumerate(positives):
+                pos[r, : len(p)] = p
+            # A positive drawn as a hard negative is no negative: drop it.
+            hard[(hard[:, :, None] == pos[:, None, :]).any(-1)] = -1
+            batch["hard_negatives"] = torch.from_numpy(hard)
+            batch["positives"] = torch.from_numpy(pos)
         return batch

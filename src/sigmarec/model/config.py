@@ -45,6 +45,16 @@ class ModelConfig(_Strict):
     )
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature")
     infonce_weight: float = Field(1.0, ge=0, description="lambda in L_NTP + lambda * L_InfoNCE")
+    # Sample-efficient SFT (ours, not the paper's; see docs/training.md "Objective").
+    dense_weight: float = Field(
+        0.0, ge=0, description="weight of the next-item losses (NTP + lambda * InfoNCE) at every "
+        "purchase-sequence item of the prompt; 0 = label losses only, as in the paper"
+    )
+    multi_positive: bool = Field(
+        False, description="NTP label = the prefix mix of every admitted item of the target "
+        "basket instead of the sampled target's prefix (they are never InfoNCE negatives either "
+        "way)"
+    )
     shared_prefix_decode: bool = Field(
         True, description="generation: run the K continuations of a prompt in one row under a "
         "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",

@@ -314,14 +314,25 @@ class SigmaModel(nn.Module):
         target_item: torch.Tensor | None = None,
         target_prefix: torch.Tensor | None = None,
         hard_negatives: torch.Tensor | None = None,
+        positives: torch.Tensor | None = None,
+        sequence_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses of a collated batch (labels appended), or the hidden states without labels."""
+        """Losses of a collated batch (labels appended), or the hidden states without labels.
+
+        ``positives`` (B, P; -1 padded) are every item admitted in the target basket: never
+        InfoNCE negatives, and with ``cfg.multi_positive`` the NTP label is their prefix mix.
+        ``sequence_mask`` (N,) marks the placeholders of the purchase sequence: with
+        ``cfg.dense_weight > 0`` each of them is also a next-item target (NTP of its prefix from
+        the token before it, InfoNCE at its last prefix token against the batch's items).
+        """
         n_hist = item_ids.numel()
         parts = [item_ids.view(-1)]
         if target_item is not None:
             parts.append(target_item.view(-1))
             if hard_negatives is not None and hard_negatives.numel():
                 parts.append(hard_negatives.clamp(min=0).view(-1))
+            if positives is not None and positives.numel():
+                parts.append(positives.clamp(min=0).view(-1))
         # ProjFuse runs once per distinct item of the batch (history, targets and negatives).
         uniq, inverse = torch.unique(torch.cat(parts), return_inverse=True)
         v = self.item_embeddings(uniq)
@@ -335,14 +346,24 @@ class SigmaModel(nn.Module):
         bsz, t = input_ids.shape
         n_levels = self.levels
         q = self.query_from_hidden(h[:, t - 1])
+        zero = h.new_zeros((), dtype=torch.float32)
         with _no_autocast(h.device.type):
             rows = self._prefix_rows()
             codes = _codes_tensor(target_prefix, self.codebook_sizes)
+            pos_codes = pos_ok = None
+            if positives is not None and positives.numel():
+                pos_ok = positives >= 0
+                pos_codes = _codes_tensor(positives.clamp(min=0).view(-1), self.codebook_sizes
+                                          ).view(*positives.shape, n_levels)
             ntp, correct = [], torch.ones(bsz, dtype=torch.bool, device=h.device)
             for lv in range(n_levels):
                 # The level-lv label token sits at column t-1-L+lv, predicted one column before.
                 logits = self.level_logits(h[:, t - 2 - n_levels + lv], lv, rows)
-                ntp.append(F.cross_entropy(logits, codes[:, lv]))
+                if self.cfg.multi_positive and pos_codes is not None:
+                    soft = _positive_mix(pos_codes, pos_ok, codes, lv, logits.shape[1])
+                    ntp.append(-(soft * logits.log_softmax(-1)).sum(-1).mean())
+                else:
+                    ntp.append(F.cross_entropy(logits, codes[:, lv]))
                 correct &= logits.argmax(-1) == codes[:, lv]
             # Token-averaged like any LM loss, so λ keeps its meaning with 2-level prefixes.
             l_ntp = torch.stack(ntp).mean()
@@ -350,8 +371,11 @@ class SigmaModel(nn.Module):
             offset = n_hist
             v_tgt = F.normalize(v[inverse[offset:offset + bsz]].float(), dim=-1)
             logits_in = q @ v_tgt.T
-            # Another row with the same target is not a negative.
+            # Another row's target that is this row's target or one of its positives is not a
+            # negative.
             same = target_item[None, :] == target_item[:, None]
+            if positives is not None and positives.numel():
+                same |= (positives[:, :, None] == target_item[None, None, :]).any(1)
             same.fill_diagonal_(False)
             logits_in = logits_in.masked_fill(same, -torch.inf)
             cols = [logits_in]
@@ -364,15 +388,55 @@ class SigmaModel(nn.Module):
             logits_nce = torch.cat(cols, dim=1) / self.cfg.temperature
             labels = torch.arange(bsz, device=h.device)
             l_nce = F.cross_entropy(logits_nce, labels)
-            loss = l_ntp + self.cfg.infonce_weight * l_nce
             item_acc = (logits_nce.argmax(-1) == labels).float().mean()
+
+            l_ntp_d = l_nce_d = zero
+            if self.cfg.dense_weight > 0 and sequence_mask is not None:
+                l_ntp_d, l_nce_d = self._dense_losses(h, input_ids, attention_mask, rows, v,
+                                                      item_ids, inverse[:n_hist], sequence_mask)
+            loss = l_ntp + self.cfg.infonce_weight * l_nce + self.cfg.dense_weight * (
+                l_ntp_d + self.cfg.infonce_weight * l_nce_d)
         return {
             "loss": loss,
             "l_ntp": l_ntp.detach(),
             "l_infonce": l_nce.detach(),
+            "l_ntp_dense": l_ntp_d.detach(),
+            "l_infonce_dense": l_nce_d.detach(),
             "prefix_acc": correct.float().mean(),
             "item_acc": item_acc.detach(),
         }
+
+    def _dense_losses(self, h: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, rows: torch.Tensor, v: torch.Tensor,
+                      item_ids: torch.Tensor, hist_inverse: torch.Tensor,
+                      sequence_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-item losses at every purchase-sequence item of the prompts (ours, not the
+        paper's: thousands of SFT samples instead of its ~130M, so each prompt must teach more).
+
+        An item is written ``<c_1>..<c_L><|item|>``: level lv's code is predicted from the
+        state one token before ``<c_lv>`` (as the label's NTP), and the state at ``<c_L>`` (whose
+        next token is the item) is the query, scored against every distinct item of the batch
+        (in-batch negatives; the item itself appears once among them)."""
+        n_levels = self.levels
+        slots = ((input_ids == self.item_token_id) & attention_mask.bool()).nonzero()  # (N, 2)
+        keep = sequence_mask.to(slots.device).bool().view(-1)
+        if keep.numel() != slots.shape[0]:
+            raise ValueError(f"sequence_mask has {keep.numel()} entries for {slots.shape[0]} "
+                             "placeholders")
+        r, c = slots[keep, 0], slots[keep, 1]
+        zero = h.new_zeros((), dtype=torch.float32)
+        if r.numel() == 0:
+            return zero, zero
+        target = hist_inverse[keep]  # index into the batch's distinct items
+        codes = _codes_tensor(self.item_prefix[item_ids.view(-1)[keep]], self.codebook_sizes)
+        ntp = []
+        for lv in range(n_levels):
+            col = c - n_levels + lv - 1  # the token before <c_lv>
+            logits = self.level_logits(h[r, col], lv, rows)
+            ntp.append(F.cross_entropy(logits, codes[:, lv]))
+        qd = self.query_from_hidden(h[r, c - 1])
+        logits = qd @ F.normalize(v.float(), dim=-1).T / self.cfg.temperature
+        return torch.stack(ntp).mean(), F.cross_entropy(logits, target)
 
     # ---------------------------------------------------------------------------- generation
 
@@ -628,6 +692,19 @@ def _croppable(kv: Any) -> bool:
     layers = getattr(kv, "layers", None)
     return (type(kv) is DynamicCache and layers is not None
             and all(type(layer) is DynamicLayer for layer in layers))
+
+
+def _positive_mix(pos_codes: torch.Tensor, pos_ok: torch.Tensor, codes: torch.Tensor,
+                  level: int, n_codes: int) -> torch.Tensor:
+    """(B, codes of ``level``) soft NTP label: the share of the row's positives with each code
+    among those that agree with the fed label tokens (the target's codes) above ``level``."""
+    agree = pos_ok.clone()
+    for up in range(level):
+        agree &= pos_codes[..., up] == codes[:, None, up]
+    soft = torch.zeros(codes.shape[0], n_codes, device=codes.device)
+    soft.scatter_add_(1, pos_codes[..., level].clamp(min=0), agree.float())
+    # The target itself always agrees, so every row has mass; guard anyway.
+    return soft / soft.sum(-1, keepdim=True).clamp(min=1e-9)
 
 
 def _codes_tensor(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -76,6 +76,16 @@ def default_weights() -> dict[str, float]:
 class TasksConfig(_Strict):
     enabled: list[TaskName] = Field(default_factory=lambda: list(TASK_NAMES))
     history_len: int = Field(20, ge=1, description="most recent history items shown in a prompt")
+    # Grocery is dominated by repurchase (the own-frequency baseline beats every learned model),
+    # but a median household has bought ~340 items and a prompt shows the last few dozen: this
+    # compact section carries the long-run repeat behaviour the recent window cannot.
+    frequent_items: int = Field(
+        0, ge=0, description="'Bought most often' section: the household's N most bought items "
+        "before the cut (by count, ties to the most recent), as hybrid tokens; 0 = no section"
+    )
+    frequent_min_count: int = Field(
+        2, ge=1, description="an item needs at least this many purchases to enter the section"
+    )
     min_history: int = Field(1, ge=1, description="fewest items before a cut (training samples)")
     # Mixture: total_samples split by weight over the supported, enabled tasks; samples_per_task
     # fixes the count of the tasks it names (the weights then share out the rest).

@@ -36,10 +36,10 @@ from sigmarec.tasks.text import display_category
 
 log = logging.getLogger("sigmarec")
 
-TRAIN_COLUMNS = ["sample_id", "split", "task", "user_idx", "hist_len", "history", "target",
-                 "targets", "timestamp", "instruction", "params", "profile"]
+TRAIN_COLUMNS = ["sample_id", "split", "task", "user_idx", "hist_len", "history", "frequent",
+                 "target", "targets", "timestamp", "instruction", "params", "profile"]
 EVAL_COLUMNS = ["instance_id", "split", "task", "user_idx", "hist_len", "targets", "timestamp",
-                "instruction", "params", "profile", "history"]
+                "instruction", "params", "profile", "history", "frequent"]
 SYSTEM_PROMPT = ("You are a recommender for a grocery retailer. Read the household's profile, "
                  "what it bought recently and the request, then name the product to show.")
 
@@ -114,6 +114,21 @@ def build_baskets(data: ProcessedData, res: TaskResources) -> Baskets:
                    season=bseason[gid], holiday=bhol[gid], first_in_category=gid == first)
     return Baskets(rows=rows, gid=gid, start=start, end=end, hist_len=pos[start], timestamp=bts,
                    split=bsplit, user=u[start], holiday=bhol, season=bseason, n_train=n_train)
+
+
+def most_bought(history: np.ndarray, n: int, min_count: int = 2) -> np.ndarray:
+    """The ``n`` items bought most often in ``history`` (at least ``min_count`` times), most
+    bought first; ties go to the item bought most recently. Reads only the given history, so it
+    is as leak-free as the history itself."""
+    h = np.asarray(history, dtype=np.int64)
+    if n <= 0 or not len(h):
+        return np.zeros(0, dtype=np.int64)
+    items, first_rev, counts = np.unique(h[::-1], return_index=True, return_counts=True)
+    keep = counts >= min_count
+    items, first_rev, counts = items[keep], first_rev[keep], counts[keep]
+    # lexsort: last key is primary -> count descending, then most recent (smallest reversed idx).
+    order = np.lexsort((first_rev, -counts))[:n]
+    return items[order].astype(np.int64)
 
 
 def _cut(data: ProcessedData, res: TaskResources, bk: Baskets, g: int) -> Cut:
@@ -221,6 +236,7 @@ def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Bask
         out.append({
             "split": "train", "task": task.name, "user_idx": cut.user_idx,
             "hist_len": cut.hist_len, "history": cut.history[-cfg.history_len:].copy(),
+            "frequent": most_bought(cut.history, cfg.frequent_items, cfg.frequent_min_count),
             "target": int(rows.item[r]), "targets": targets, "timestamp": cut.timestamp,
             "instruction": task.instruction(params, held_out=False, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
@@ -263,6 +279,7 @@ def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Bas
             "instruction": task.instruction(params, held_out=True, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
             "history": cut.history[-cfg.history_len:].copy(),
+            "frequent": most_bought(cut.history, cfg.frequent_items, cfg.frequent_min_count),
         })
     return out
 
@@ -273,12 +290,14 @@ def _jfy_instances(task: Task, data: ProcessedData, res: TaskResources, cfg: Tas
     out = []
     for r in data.eval_instances(split).to_dict("records"):
         u, h = int(r["user_idx"]), int(r["hist_len"])
+        full = data.history(u, h)
         out.append({
             "instance_id": int(r["instance_id"]), "split": split, "task": task.name,
             "user_idx": u, "hist_len": h, "targets": np.asarray(r["targets"], dtype=np.int64),
             "timestamp": pd.Timestamp(r["timestamp"]),
             "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
-            "profile": res.profiles[u], "history": data.history(u, h)[-cfg.history_len:].copy(),
+            "profile": res.profiles[u], "history": full[-cfg.history_len:].copy(),
+            "frequent": most_bought(full, cfg.frequent_items, cfg.frequent_min_count),
         })
     return out
 
@@ -408,9 +427,10 @@ def build_sft_data(data: ProcessedData, cfg: TasksConfig, seed: int = 0) -> SFTD
 
 class RenderedPrompt(NamedTuple):
     text: str  # the prompt up to the assistant turn, with one SOFT_TOKEN per history item
-    positions: list[int]  # character offset of each SOFT_TOKEN, in history order
-    history: list[int]  # the item behind each placeholder
+    positions: list[int]  # character offset of each SOFT_TOKEN, in prompt order
+    history: list[int]  # the item behind each placeholder: the frequent section, then the history
     label: str | None  # the target's prefix token(s) then the query token (training samples)
+    n_context: int = 0  # leading placeholders that are the frequent section, not the sequence
 
 
 def _vocab_parts(vocab: Any) -> tuple[list[int], str]:
@@ -469,27 +489,36 @@ def render_prompt(sample: Any, items: pd.DataFrame | None, vocab: Any,
     (``positions`` is empty) and no query token."""
     _, qtok = _vocab_parts(vocab)
     history = [int(i) for i in np.asarray(_get(sample, "history", []), dtype=np.int64)]
+    frequent = _get(sample, "frequent", None)
+    frequent = [] if frequent is None or (isinstance(frequent, float) and np.isnan(frequent)) \
+        else [int(i) for i in np.asarray(frequent, dtype=np.int64)]
     profile = _sanitize(_get(sample, "profile", "") or "unknown", qtok)
     instruction = _sanitize(_get(sample, "instruction", ""), qtok)
-    if item_text is None:
-        hist = " ".join(f"{prefix_tokens(i, vocab, item_prefix)}{SOFT_TOKEN}" for i in history)
-    else:
-        hist = " ".join(item_text(i) for i in history)
-    user = (f"Household profile: {profile}.\n"
+
+    def write(items: list[int]) -> str:
+        if item_text is None:
+            return " ".join(f"{prefix_tokens(i, vocab, item_prefix)}{SOFT_TOKEN}" for i in items)
+        return " ".join(item_text(i) for i in items)
+
+    hist = write(history)
+    # The frequent section comes first: every history position (and its dense next-item loss)
+    # can then read the household's long-run favourites.
+    often = f"Bought most often (most first): {write(frequent)}\n" if frequent else ""
+    user = (f"Household profile: {profile}.\n{often}"
             f"Recently bought (oldest first): {hist if hist else 'nothing yet'}\n"
             f"Request: {instruction}")
     text = _chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
                  tokenizer)
     positions = [m.start() for m in re.finditer(re.escape(SOFT_TOKEN), text)]
-    if item_text is None and len(positions) != len(history):
+    if item_text is None and len(positions) != len(frequent) + len(history):
         raise AssertionError(f"prompt has {len(positions)} item placeholders for "
-                             f"{len(history)} history items")
+                             f"{len(frequent)} + {len(history)} frequent + history items")
     target = _get(sample, "target", None)
     label = None
     if target is not None and not (isinstance(target, float) and np.isnan(target)):
         label = (prefix_tokens(int(target), vocab, item_prefix) + qtok if item_text is None
                  else item_text(int(target)))
-    return RenderedPrompt(text, positions, history, label)
+    return RenderedPrompt(text, positions, frequent + history, label, len(frequent))
 
 
 def item_description(items: pd.DataFrame, item: int) -> str:

@@ -27,8 +27,9 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="on matrices only (not norms/biases/rows)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warm-up share of steps")
     max_grad_norm: float | None = Field(1.0, gt=0, description="None = no clipping")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="autocast dtype; bf16 also helps on recent CPUs; fp16 needs a GPU"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype; auto = bf16 where the hardware has it natively (a "
+        "bf16 GPU, a CPU with avx512_bf16/amx_bf16), else no (fp32); fp16 needs a GPU"
     )
     hard_negatives: int = Field(
         16, ge=0, description="InfoNCE negatives drawn from the target's prefix, per sample"
@@ -52,6 +53,10 @@ class TrainingConfig(_Strict):
     )
     log_every: int = Field(10, ge=1)
     seed: int | None = Field(None, description="None = the run seed")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="expected SFT wall time; a warning is logged when the estimate "
+        "is far above it"
+    )
 
     @model_validator(mode="after")
     def _metric_direction(self) -> TrainingConfig:

@@ -43,6 +43,7 @@ from sigmarec.core.atomic import write_json
 from sigmarec.model.sigma import SigmaModel
 from sigmarec.training.config import TrainingConfig
 from sigmarec.training.distributed import describe, make_accelerator
+from sigmarec.training.pace import WARMUP_STEPS, StepPace, budget_warning
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -55,7 +56,8 @@ TRAINER_STATE = "trainer_state.json"
 MODEL_SUBDIR = "sigma"
 BEST_SUBDIR = "best"
 _CKPT_RE = re.compile(r"^step-(\d{8})$")
-_METRICS = ("loss", "l_ntp", "l_infonce", "prefix_acc", "item_acc")
+_METRICS = ("loss", "l_ntp", "l_infonce", "l_ntp_dense", "l_infonce_dense", "prefix_acc",
+            "item_acc")
 # Offsets the validation RNG streams away from the training ones.
 _VALID_STREAM = 1 << 40
 
@@ -70,6 +72,7 @@ class TrainResult:
     stopped_early: bool = False  # ``stop_after`` ended the call before ``cfg.steps``
     seconds: float = 0.0
     seconds_per_step: float | None = None
+    tokens_per_s: float | None = None  # attention-mask tokens of all processes per second
     peak_memory_mb: float | None = None
     setup: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +86,7 @@ class TrainResult:
             "best": self.best,
             "seconds": round(self.seconds, 2),
             "seconds_per_step": self.seconds_per_step,
+            "tokens_per_s": self.tokens_per_s,
             "peak_memory_mb": self.peak_memory_mb,
             **self.setup,
         }
@@ -218,7 +222,7 @@ def train_sigma(
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.steps, initial=start, desc="sft", unit="step", dynamic_ncols=True,
                disable=not (progress and acc.is_local_main_process), file=sys.stderr)
-    t_loop, steps_run = time.perf_counter(), 0
+    t_loop, steps_run, pace = time.perf_counter(), 0, StepPace()
     step = start
     for step in range(start, cfg.steps):
         if stop_after is not None and step - start >= stop_after:
@@ -250,9 +254,14 @@ def train_sigma(
                "seconds": round(time.perf_counter() - t_step, 4)}
         result.history.append(rec)
         steps_run += 1
+        pace.update(rec["seconds"], rec["tokens"])
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", ntp=f"{rec['l_ntp']:.3f}",
-                        nce=f"{rec['l_infonce']:.3f}")
+                        nce=f"{rec['l_infonce']:.3f}", **pace.postfix())
+        if steps_run == WARMUP_STEPS and acc.is_main_process and (msg := budget_warning(
+                pace.seconds_per_step, cfg.steps - step - 1, time.perf_counter() - t_start,
+                cfg.time_budget_s, str(acc.mixed_precision))):
+            log.warning(msg)
         done = step + 1
         if done % cfg.log_every == 0:
             log.debug("sft step %d: %s", done, rec)
@@ -277,6 +286,7 @@ def train_sigma(
     result.seconds = time.perf_counter() - t_start
     if steps_run:
         result.seconds_per_step = round((time.perf_counter() - t_loop) / steps_run, 4)
+        result.tokens_per_s = round(pace.total_tokens / (time.perf_counter() - t_loop), 1)
     result.peak_memory_mb = _peak_memory_mb(acc.device)
     if not result.stopped_early and cfg.restore_best and best_state is not None:
         _load_trainable(acc, model_p, model, best_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -12,12 +13,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sigmarec.core.atomic import write_json
 from sigmarec.core.stage import Stage, StageContext
 from sigmarec.errors import StageError
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
 from sigmarec.tasks.sft_data import render_prompt
 from sigmarec.tokenization.hybrid import HybridVocab
+from sigmarec.training.diagnostics import (
+    decode_diagnostics,
+    level0_codes,
+    prefix_prior,
+    reference_ntp,
+)
 from sigmarec.training.loop import train_sigma
 
 log = logging.getLogger("sigmarec")
@@ -75,8 +83,10 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
         rp = render_prompt(row, None, vocab, item_prefix, tok)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
         target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
+        positives = tuple(int(t) for t in np.asarray(row.targets)) if with_target else ()
         out.append(SFTExample(input_ids=ids, item_ids=list(rp.history), target_item=target,
-                              target_prefix=int(item_prefix[target])))
+                              target_prefix=int(item_prefix[target]), n_context=rp.n_context,
+                              positives=positives))
     return out
 
 
@@ -133,11 +143,25 @@ class TrainingStage(Stage):
         log.info("training: %d SFT samples (prompt tokens median %d, max %d), %d validation",
                  len(train_ex), int(np.median(lengths)), max(lengths), len(valid_ex))
 
+        codes0 = level0_codes(item_prefix, vocab.codebook_sizes)
+        prior = prefix_prior(train_df["target"].to_numpy(np.int64), codes0,
+                             int(vocab.codebook_sizes[0]))
+        refs = reference_ntp([e.item_ids for e in valid_ex], valid_targets, codes0, prior)
+        log.info("training: validation prefix NTP references: prior %.3f, prompt history + "
+                 "prior %.3f (uniform %.3f)", refs["ref_ntp_prior"], refs["ref_ntp_history"],
+                 float(np.log(vocab.codebook_sizes[0])))
+        valid_tasks = vsub["task"].tolist()
+        t_start = time.perf_counter()
+
         def validate(m: SigmaModel, step: int) -> dict[str, float]:
-            return {"valid_hr10": quick_hr(m, valid_ex, valid_targets)}
+            out = decode_diagnostics(m, valid_ex, valid_targets, valid_tasks)
+            return {**out, **refs, "wall_s": round(time.perf_counter() - t_start, 1)}
 
         result = train_sigma(model, train_ex, cfg.training, seed=cfg.seed,
                              checkpoint_dir=ctx.scratch, valid_examples=valid_ex,
                              validate_fn=validate, output_dir=ctx.out / "model")
-        return {"backbone": facts, "train_samples": len(train_ex),
+        write_json(ctx.out / "learning_curve.json", {"references": refs,
+                                                      "validations": result.validations,
+                                                      "history": result.history})
+        return {"backbone": facts, "train_samples": len(train_ex), "references": refs,
                 "prompt_tokens_median": int(np.median(lengths)), **result.summary()}
