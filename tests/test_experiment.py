@@ -35,3 +35,16 @@ def test_plan_rejects_unknown_ablations_and_empty_seeds(tmp_path: Path) -> None:
         plan(base, tmp_path, [0], ["no_such"], [], [])
     with pytest.raises(ConfigError, match="seed"):
         plan(base, tmp_path, [], [], [], [])
+
+
+def test_plan_can_share_the_first_seeds_upstream(tmp_path: Path) -> None:
+    base = load_config("tiny")
+    runs = plan(base, tmp_path, [0, 1], ["no_dense"], [], [0], share_upstream=True)
+    assert [(r["seed"], r["variant"]) for r in runs] == [(0, "main"), (0, "no_dense"),
+                                                        (1, "main")]
+    assert "share_from" not in runs[0]
+    assert runs[2]["share_from"] == tmp_path / "seed0" / "main"
+    assert runs[1]["cfg"].model.dense_weight == 0.0
+    paper = plan(base, tmp_path, [0], ["paper_objective"], [], [0])[1]["cfg"]
+    assert (paper.model.dense_weight, paper.model.multi_positive, paper.tasks.frequent_items,
+            paper.tasks.align_samples, paper.model.prefix_init) == (0.0, False, 0, 0, "shared")

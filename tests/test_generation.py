@@ -143,3 +143,30 @@ def test_padding_never_reaches_the_list() -> None:
     items, scores = fuse(c, "adaptive", 0.1, 5)
     assert sorted(items[0, :3].tolist()) == [0, 2, 3]
     assert items[0, 3:].tolist() == [-1, -1] and np.isneginf(scores[0, 3:]).all()
+
+
+def test_truncated_candidates_equal_a_decode_with_the_smaller_k(one_level) -> None:
+    # Exact for a one-level prefix (a top-K of one softmax); over several levels a wider beam
+    # may keep other partial prefixes, so truncation is only the best-first part of its beam.
+    from sigmarec.generation.fusion import truncate
+
+    model = one_level
+    dec_wide, dec_small = SigmaDecoder(model, 4, 3), SigmaDecoder(model, 2, 3)
+    batch = dec_wide.batch(_examples(model))
+    wide, small = dec_wide.candidates(batch, 5), dec_small.candidates(batch, 5)
+    cut = truncate(wide, 2)
+    assert np.array_equal(cut.prefixes, small.prefixes)
+    assert np.array_equal(cut.items, small.items)
+    assert np.allclose(cut.prefix_logp, small.prefix_logp)
+    assert cut.k_for_spread == small.k_for_spread == 2
+
+
+def test_several_filters_share_one_prompt_forward(one_level) -> None:
+    model = one_level
+    dec = SigmaDecoder(model, 2, 3)
+    batch = dec.batch(_examples(model))
+    allow = np.zeros((4, N_ITEMS), dtype=bool)
+    allow[:, ::3] = True
+    both = dec.candidates_multi(batch, 5, [None, allow])
+    assert np.array_equal(both[0].items, dec.candidates(batch, 5).items)
+    assert np.array_equal(both[1].items, dec.candidates(batch, 5, allow).items)

@@ -38,12 +38,12 @@ def _features(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def make_model(codebook_sizes: list[int] | None = None, features: dict | None = None,
-               **cfg) -> SigmaModel:
+               prefix: np.ndarray | None = None, **cfg) -> SigmaModel:
     sizes = codebook_sizes or [4]
     torch.manual_seed(0)
     backbone, tok, _ = load_backbone(BackboneConfig(source="tiny"))
     n_prefixes = int(np.prod(sizes))
-    prefix = np.arange(N_ITEMS) % n_prefixes
+    prefix = np.arange(N_ITEMS) % n_prefixes if prefix is None else prefix
     return SigmaModel(backbone, tok, HybridVocab(sizes), features or _features(), prefix,
                       ModelConfig(**cfg))
 
@@ -404,3 +404,24 @@ def test_prefix_rows_start_from_their_items_text() -> None:
     assert torch.allclose(emb.norm(dim=-1).median(), torch.tensor(m.token_norm), rtol=0.5)
     with pytest.raises(ValueError, match="level 1"):
         m.init_prefix_rows([vecs[0], vecs[0]])
+
+
+def test_prefix_rows_start_from_their_items_soft_tokens() -> None:
+    m = make_model([4])
+    cents = m.item_code_centroids()
+    assert len(cents) == 1 and cents[0].shape == (4, m.hidden)
+    with torch.no_grad():
+        v = m.eval().item_embeddings(torch.arange(N_ITEMS))
+    # Items 0, 4, 8, ... carry code 0 (make_model's prefix = item % 4).
+    assert np.allclose(cents[0][0], v[0::4].mean(0).numpy(), atol=1e-5)
+    m.init_prefix_rows_from("item_embedding")
+    emb = m.embed_tokens(torch.tensor(m.prefix_token_ids)).detach()
+    step = emb - emb.mean(0)
+    centred = torch.from_numpy(cents[0] - cents[0].mean(0))
+    assert (torch.nn.functional.cosine_similarity(step, centred, dim=-1) > 0.99).all()
+    r = make_model([4])
+    r.init_prefix_rows_from("random", seed=1)
+    e = r.embed_tokens(torch.tensor(r.prefix_token_ids)).detach()
+    assert torch.cdist(e, e).triu(1)[torch.triu(torch.ones(4, 4), 1).bool()].min() > 0
+    with pytest.raises(ValueError, match="outside inputs"):
+        r.init_prefix_rows_from("item_text")

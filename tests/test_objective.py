@@ -13,7 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_model import N_ITEMS, make_model
+from test_model import N_ITEMS
+from test_model import make_model as _make_model
 from torch.nn import functional as F
 
 from sigmarec.model import SFTExample, SigmaModel, flat_to_codes
@@ -21,6 +22,14 @@ from sigmarec.training.config import TrainingConfig
 from sigmarec.training.loop import train_sigma
 
 torch.set_num_threads(1)
+
+# Prefixes that are NOT a function of the item id's residue, so a loss that confuses item ids
+# with prefix ids is caught.
+PREFIX = np.random.default_rng(7).permutation(np.arange(N_ITEMS) % 4)
+
+
+def make_model(**cfg) -> SigmaModel:
+    return _make_model(prefix=PREFIX, **cfg)
 
 
 def _prompt(model: SigmaModel, frequent: list[int], hist: list[int]) -> list[int]:

@@ -73,6 +73,23 @@ def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
     assert (gen / "tau_curve.csv").is_file() and (gen / "prefix_usage.json").is_file()
     manifest = json.loads((gen / "manifest.json").read_text())
     assert set(manifest["summary"]["sigma"]["tau"]) == {"adaptive", "fixed"}
+    # SIGMA with the rule as a business filter, on test, beside the baselines' '+rule' rows.
+    assert "sigma+rule" in models and "sigma+rule" not in tasks.get("valid", {})
+    ruled = tasks["test"]["sigma+rule"]
+    for task, kinds in ruled.items():
+        if task not in ("ALL", "MEAN", "JustForYou"):
+            assert kinds["all"]["RuleShare@10"] >= tasks["test"]["sigma"][task]["all"][
+                "RuleShare@10"] - 1e-9
+    # HR@10 = 1 - prefix miss - retrieval miss - fusion miss, per task.
+    diag = json.loads((gen / "diagnostics.json").read_text())["test"]
+    for task, d in diag.items():
+        if task.startswith("_"):
+            continue
+        total = d["HR@10"] + d["prefix_miss"] + d["retrieval_miss"] + d["fusion_miss"]
+        assert abs(total - 1) < 1e-3, (task, d)
+    lc = json.loads((run_dir / "training" / "learning_curve.json").read_text())
+    assert lc["validations"] and {"ref_ntp_prior", "ref_ntp_history"} <= set(lc["references"])
+    assert "valid_prefix_ntp" in lc["validations"][-1] and "wall_s" in lc["validations"][-1]
 
 
 def test_report_writes_markdown_and_plots(tiny_run):
@@ -82,7 +99,9 @@ def test_report_writes_markdown_and_plots(tiny_run):
     md = write_report(run_dir)
     text = md.read_text()
     assert "## HR@10 per task" in text and "sigma" in text
-    for png in ("tasks_hr10.png", "tasks_ndcg10.png", "tau_curve.png", "prefix_usage.png"):
+    assert "## Where SIGMA loses HR@10" in text and "## SFT learning curve" in text
+    for png in ("tasks_hr10.png", "tasks_ndcg10.png", "tau_curve.png", "prefix_usage.png",
+                "learning_curve.png"):
         assert (md.parent / png).stat().st_size > 1000
 
 

@@ -462,3 +462,56 @@ def test_tiny_complete_journey_profile() -> None:
             cut = _cut(d, row)
             assert all(task.rule(int(t), json.loads(row["params"]), cut) for t in row["targets"])
     assert (sft.valid["task"] == "JustForYou").sum() == len(d.eval_instances("valid"))
+
+
+# ---------------------------------------------------------------------- sample-efficient SFT data
+def test_most_bought_counts_and_breaks_ties_by_recency() -> None:
+    from sigmarec.tasks.sft_data import most_bought
+
+    hist = np.array([5, 1, 2, 1, 3, 2, 9, 9, 4])
+    # counts: 1->2, 2->2, 9->2, others 1; ties go to the most recent (9, then 2, then 1).
+    assert most_bought(hist, 3, min_count=2).tolist() == [9, 2, 1]
+    assert most_bought(hist, 2, min_count=2).tolist() == [9, 2]
+    assert most_bought(hist, 10, min_count=3).tolist() == []
+    assert most_bought(np.array([], dtype=np.int64), 5).tolist() == []
+
+
+def test_frequent_section_is_built_from_the_history_before_the_cut(data) -> None:
+    from sigmarec.tasks.sft_data import most_bought
+
+    cfg = tasks_config().model_copy(update={"frequent_items": 5, "frequent_min_count": 1})
+    sft = build_sft_data(data, cfg, seed=0)
+    for df in (sft.train, sft.valid, sft.test):
+        for row in df.head(30).to_dict("records"):
+            full = data.sequence(int(row["user_idx"]))[: int(row["hist_len"])]
+            assert row["frequent"].tolist() == most_bought(full, 5, 1).tolist()
+    vocab = HybridVocab([4])
+    prefix = np.arange(data.n_items) % 4
+    row = sft.valid.iloc[0].to_dict()
+    p = render_prompt(row, data.items, vocab, prefix)
+    assert p.n_context == len(row["frequent"]) > 0
+    assert p.history == [*row["frequent"].tolist(), *row["history"].tolist()]
+    assert p.text.index("Bought most often") < p.text.index("Recently bought")
+
+
+def test_alignment_samples_come_from_the_catalogue_and_keep_rules(data) -> None:
+    cfg = tasks_config().model_copy(update={"align_samples": 60})
+    sft = build_sft_data(data, cfg, seed=0)
+    align = sft.train[sft.train["task"] == "Align"]
+    assert len(align) == 60
+    kinds = align["params"].map(lambda p: json.loads(p)["align"])
+    assert set(kinds) == {"Query", "Category", "Item"}
+    for row in align.to_dict("records"):
+        assert len(row["history"]) == 0 and len(row["frequent"]) == 0
+        assert row["target"] in set(row["targets"].tolist())
+        params = json.loads(row["params"])
+        kind = params.pop("align")
+        if kind in ("Query", "Category"):
+            task = sft.tasks[kind]
+            assert all(task.rule(int(t), params) for t in row["targets"]), row
+    # Catalogue only: building them touches no household, and the tasks' own samples are
+    # the same with and without them.
+    base = build_sft_data(data, tasks_config(), seed=0).train
+    pd.testing.assert_frame_equal(
+        sft.train[sft.train["task"] != "Align"].drop(columns="sample_id").reset_index(drop=True),
+        base.drop(columns="sample_id").reset_index(drop=True))

@@ -311,10 +311,15 @@ def experiment_compare(
     out: OutOpt = None,
     sets: SetOpt = None,
     seeds: Annotated[str, typer.Option(help="seeds of the main runs")] = "0,1,2",
-    ablations: Annotated[str, typer.Option(help="no_grounding,two_level or empty")] = (
+    ablations: Annotated[str, typer.Option(
+        help="comma-separated: no_grounding, two_level, no_dense, no_multi_positive, "
+             "no_frequent, no_align, shared_prefix_init, paper_objective (or empty)")] = (
         "no_grounding,two_level"),
     gr_seeds: Annotated[str, typer.Option(help="seeds that also train GR(SID)/GR(ID)")] = "0",
     ablation_seeds: Annotated[str, typer.Option(help="seeds that run the ablations")] = "0",
+    share_upstream: Annotated[bool, typer.Option(
+        help="later seeds link the first seed's data/baselines/grounding (SFT and decoding "
+             "seeds vary, the classical baselines' do not)")] = False,
     verbose: bool = False,
 ) -> None:
     """SIGMA vs the classical and generative baselines and its ablations, over seeds; then the
@@ -328,7 +333,8 @@ def experiment_compare(
     out_dir = out if out is not None else Path("runs") / f"{cfg.profile}-compare"
     record = run_comparison(cfg, out_dir, _ints(seeds, "seeds"),
                             [a for a in ablations.split(",") if a.strip()],
-                            _ints(gr_seeds, "gr-seeds"), _ints(ablation_seeds, "ablation-seeds"))
+                            _ints(gr_seeds, "gr-seeds"), _ints(ablation_seeds, "ablation-seeds"),
+                            share_upstream)
     first = Path(record["runs"][0]["dir"]) / "evaluation" / "metrics_tasks.json"
     if first.is_file():
         print_task_results(json.loads(first.read_text()), console=console)
@@ -368,6 +374,52 @@ def bench_generate_cmd(config: ConfigOpt = None, profile: ProfileOpt = "default"
     console.print(t)
     if "weights" in df.columns and df["weights"].notna().any():
         console.print(f"GR(SID) weights: {df['weights'].dropna().iloc[0]}")
+
+
+@bench_app.command("sft")
+def bench_sft_cmd(config: ConfigOpt = None, profile: ProfileOpt = "default",
+                  out: OutOpt = None, sets: SetOpt = None,
+                  precisions: Annotated[str, typer.Option(
+                      help="comma-separated: no, bf16, auto")] = "no,bf16",
+                  steps: Annotated[int, typer.Option(help="steps per precision (first one "
+                                                     "not timed)")] = 6,
+                  verbose: bool = False) -> None:
+    """Seconds per SFT step under each precision, as ratios to fp32 in one process; runs the
+    pipeline up to the tasks stage first if needed. ATEN_CPU_CAPABILITY=avx2 shows a CPU
+    without native bf16."""
+    from sigmarec.core.atomic import write_json
+    from sigmarec.pipeline import run_pipeline
+    from sigmarec.training.bench import bench_sft
+    from sigmarec.training.precision import detect_caps
+
+    precs = [p.strip() for p in precisions.split(",") if p.strip()]
+    bad = [p for p in precs if p not in ("no", "bf16", "auto")]
+    if bad or not precs or steps < 2:
+        raise SigmaError(f"--precisions must name no/bf16/auto (got {precisions!r}) and "
+                         f"--steps must be >= 2 (got {steps})")
+    _setup_logging(verbose)
+    cfg = _config(profile, config, sets)
+    run_dir = _run_dir(out, cfg)
+    run_pipeline(cfg, run_dir, until="tasks")
+    df = bench_sft(cfg, run_dir, precs, steps)
+    import os
+
+    import torch
+
+    facts = {"cpu_bf16_flags": sorted(detect_caps().cpu_flags),
+             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+             "threads": torch_threads(), "steps": steps}
+    write_json(run_dir / "bench_sft.json", {**facts,
+                                            "rows": df.reset_index().to_dict("records")})
+    t = Table(title=f"bench sft ({cfg.profile}, batch {cfg.training.per_device_batch_size}; "
+                    f"{facts})")
+    for c in ("requested", "resolved", "s/step", "tokens/s", "vs fp32"):
+        t.add_column(c, justify="right")
+    for name, row in df.iterrows():
+        t.add_row(str(name), row["resolved"], f"{row['s_per_step']:.3f}",
+                  f"{row['tokens_per_s']:.0f}", f"{row['vs_fp32']:.2f}")
+    console.print(t)
 
 
 def torch_threads() -> int:

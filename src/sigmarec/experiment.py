@@ -8,6 +8,8 @@ Every variant is a config overlay, never a code path of its own:
 * ``no_grounding``: ``tokenization.embedding = ungrounded`` (the untrained backbone's text
   embeddings feed the semantic IDs and ProjFuse).
 * ``two_level``: ``tokenization.prefix_levels = 2``.
+* ``no_dense``, ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``:
+  one part of the sample-efficient SFT objective off; ``paper_objective``: all of it off.
 
 An ablation run shares the main run's data, baselines and grounding stages (linked, not
 recomputed: its config does not change them) and retrains from tokenization on. The run list
@@ -30,6 +32,16 @@ log = logging.getLogger("sigmarec")
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no_grounding": {"tokenization": {"embedding": "ungrounded"}},
     "two_level": {"tokenization": {"prefix_levels": 2}},
+    # The sample-efficient SFT objective (docs/training.md), one part off at a time, and all of
+    # it off (the paper's label losses on the plain prompt).
+    "no_dense": {"model": {"dense_weight": 0.0}},
+    "no_multi_positive": {"model": {"multi_positive": False}},
+    "no_frequent": {"tasks": {"frequent_items": 0}},
+    "no_align": {"tasks": {"align_samples": 0}},
+    "shared_prefix_init": {"model": {"prefix_init": "shared"}},
+    "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
+                                  "prefix_init": "shared"},
+                        "tasks": {"frequent_items": 0, "align_samples": 0}},
 }
 SHARED_STAGES = ("data", "baselines", "grounding")
 
@@ -41,8 +53,13 @@ def _overlay(cfg: SigmaConfig, update: dict[str, Any]) -> SigmaConfig:
 
 
 def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
-         gr_seeds: list[int], ablation_seeds: list[int]) -> list[dict[str, Any]]:
-    """The runs of a comparison: (dir, seed, variant, config), main runs first."""
+         gr_seeds: list[int], ablation_seeds: list[int],
+         share_upstream: bool = False) -> list[dict[str, Any]]:
+    """The runs of a comparison: (dir, seed, variant, config), main runs first.
+
+    ``share_upstream``: the main runs of the later seeds link the first seed's data, baselines
+    and grounding instead of recomputing them (a CPU budget choice: the spread then covers
+    tokenization, SFT and decoding, not the classical baselines' own seeds)."""
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         raise ConfigError(f"unknown ablation(s) {unknown}; choose from {sorted(ABLATIONS)}")
@@ -54,7 +71,10 @@ def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
     for s in seeds:
         cfg = _overlay(base, {"seed": s, "gr": {"enabled": ["gr_sid", "gr_id"]
                                                if s in gr_seeds else []}})
-        runs.append({"dir": out / f"seed{s}" / "main", "seed": s, "variant": "main", "cfg": cfg})
+        main = {"dir": out / f"seed{s}" / "main", "seed": s, "variant": "main", "cfg": cfg}
+        if share_upstream and s != seeds[0]:
+            main["share_from"] = out / f"seed{seeds[0]}" / "main"
+        runs.append(main)
         for name in ablations if s in ablation_seeds else []:
             # Only SIGMA is retrained; the baselines are not re-ranked (the main run has them).
             cfg = _overlay(base, {"seed": s, **ABLATIONS[name], "gr": {"enabled": []},
@@ -64,16 +84,25 @@ def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
     return runs
 
 
+def _seed_of(run_dir: Path) -> int | None:
+    from sigmarec.core.stage import read_manifest
+
+    m = read_manifest(Path(run_dir) / "data")
+    return None if m is None else m.get("seed")
+
+
 def run_comparison(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
-                   gr_seeds: list[int], ablation_seeds: list[int]) -> dict[str, Any]:
+                   gr_seeds: list[int], ablation_seeds: list[int],
+                   share_upstream: bool = False) -> dict[str, Any]:
     """Run (or resume: finished stages are skipped) every run of the plan, then record it."""
     from sigmarec.pipeline import run_pipeline
 
     out = Path(out)
-    runs = plan(base, out, seeds, ablations, gr_seeds, ablation_seeds)
+    runs = plan(base, out, seeds, ablations, gr_seeds, ablation_seeds, share_upstream)
     t0 = time.perf_counter()
     record: dict[str, Any] = {"runs": [], "seeds": seeds, "ablations": ablations,
-                              "gr_seeds": gr_seeds, "ablation_seeds": ablation_seeds}
+                              "gr_seeds": gr_seeds, "ablation_seeds": ablation_seeds,
+                              "share_upstream": share_upstream}
     for run in runs:
         run["dir"].mkdir(parents=True, exist_ok=True)
         for stage in SHARED_STAGES if "share_from" in run else ():
@@ -82,7 +111,16 @@ def run_comparison(base: SigmaConfig, out: Path, seeds: list[int], ablations: li
                 link.symlink_to(target.resolve(), target_is_directory=True)
         log.info("compare: %s seed %s -> %s", run["variant"], run["seed"], run["dir"])
         t = time.perf_counter()
-        run_pipeline(run["cfg"], run["dir"])
+        shared = SHARED_STAGES if "share_from" in run else ()
+        if shared and run["cfg"].seed != _seed_of(run["share_from"]):
+            # Linked stages of another seed are inputs, never rerun (a rerun would write into
+            # the first seed's run): only the stages after them run here.
+            from sigmarec.pipeline import stage_names
+
+            run_pipeline(run["cfg"], run["dir"],
+                         only=[n for n in stage_names() if n not in shared])
+        else:
+            run_pipeline(run["cfg"], run["dir"])
         record["runs"].append({"dir": str(run["dir"]), "seed": run["seed"],
                                "variant": run["variant"],
                                "wall_time_s": round(time.perf_counter() - t, 1)})

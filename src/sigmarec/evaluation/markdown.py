@@ -132,6 +132,34 @@ def write_report(run_dir: Path) -> Path:
                   f"in some test top-10; mean probability of the top prefix "
                   f"{usage['top1_prefix_prob_mean']:.3f}.", "", f"![prefix usage]({png.name})",
                   ""]
+    diag_path = gen / "diagnostics.json"
+    if diag_path.is_file():
+        diag = json.loads(diag_path.read_text()).get("test", {})
+        used = diag.pop("_prefixes_in_top10_lists", None)
+        if diag:
+            lines += ["## Where SIGMA loses HR@10 (test)", "",
+                      "Per task: the share of instances whose target prefixes are all outside "
+                      "the K decoded prefixes (prefix miss), whose target prefix is decoded but "
+                      "no target is among that prefix's M candidates (retrieval miss), and "
+                      "whose target is a candidate that the fusion ranks below 10 (fusion "
+                      "miss). HR@10 = 1 - the three."
+                      + (f" Distinct prefixes across all test top-10 lists: {used}." if used
+                         is not None else ""), "",
+                      _md_table(pd.DataFrame(diag).T[["HR@10", "prefix_miss", "retrieval_miss",
+                                                       "fusion_miss", "prefix_hit@K"]]), ""]
+    lc_path = first / "training" / "learning_curve.json"
+    if lc_path.is_file():
+        lc = json.loads(lc_path.read_text())
+        if lc.get("validations"):
+            png = plots.learning_curve(lc, out / "learning_curve.png")
+            refs = lc["references"]
+            lines += ["## SFT learning curve (validation subset)", "",
+                      "Prefix NTP of the targets against two model-free references: the prior "
+                      f"of the training targets' prefixes ({refs['ref_ntp_prior']:.3f}) and the "
+                      "prompt's own prefixes smoothed with it "
+                      f"({refs['ref_ntp_history']:.3f}); then the prefix hit rate, the in-prefix "
+                      "hit rate and quick HR@10, against steps and wall time.", "",
+                      f"![learning curve]({png.name})", ""]
     ex_path = gen / "examples.json"
     if ex_path.is_file():
         lines += ["## Example recommendations (SIGMA, test)", ""]

@@ -77,3 +77,35 @@ def prefix_usage(usage: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def learning_curve(lc: dict[str, Any], path: Path) -> Path:
+    """SFT validation figures against steps (left: prefix NTP and references; right: hit
+    rates), the wall time of each point on the top axis."""
+    val = pd.DataFrame(lc["validations"])
+    refs = lc.get("references", {})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if "valid_prefix_ntp" in val:
+        a.plot(val["step"], val["valid_prefix_ntp"], "o-", label="SIGMA")
+    for key, name in (("ref_ntp_prior", "prior"), ("ref_ntp_history", "prompt prefixes + prior")):
+        if key in refs:
+            a.axhline(refs[key], ls="--", lw=1, color="grey" if key.endswith("prior") else "k",
+                      label=name)
+    a.set_xlabel("SFT step")
+    a.set_ylabel("prefix NTP (validation)")
+    a.legend(frameon=False, fontsize=8)
+    for col in [c for c in val.columns if c.startswith(("prefix_hit", "in_prefix_hit"))] + [
+            c for c in ("valid_hr10", "valid_hr10_JustForYou") if c in val]:
+        b.plot(val["step"], val[col], "o-", label=col)
+    b.set_xlabel("SFT step")
+    b.set_ylim(0, 1)
+    b.legend(frameon=False, fontsize=8)
+    if "wall_s" in val:
+        top = b.secondary_xaxis("top")
+        top.set_xticks(val["step"].to_numpy(), [f"{w:.0f}s" for w in val["wall_s"]], fontsize=7)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

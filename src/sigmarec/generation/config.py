@@ -40,6 +40,12 @@ class GenerationConfig(_Strict):
         description="tau values tried (validation choice, and the report's accuracy/diversity "
         "curve in fixed mode)",
     )
+    k_grid: list[int] = Field(
+        default_factory=list, description="smaller K values (<= k_prefixes) tried on validation "
+        "with the tau grid: decoding runs once at k_prefixes and a smaller K is the first K "
+        "prefix slots of the same candidates; the best on validation HR@10 is used for every "
+        "fusion mode (sigma+rule keeps k_prefixes); empty = always k_prefixes",
+    )
     variants: list[Fusion] = Field(
         default_factory=lambda: ["adaptive", "fixed", "off"],
         description="fusion modes also written as separate models (sigma_fixed, sigma_off): "
@@ -53,6 +59,11 @@ class GenerationConfig(_Strict):
         True, description="also rank every baseline with each task's checkable rule as a filter "
         "(models '<name>+rule')",
     )
+    rule_filtered_sigma: bool = Field(
+        True, description="also decode the test instances with each task's checkable rule as a "
+        "business filter inside the subset search (model 'sigma+rule', adaptive fusion at the "
+        "validation-chosen tau); beside the baselines' '+rule' rows",
+    )
     baselines: list[str] | None = Field(
         None, description="baselines re-ranked on the task instances; None = baselines.enabled"
     )
@@ -62,4 +73,8 @@ class GenerationConfig(_Strict):
     def _grid(self) -> GenerationConfig:
         if any(t <= 0 for t in self.tau_grid):
             raise ValueError(f"generation.tau_grid must be positive, got {self.tau_grid}")
+        bad = [k for k in self.k_grid if not 1 <= k <= self.k_prefixes]
+        if bad:
+            raise ValueError(f"generation.k_grid values must lie in 1..k_prefixes "
+                             f"({self.k_prefixes}), got {bad}")
         return self

@@ -106,10 +106,22 @@ class SigmaDecoder:
     def candidates(self, batch: dict[str, Any], n: int,
                    allow_mask: np.ndarray | None = None) -> Candidates:
         """Steps 1 and 2 for a collated batch; ``allow_mask`` None, (n_items,) or (B, n_items)."""
-        model = self.model
-        _, cache = model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
-                                         batch["item_ids"])
+        return self.candidates_multi(batch, n, [allow_mask])[0]
+
+    @torch.no_grad()
+    def candidates_multi(self, batch: dict[str, Any], n: int,
+                         allow_masks: Sequence[np.ndarray | None]) -> list[Candidates]:
+        """Steps 1 and 2 under several filters (e.g. none and a business rule): the prompt
+        forward, the expensive part, runs once; each filter then has its own beam and search
+        over the same KV cache (which the continuations leave unchanged)."""
+        _, cache = self.model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
+                                              batch["item_ids"])
         bsz = batch["input_ids"].shape[0]
+        return [self._from_cache(cache, bsz, n, mask) for mask in allow_masks]
+
+    def _from_cache(self, cache: PromptCache, bsz: int, n: int,
+                    allow_mask: np.ndarray | None) -> Candidates:
+        model = self.model
         counts = eligible_counts(self.item_prefix, model.n_prefixes, allow_mask, bsz)
         m = np.full(bsz, self.m)
         prefixes, logp = prefix_beam(model, cache, self.k, counts)

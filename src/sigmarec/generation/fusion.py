@@ -43,6 +43,14 @@ class Candidates:
             raise ValueError("cosine must have the shape of items")
 
 
+def truncate(c: Candidates, k: int) -> Candidates:
+    """The candidates as if step 1 had kept only the first ``k`` prefixes (the beam is sorted
+    by probability, so these are its top ``k``; exactly a K = ``k`` decode for a one-level
+    prefix, the best-first part of a wider beam for several levels)."""
+    return Candidates(c.prefixes[:, :k], c.prefix_logp[:, :k], c.items[:, :k], c.cosine[:, :k],
+                      min(k, c.k_for_spread))
+
+
 def prefix_spread(prefix_logp: np.ndarray, k: int) -> np.ndarray:
     """``s`` per request: population std of the probabilities of its (first) ``k`` prefixes."""
     p = np.exp(prefix_logp[:, :k])

@@ -29,7 +29,7 @@ from sigmarec.core.stage import Stage, StageContext
 from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import Candidates, fuse, prefix_spread
+from sigmarec.generation.fusion import Candidates, fuse, prefix_spread, truncate
 from sigmarec.metrics import accuracy_metrics, beyond_metrics, category_codes, head_mask
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.sigma import load_sigma_model
@@ -60,20 +60,30 @@ def concat_candidates(parts: list[Candidates]) -> Candidates:
 
 
 def decode_split(decoder: SigmaDecoder, examples: list[Any], n: int, batch_size: int,
-                 allow: np.ndarray | None, desc: str) -> tuple[Candidates, float]:
-    """Steps 1-2 for every example; returns the candidates and the seconds spent."""
-    parts = []
+                 allow: np.ndarray | None, desc: str,
+                 extra_allow: np.ndarray | None = None
+                 ) -> tuple[Candidates, float] | tuple[Candidates, Candidates, float]:
+    """Steps 1-2 for every example; returns the candidates and the seconds spent. With
+    ``extra_allow`` (a second filter, e.g. the task rules) also the candidates under it, from
+    the same prompt forwards: (candidates, extra candidates, seconds)."""
+    masks = [allow] if extra_allow is None else [allow, extra_allow]
+    parts: list[list[Candidates]] = [[] for _ in masks]
     t0 = time.perf_counter()
     # Prompts of similar length batched together: less left padding to compute.
     order = np.argsort([len(e.input_ids) for e in examples], kind="stable")
     for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         rows = order[s:s + batch_size]
         batch = decoder.batch([examples[r] for r in rows])
-        parts.append(decoder.candidates(batch, n, None if allow is None else allow[rows]))
-    cands = concat_candidates(parts)
+        for acc, c in zip(parts, decoder.candidates_multi(
+                batch, n, [None if m is None else m[rows] for m in masks]), strict=True):
+            acc.append(c)
     back = np.argsort(order, kind="stable")
-    return Candidates(cands.prefixes[back], cands.prefix_logp[back], cands.items[back],
-                      cands.cosine[back], cands.k_for_spread), time.perf_counter() - t0
+    out = []
+    for acc in parts:
+        cands = concat_candidates(acc)
+        out.append(Candidates(cands.prefixes[back], cands.prefix_logp[back], cands.items[back],
+                              cands.cosine[back], cands.k_for_spread))
+    return (*out, time.perf_counter() - t0)  # type: ignore[return-value]
 
 
 def fill_lists(items: np.ndarray, popularity_order: np.ndarray) -> tuple[np.ndarray, int]:
@@ -157,7 +167,7 @@ class GenerationStage(Stage):
                                  load_item_features(ctx), item_prefix)
         decoder = SigmaDecoder(model, gcfg.k_prefixes, gcfg.m_per_prefix,
                                index_backend=cfg.tokenization.index.backend)
-        cands, seconds = {}, {}
+        cands, seconds, rule_cands = {}, {}, None
         for split, df in inst.items():
             if df.empty:
                 continue
@@ -167,8 +177,15 @@ class GenerationStage(Stage):
                 allow = np.ones((len(df), data.n_items), dtype=bool)
                 for r, h in enumerate(data.histories(df)):
                     allow[r, h] = False
-            cands[split], seconds[split] = decode_split(
-                decoder, ex, n, gcfg.batch_size, allow, f"sigma {split}")
+            if split == "test" and gcfg.rule_filtered_sigma:
+                # sigma+rule: the task's checkable rule as a business filter inside the subset
+                # search, decoded from the same prompt forwards as the unfiltered lists.
+                rule = masks[split] if allow is None else masks[split] & allow
+                cands[split], rule_cands, seconds[split] = decode_split(
+                    decoder, ex, n, gcfg.batch_size, allow, f"sigma {split}", extra_allow=rule)
+            else:
+                cands[split], seconds[split] = decode_split(
+                    decoder, ex, n, gcfg.batch_size, allow, f"sigma {split}")
             log.info("generation: SIGMA decoded %d %s instances in %.1fs (%.1f users/s)",
                      len(df), split, seconds[split], len(df) / max(seconds[split], 1e-9))
 
@@ -178,8 +195,12 @@ class GenerationStage(Stage):
                 np.savez_compressed(fh, prefixes=c.prefixes, prefix_logp=c.prefix_logp,
                                     items=c.items, cosine=c.cosine.astype(np.float32),
                                     k_for_spread=c.k_for_spread)
+        k_used = self._choose_k(gcfg, inst, cands, n)
+        if k_used < gcfg.k_prefixes:
+            cands = {split: truncate(c, k_used) for split, c in cands.items()}
         taus = self._choose_tau(gcfg, inst, cands, n)
-        out: dict[str, Any] = {"tau": taus, "seconds": {s: round(v, 2) for s, v in seconds.items()},
+        out: dict[str, Any] = {"tau": taus, "k_prefixes": k_used,
+                               "seconds": {s: round(v, 2) for s, v in seconds.items()},
                                "users_per_s": {s: round(len(inst[s]) / max(v, 1e-9), 2)
                                                for s, v in seconds.items()}}
         filled_total = 0
@@ -192,10 +213,37 @@ class GenerationStage(Stage):
                 write_parquet(ctx.out / "rankings" / f"{name}_{split}.parquet",
                               rankings_frame(inst[split], items, scores))
         out["filled_from_popularity"] = filled_total
+        if rule_cands is not None:
+            items, scores = fuse(rule_cands, "adaptive", taus["adaptive"], n)
+            # Lists stay full as the baselines' '+rule' lists do: admitted items first, then
+            # the most popular others.
+            items, _ = fill_lists(items, popularity)
+            write_parquet(ctx.out / "rankings" / "sigma+rule_test.parquet",
+                          rankings_frame(inst["test"], items, scores))
+        out["diagnostics"] = self._diagnostics(ctx, model, inst, cands, taus, n)
         self._tau_curve(ctx, data, inst, cands, taus, n)
         out["prefix_usage"] = self._prefix_usage(ctx, model, inst, cands, taus, n)
         self._examples(ctx, data, inst, cands, taus, n)
         return out
+
+    def _choose_k(self, gcfg: Any, inst: dict[str, pd.DataFrame],
+                  cands: dict[str, Candidates], n: int) -> int:
+        """K from ``k_grid`` (and k_prefixes) by validation HR@10 of adaptive fusion at its
+        best tau; the test candidates are never looked at."""
+        grid = sorted({*gcfg.k_grid, gcfg.k_prefixes})
+        if len(grid) == 1 or "valid" not in cands:
+            return gcfg.k_prefixes
+        best: dict[int, float] = {}
+        for k in grid:
+            c = truncate(cands["valid"], k)
+            s_med = float(np.median(prefix_spread(c.prefix_logp, c.k_for_spread)))
+            taus = [t * s_med for t in gcfg.tau_grid] if s_med > 0 else [gcfg.tau]
+            best[k] = max(task_hr(inst["valid"], fuse(c, "adaptive", t, n)[0]) for t in taus)
+        # Ties go to the smaller K (cheaper to serve).
+        k_used = max(grid, key=lambda k: (round(best[k], 6), -k))
+        log.info("generation: validation HR@10 by K %s -> K %d",
+                 {k: round(v, 4) for k, v in best.items()}, k_used)
+        return k_used
 
     def _choose_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
                     cands: dict[str, Candidates], n: int) -> dict[str, float]:
@@ -243,6 +291,41 @@ class GenerationStage(Stage):
                              "Coverage@10": len(np.unique(items[:, :10])) / data.n_items,
                              "NewToUser@10": float(bey["NewToUser@10"].mean())})
         pd.DataFrame(rows).to_csv(ctx.out / "tau_curve.csv", index=False)
+
+    def _diagnostics(self, ctx: StageContext, model: Any, inst: dict[str, pd.DataFrame],
+                     cands: dict[str, Candidates], taus: dict[str, float], n: int
+                     ) -> dict[str, Any]:
+        """Where the HR@10 of SIGMA is lost, per task: the target's prefix is not among the K
+        (prefix miss), it is but the target is not among that prefix's M candidates
+        (retrieval miss), or it is a candidate but not in the final top 10 (fusion miss)."""
+        prefix_of = model.item_prefix.cpu().numpy()
+        out: dict[str, Any] = {}
+        for split, c in cands.items():
+            df = inst[split]
+            top = fuse(c, "adaptive", taus["adaptive"], n)[0][:, :10]
+            rows = []
+            for r, tgt in enumerate(df["targets"]):
+                tgt = np.asarray(tgt, dtype=np.int64)
+                p_hit = bool(np.isin(prefix_of[tgt], c.prefixes[r]).any())
+                c_hit = bool(np.isin(tgt, c.items[r]).any())
+                hit = bool(np.isin(tgt, top[r]).any())
+                rows.append((p_hit, c_hit, hit))
+            arr = pd.DataFrame(rows, columns=["prefix_hit", "candidate_hit", "hit"])
+            arr["task"] = df["task"].to_numpy()
+            per = arr.groupby("task").mean()
+            res = {task: {"prefix_hit@K": round(float(v.prefix_hit), 4),
+                          "candidate_hit@KM": round(float(v.candidate_hit), 4),
+                          "HR@10": round(float(v.hit), 4),
+                          "prefix_miss": round(1 - float(v.prefix_hit), 4),
+                          "retrieval_miss": round(float(v.prefix_hit - v.candidate_hit), 4),
+                          "fusion_miss": round(float(v.candidate_hit - v.hit), 4)}
+                   for task, v in per.iterrows()}
+            used = prefix_of[top[top >= 0]]
+            res["_prefixes_in_top10_lists"] = int(len(np.unique(used)))
+            out[split] = res
+        write_json(ctx.out / "diagnostics.json", out)
+        return {s: {t: v for t, v in r.items() if t in ("JustForYou", "_prefixes_in_top10_lists")}
+                for s, r in out.items()}
 
     def _prefix_usage(self, ctx: StageContext, model: Any, inst: dict[str, pd.DataFrame],
                       cands: dict[str, Candidates], taus: dict[str, float], n: int

@@ -34,10 +34,13 @@ class ModelConfig(_Strict):
     item_token: str = Field(
         "<|item|>", description="placeholder token whose embedding is replaced by the soft token"
     )
-    prefix_init: Literal["shared", "item_text"] = Field(
+    prefix_init: Literal["shared", "item_text", "item_embedding", "random"] = Field(
         "shared", description="start values of the prefix-token rows: shared = the mean "
         "embedding for all (as added); item_text = plus the centred mean untrained-backbone text "
-        "state of the items under each code (needs the grounding stage's ungrounded states)",
+        "state of the items under each code (needs the grounding stage's ungrounded states); "
+        "item_embedding = plus the centred mean soft token ṽ (ProjFuse at start) of the items "
+        "under each code, so a prefix token starts where its items are; random = plus a random "
+        "direction per code (breaks the symmetry only)",
     )
     fuse_dropout: float = Field(0.1, ge=0, lt=1, description="dropout inside ProjFuse")
     head: Literal["linear", "mlp"] = Field(

@@ -229,6 +229,33 @@ class SigmaModel(nn.Module):
             out = self.backbone.get_output_embeddings().weight[self.prefix_ids_t].float()
             self.head_delta.copy_((out.mean(0) + direction.to(dev) - out).to(self.head_delta.dtype))
 
+    @torch.no_grad()
+    def item_code_centroids(self) -> list[np.ndarray]:
+        """Per prefix level, the mean soft token ṽ (eval mode) of the items carrying each code;
+        codes without items get zeros. For ``prefix_init: item_embedding``."""
+        with _eval_mode(self):
+            v = torch.cat([self.item_embeddings(idx).float() for idx in
+                           torch.arange(self.n_items, device=self.item_prefix.device).split(8192)])
+        codes = _codes_tensor(self.item_prefix, self.codebook_sizes)
+        out = []
+        for lv, size in enumerate(self.codebook_sizes):
+            sums = torch.zeros(size, self.hidden, device=v.device).index_add_(0, codes[:, lv], v)
+            counts = torch.bincount(codes[:, lv], minlength=size).clamp(min=1)[:, None]
+            out.append((sums / counts).cpu().numpy())
+        return out
+
+    @torch.no_grad()
+    def init_prefix_rows_from(self, how: str, seed: int = 0) -> None:
+        """Apply a ``ModelConfig.prefix_init`` that needs nothing outside the model."""
+        if how == "item_embedding":
+            self.init_prefix_rows(self.item_code_centroids())
+        elif how == "random":
+            g = torch.Generator().manual_seed(seed)
+            self.init_prefix_rows([torch.randn(size, self.hidden, generator=g).numpy()
+                                   for size in self.codebook_sizes])
+        elif how != "shared":
+            raise ValueError(f"prefix_init {how!r} needs outside inputs (see the training stage)")
+
     # ---------------------------------------------------------------------------- pieces
 
     def _decoder(self) -> nn.Module:
@@ -353,8 +380,9 @@ class SigmaModel(nn.Module):
             pos_codes = pos_ok = None
             if positives is not None and positives.numel():
                 pos_ok = positives >= 0
-                pos_codes = _codes_tensor(positives.clamp(min=0).view(-1), self.codebook_sizes
-                                          ).view(*positives.shape, n_levels)
+                pos_flat = self.item_prefix[positives.clamp(min=0).view(-1)]
+                pos_codes = _codes_tensor(pos_flat, self.codebook_sizes).view(
+                    *positives.shape, n_levels)
             ntp, correct = [], torch.ones(bsz, dtype=torch.bool, device=h.device)
             for lv in range(n_levels):
                 # The level-lv label token sits at column t-1-L+lv, predicted one column before.

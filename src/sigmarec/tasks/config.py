@@ -89,6 +89,16 @@ class TasksConfig(_Strict):
     min_history: int = Field(1, ge=1, description="fewest items before a cut (training samples)")
     # Mixture: total_samples split by weight over the supported, enabled tasks; samples_per_task
     # fixes the count of the tasks it names (the weights then share out the rest).
+    # LC-Rec-style alignment samples (ours): from the catalogue alone, a query phrase, a
+    # category or an item's own text -> the prefixes of the items it names. They give the new
+    # prefix tokens a meaning that 500 samples per instruction task cannot.
+    align_samples: int = Field(
+        0, ge=0, description="catalogue alignment samples added to the SFT data (task 'Align'; "
+        "a third each from query phrases, categories and item texts), no user in the prompt"
+    )
+    align_max_positives: int = Field(
+        64, ge=1, description="most popular items of a phrase kept as its positives"
+    )
     total_samples: int = Field(20_000, ge=0)
     weights: dict[TaskName, float] = Field(default_factory=default_weights)
     samples_per_task: dict[TaskName, int] = Field(default_factory=dict)
@@ -97,6 +107,10 @@ class TasksConfig(_Strict):
     )
     eval_instances_per_task: int | None = Field(
         None, ge=1, description="cap per task and split (seeded subset); None = all"
+    )
+    valid_instances_per_task: int | None = Field(
+        None, ge=1, description="validation cap per task when it should differ (tau choice "
+        "needs fewer than a low-noise test); None = eval_instances_per_task"
     )
     # Which basket of a user in an evaluation window becomes the instance: strictly the first
     # (dropped when the task admits none of its items), or the first that holds a target.

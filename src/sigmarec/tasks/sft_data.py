@@ -245,6 +245,72 @@ def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Bask
     return out, info
 
 
+ALIGN_ITEM_TEMPLATES = (
+    'Find the product "{text}".',
+    "Recommend this exact product: {text}.",
+    'Which item matches "{text}"?',
+)
+
+
+def _align_samples(tasks: Mapping[str, Task], data: ProcessedData, res: TaskResources,
+                   cfg: TasksConfig, seed: int) -> list[dict[str, Any]]:
+    """Catalogue-only samples (no household): an instruction naming a query phrase, a category
+    or one item's text, whose positives are the items it names (the most popular
+    ``align_max_positives``) and whose target is one of them drawn by training popularity.
+    Phrases that name an evaluation holiday are left out, like the tasks' own samples."""
+    rng = _rng(seed, "train", "Align")
+    counts = data.train_item_counts.astype(np.float64)
+    kinds = [k for k in ("Query", "Category") if k in tasks] + ["Item"]
+    per = allocate(cfg.model_copy(update={"samples_per_task": {}, "total_samples":
+                                          cfg.align_samples, "weights": {}}), kinds)
+    out: list[dict[str, Any]] = []
+    base = {"split": "train", "task": "Align", "user_idx": -1, "hist_len": 0,
+            "history": np.zeros(0, dtype=np.int64), "frequent": np.zeros(0, dtype=np.int64),
+            "timestamp": pd.Timestamp(0), "profile": "unknown", "_repeat": False}
+    holiday_words = eval_holiday_words(res)
+    for kind in kinds:
+        if kind == "Item":
+            col = "text" if "text" in data.items.columns else "title"
+            vals = data.items[col].fillna("").astype(str).str.lower().to_numpy()
+            ok = vals != ""
+        else:
+            ok = res.eligible & ~_names_eval_holiday(tasks[kind], res)
+            vals = res.item_query if kind == "Query" else res.level_codes[res.category_level]
+            ok &= (vals != "") if kind == "Query" else (vals >= 0)
+        idx = np.flatnonzero(ok)
+        groups = {k: idx[v] for k, v in pd.Series(idx).groupby(vals[idx]).indices.items()}
+        keys = list(groups)
+        if kind == "Item":
+            keys = [k for k in keys if not mentions(k, holiday_words)]
+        if not keys:
+            continue
+        # Phrases drawn by how often their items sell: the common ones matter most.
+        weight = np.array([counts[groups[k]].sum() + 1.0 for k in keys])
+        picks = rng.choice(len(keys), size=per[kind], p=weight / weight.sum())
+        for j in picks:
+            members = groups[keys[j]]
+            w = counts[members] + 1.0
+            target = int(rng.choice(members, p=w / w.sum()))
+            positives = members[np.argsort(-w, kind="stable")[: cfg.align_max_positives]]
+            if target not in positives:
+                positives = np.append(positives[:-1], target)
+            if kind == "Query":
+                params: dict[str, Any] = {"query": str(keys[j])}
+                text = tasks[kind].instruction(params, held_out=False, rng=rng)
+            elif kind == "Category":
+                params = {"category": res.level_names[res.category_level][int(keys[j])],
+                          "level": res.category_level}
+                text = tasks[kind].instruction(params, held_out=False, rng=rng)
+            else:
+                params = {"item_text": str(keys[j])}
+                tpl = ALIGN_ITEM_TEMPLATES[int(rng.integers(len(ALIGN_ITEM_TEMPLATES)))]
+                text = tpl.format(text=str(keys[j]))
+            out.append({**base, "target": target, "targets": np.sort(positives).astype(np.int64),
+                        "instruction": text, "params": json.dumps({"align": kind, **params},
+                                                                  sort_keys=True)})
+    return out
+
+
 def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Baskets,
                     cfg: TasksConfig, split: str, seed: int) -> list[dict[str, Any]]:
     rows = bk.rows
@@ -363,6 +429,10 @@ def build_sft_data(data: ProcessedData, cfg: TasksConfig, seed: int = 0) -> SFTD
             del tasks[name]
             continue
         train_rows.extend(rows)
+    if cfg.align_samples:
+        align = _align_samples(tasks, data, res, cfg, seed)
+        pools["Align"] = {"asked": cfg.align_samples, "made": len(align)}
+        train_rows.extend(align)
     t_train = time.perf_counter() - t0 - t_res
     words = eval_holiday_words(res)
     for r in train_rows:
@@ -379,7 +449,10 @@ def build_sft_data(data: ProcessedData, cfg: TasksConfig, seed: int = 0) -> SFTD
                 rows = _jfy_instances(task, data, res, cfg, split, seed)
             else:
                 rows = _eval_instances(task, data, res, bk, cfg, split, seed)
-            rows = _cap(rows, cfg.eval_instances_per_task, seed, split, name)
+            cap = cfg.eval_instances_per_task
+            if split == "valid" and cfg.valid_instances_per_task is not None:
+                cap = cfg.valid_instances_per_task
+            rows = _cap(rows, cap, seed, split, name)
             for r in rows:
                 if "instance_id" not in r:
                     r["instance_id"] = next_id

@@ -44,7 +44,13 @@ def detect_caps() -> HardwareCaps:
             cuda_bf16 = bool(torch.cuda.is_bf16_supported())
         except (RuntimeError, AssertionError):
             cuda_bf16 = False
-    return HardwareCaps(cuda_available=cuda, cuda_bf16=cuda_bf16, cpu_flags=_cpu_flags())
+    flags = _cpu_flags()
+    # torch dispatches its CPU kernels by its own capability level, which ATEN_CPU_CAPABILITY
+    # can lower: below AVX512 the bf16 kernels are emulated whatever the CPU offers.
+    level = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
+    if flags and str(level).upper() not in ("AVX512", "AVX512_BF16", "AMX", ""):
+        flags = frozenset()
+    return HardwareCaps(cuda_available=cuda, cuda_bf16=cuda_bf16, cpu_flags=flags)
 
 
 def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:

@@ -129,14 +129,22 @@ class TrainingStage(Stage):
         model, facts = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
         if cfg.model.prefix_init == "item_text":
             model.init_prefix_rows(prefix_text_states(ctx, vocab, model.hidden))
+        else:
+            model.init_prefix_rows_from(cfg.model.prefix_init, cfg.seed)
         train_df = pd.read_parquet(ctx.input("tasks") / "train.parquet")
         valid_df = pd.read_parquet(ctx.input("tasks") / "valid.parquet")
         if train_df.empty:
             raise StageError(f"{ctx.input('tasks')}/train.parquet holds no SFT samples")
         train_ex = to_examples(train_df, model, vocab, item_prefix)
         rng = np.random.default_rng(cfg.seed)
+        # Stratified by task: every task gets the same share of the validation subset, so the
+        # per-task quick HR is not left to a handful of instances.
         n_valid = min(len(valid_df), cfg.training.max_valid_examples or 256)
-        vsub = valid_df.iloc[np.sort(rng.choice(len(valid_df), n_valid, replace=False))]
+        groups = valid_df.groupby("task").indices
+        per = max(1, n_valid // max(len(groups), 1))
+        keep = np.concatenate([rng.choice(ix, min(per, len(ix)), replace=False)
+                               for _, ix in sorted(groups.items())]) if groups else np.zeros(0)
+        vsub = valid_df.iloc[np.sort(keep.astype(np.int64))]
         valid_ex = to_examples(vsub, model, vocab, item_prefix, with_target=False)
         valid_targets = [np.asarray(t) for t in vsub["targets"]]
         lengths = [len(e.input_ids) for e in train_ex]
