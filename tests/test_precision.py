@@ -138,3 +138,25 @@ def test_train_sigma_warns_once_when_far_over_the_budget(
     summary = result.summary()
     assert summary["tokens_per_s"] > 0 and summary["seconds_per_step"] > 0
     assert summary["mixed_precision_requested"] == "no"
+
+
+def test_capped_kernel_isas_count_as_no_native_bf16(monkeypatch) -> None:
+    # ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY below the BF16 instructions make torch emulate
+    # bf16 whatever the CPU offers (this is how BENCHMARKS.md stands in for an AVX2-only CPU).
+    import torch
+
+    from sigmarec.training import precision
+
+    bf16 = frozenset({"avx512_bf16"})
+    monkeypatch.setattr(precision, "_cpu_flags", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert precision.detect_caps().cpu_flags == bf16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert precision.detect_caps().cpu_flags == frozenset()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert precision.detect_caps().cpu_flags == bf16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert precision.detect_caps().cpu_flags == frozenset()
+    assert precision.resolve_precision("auto", "cpu", precision.detect_caps())[0] == "no"

@@ -81,8 +81,8 @@ def decode_diagnostics(model: Any, examples: Sequence[Any], targets: Sequence[np
         lp = logp.float().numpy()
         tc = top_c.numpy()
         for r, tgt in enumerate(targets[s:s + batch_size]):
-            tgt = np.asarray(tgt, dtype=np.int64)
-            t_codes = codes0[tgt].numpy()
+            tgt = np.array(tgt, dtype=np.int64)  # a writable copy (parquet arrays are not)
+            t_codes = codes0[torch.from_numpy(tgt)].numpy()
             nll.append(float(-lp[r, t_codes].mean()))
             hit_k = np.isin(tc[r], t_codes)
             p_hit.append(bool(hit_k.any()))

@@ -10,6 +10,7 @@ explicit ``bf16``/``fp16``/``no`` is honoured (with a warning where it will be s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ def detect_caps() -> HardwareCaps:
     # can lower: below AVX512 the bf16 kernels are emulated whatever the CPU offers.
     level = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
     if flags and str(level).upper() not in ("AVX512", "AVX512_BF16", "AMX", ""):
+        flags = frozenset()
+    # oneDNN (the matmuls under autocast) has its own cap; below the BF16 ISAs it emulates too.
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if flags and isa and not any(k in isa for k in ("BF16", "AMX", "ALL", "AVX10")):
         flags = frozenset()
     return HardwareCaps(cuda_available=cuda, cuda_bf16=cuda_bf16, cpu_flags=flags)
 
