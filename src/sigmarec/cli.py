@@ -161,6 +161,11 @@ def _print_metrics(folder: Path) -> None:
     tasks = folder / "metrics_tasks.json"
     if tasks.is_file():
         print_task_results(json.loads(tasks.read_text()), console=console)
+    diag = folder.parent / "generation" / "diagnostics.json"
+    if diag.is_file():
+        from sigmarec.evaluation.report import print_diagnostics
+
+        print_diagnostics(json.loads(diag.read_text()), console=console)
 
 
 @app.command("config")

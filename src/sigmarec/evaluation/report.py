@@ -132,3 +132,23 @@ def print_task_results(metrics: dict[str, Any], console: Console | None = None,
             f"[bold]{_fmt(c, v)}[/bold]" if v == best[c] else _fmt(c, v) for c, v in row.items()
         ))
     console.print(table)
+
+
+def print_diagnostics(diag: dict[str, Any], console: Console | None = None,
+                      split: str = "test") -> None:
+    """Where SIGMA's HR@10 is lost per task: prefix, retrieval and fusion misses."""
+    console = console or Console()
+    rows = {t: v for t, v in diag.get(split, {}).items() if not t.startswith("_")}
+    if not rows:
+        return
+    cols = ("HR@10", "prefix_miss", "retrieval_miss", "fusion_miss")
+    used = diag[split].get("_prefixes_in_top10_lists")
+    table = Table(title=f"{split} - where SIGMA loses HR@10 (sums to 1 per task)"
+                  + (f"; {used} distinct prefixes in all top-10 lists" if used is not None
+                     else ""), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("task", style="cyan", no_wrap=True)
+    for c in cols:
+        table.add_column(c.replace("_", " "), justify="right")
+    for task, v in rows.items():
+        table.add_row(task, *(f"{v[c]:.3f}" for c in cols))
+    console.print(table)

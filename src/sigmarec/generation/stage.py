@@ -14,6 +14,7 @@ Artifacts: ``rankings/{model}_{split}.parquet`` (instance_id, items, scores), ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, ClassVar
@@ -214,6 +215,10 @@ class GenerationStage(Stage):
                               rankings_frame(inst[split], items, scores))
         out["filled_from_popularity"] = filled_total
         if rule_cands is not None:
+            # All of the filtered beam stays (it was widened where the rule needed it), but s
+            # is taken over the same number of prefixes as the tau was chosen for.
+            rule_cands = dataclasses.replace(rule_cands, k_for_spread=min(
+                k_used, rule_cands.k_for_spread))
             items, scores = fuse(rule_cands, "adaptive", taus["adaptive"], n)
             # Lists stay full as the baselines' '+rule' lists do: admitted items first, then
             # the most popular others.
