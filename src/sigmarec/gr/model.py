@@ -174,12 +174,7 @@ class GRModel(nn.Module):
         h = self._decoder()(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=positions_from_mask(attention_mask),
                             use_cache=False).last_hidden_state
-        tgt = labels[:, 1:]
-        sel = tgt != -100
-        logits = self.backbone.get_output_embeddings()(h[:, :-1][sel]).float()
-        if self.logit_softcap:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits, tgt[sel]
+        return self._logits_at(h, labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
 
 from sigmarec.core.atomic import write_json
 from sigmarec.core.stage import Stage, StageContext
@@ -88,33 +86,6 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
                               target_prefix=int(item_prefix[target]), n_context=rp.n_context,
                               positives=positives))
     return out
-
-
-@torch.no_grad()
-def quick_hr(model: SigmaModel, examples: Sequence[SFTExample], targets: Sequence[np.ndarray],
-             k_prefixes: int = 10, n: int = 10, batch_size: int = 16) -> float:
-    """HR@n of a plain three-step decode (top prefixes, query vectors, exhaustive search within
-    each prefix, P(c)·softmax(cos/τ)): a cheap training-time signal, not the evaluated decoder."""
-    collate = model.collator()
-    items = model.item_vectors()
-    prefix_of = model.item_prefix
-    hits = []
-    for s in range(0, len(examples), batch_size):
-        batch = collate(list(examples[s : s + batch_size]), with_labels=False)
-        logp, cache = model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
-                                            batch["item_ids"])
-        k = min(k_prefixes, logp.shape[1])
-        top_lp, top_c = logp.topk(k, dim=1)
-        q = model.query_vectors(cache, top_c)  # (B, K, H)
-        sims = torch.einsum("bkh,nh->bkn", q.float(), items)
-        same = prefix_of[None, None, :] == top_c[:, :, None]
-        logits = (sims / model.cfg.temperature).masked_fill(~same, -torch.inf)
-        score = top_lp[:, :, None] + logits.log_softmax(-1)
-        best = score.amax(dim=1)  # an item lives under one prefix
-        top = best.topk(n, dim=1).indices.numpy()
-        for row, t in zip(top, targets[s : s + batch_size], strict=True):
-            hits.append(bool(np.isin(row, t).any()))
-    return float(np.mean(hits)) if hits else float("nan")
 
 
 class TrainingStage(Stage):
