@@ -61,13 +61,9 @@ def concat_candidates(parts: list[Candidates]) -> Candidates:
 
 
 def decode_split(decoder: SigmaDecoder, examples: list[Any], n: int, batch_size: int,
-                 allow: np.ndarray | None, desc: str,
-                 extra_allow: np.ndarray | None = None
-                 ) -> tuple[Candidates, float] | tuple[Candidates, Candidates, float]:
-    """Steps 1-2 for every example; returns the candidates and the seconds spent. With
-    ``extra_allow`` (a second filter, e.g. the task rules) also the candidates under it, from
-    the same prompt forwards: (candidates, extra candidates, seconds)."""
-    masks = [allow] if extra_allow is None else [allow, extra_allow]
+                 masks: list[np.ndarray | None], desc: str) -> tuple[list[Candidates], float]:
+    """Steps 1-2 for every example under each filter of ``masks`` (None = no filter), all from
+    the same prompt forwards; returns one Candidates per filter and the seconds spent."""
     parts: list[list[Candidates]] = [[] for _ in masks]
     t0 = time.perf_counter()
     # Prompts of similar length batched together: less left padding to compute.
@@ -84,7 +80,7 @@ def decode_split(decoder: SigmaDecoder, examples: list[Any], n: int, batch_size:
         cands = concat_candidates(acc)
         out.append(Candidates(cands.prefixes[back], cands.prefix_logp[back], cands.items[back],
                               cands.cosine[back], cands.k_for_spread))
-    return (*out, time.perf_counter() - t0)  # type: ignore[return-value]
+    return out, time.perf_counter() - t0
 
 
 def fill_lists(items: np.ndarray, popularity_order: np.ndarray) -> tuple[np.ndarray, int]:
@@ -178,15 +174,16 @@ class GenerationStage(Stage):
                 allow = np.ones((len(df), data.n_items), dtype=bool)
                 for r, h in enumerate(data.histories(df)):
                     allow[r, h] = False
+            filters = [allow]
             if split == "test" and gcfg.rule_filtered_sigma:
                 # sigma+rule: the task's checkable rule as a business filter inside the subset
                 # search, decoded from the same prompt forwards as the unfiltered lists.
-                rule = masks[split] if allow is None else masks[split] & allow
-                cands[split], rule_cands, seconds[split] = decode_split(
-                    decoder, ex, n, gcfg.batch_size, allow, f"sigma {split}", extra_allow=rule)
-            else:
-                cands[split], seconds[split] = decode_split(
-                    decoder, ex, n, gcfg.batch_size, allow, f"sigma {split}")
+                filters.append(masks[split] if allow is None else masks[split] & allow)
+            found, seconds[split] = decode_split(decoder, ex, n, gcfg.batch_size, filters,
+                                                 f"sigma {split}")
+            cands[split] = found[0]
+            if len(found) > 1:
+                rule_cands = found[1]
             log.info("generation: SIGMA decoded %d %s instances in %.1fs (%.1f users/s)",
                      len(df), split, seconds[split], len(df) / max(seconds[split], 1e-9))
 

@@ -37,17 +37,14 @@ class SFTExample:
     positives: tuple[int, ...] = ()
 
 
-def _field(example: Any, name: str) -> Any:
+_REQUIRED = object()
+
+
+def _field(example: Any, name: str, default: Any = _REQUIRED) -> Any:
     # Examples may be SFTExample objects or plain dicts (e.g. rows read back from parquet).
     if isinstance(example, Mapping):
-        return example[name]
-    return getattr(example, name)
-
-
-def _optional(example: Any, name: str, default: Any) -> Any:
-    if isinstance(example, Mapping):
-        return example.get(name, default)
-    return getattr(example, name, default)
+        return example[name] if default is _REQUIRED else example.get(name, default)
+    return getattr(example, name) if default is _REQUIRED else getattr(example, name, default)
 
 
 def flat_to_codes(flat: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
@@ -196,13 +193,13 @@ class SigmaCollator:
                 ids = ids + self.label_tokens(p)
                 targets.append(t)
                 prefixes.append(p)
-                extra = _optional(ex, "positives", ())
+                extra = _field(ex, "positives", ())
                 others = [int(x) for x in (extra if extra is not None else ()) if int(x) != t]
                 n_items = len(self.item_prefix)
                 if others and not (min(others) >= 0 and max(others) < n_items):
                     raise ValueError(f"example {i}: positives outside 0..{n_items - 1}")
                 positives.append([t, *dict.fromkeys(others)])
-            n_ctx = int(_optional(ex, "n_context", 0) or 0)
+            n_ctx = int(_field(ex, "n_context", 0) or 0)
             if not 0 <= n_ctx <= len(ex_items):
                 raise ValueError(f"example {i}: n_context {n_ctx} outside 0..{len(ex_items)}")
             rows.append(ids)
