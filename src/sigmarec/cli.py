@@ -17,6 +17,9 @@ from rich.table import Table
 
 from sigmarec.config import SigmaConfig, available_profiles, load_config
 from sigmarec.errors import SigmaError
+from sigmarec.serving.cli_items import register as _serving_items
+from sigmarec.serving.cli_nearline import register as _serving_nearline
+from sigmarec.serving.cli_recommend import register as _serving_recommend
 
 # Models and data come from installed packages only; never reach for a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +37,9 @@ sft_app = typer.Typer(no_args_is_help=True, help="Inspect the instruction (SFT) 
 app.add_typer(sft_app, name="sft")
 exp_app = typer.Typer(no_args_is_help=True, help="Multi-run experiments.")
 app.add_typer(exp_app, name="experiment")
+# Serving commands live beside their code; each module adds its own.
+for _register in (_serving_recommend, _serving_nearline, _serving_items):
+    _register(app)
 # Piped output (CI logs, `| tee`) gets a width that fits the results tables.
 console = Console(width=None if sys.stdout.isatty() else 150)
 
