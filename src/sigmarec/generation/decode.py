@@ -115,7 +115,7 @@ class SigmaDecoder:
         forward, the expensive part, runs once; each filter then has its own beam and search
         over the same KV cache (which the continuations leave unchanged)."""
         _, cache = self.model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
-                                              batch["item_ids"])
+                                              batch["item_ids"], batch.get("sequence_mask"))
         bsz = batch["input_ids"].shape[0]
         return [self._from_cache(cache, bsz, n, mask) for mask in allow_masks]
 
@@ -142,11 +142,50 @@ class SigmaDecoder:
                                                        .device))
         q = q.float().cpu().numpy()
         cos, items = self.index.search_multi(q, prefixes, int(m.max()), allow_mask=allow_mask)
+        if cache.slots is not None:
+            cos, items = self._with_prompt_items(cache, q, prefixes, cos, items, allow_mask)
         beyond = np.arange(items.shape[2])[None, None, :] >= m[:, None, None]
         items[np.broadcast_to(beyond, items.shape)] = -1
         cos[np.broadcast_to(beyond, cos.shape)] = -np.inf
         return Candidates(prefixes=prefixes, prefix_logp=logp, items=items,
                           cosine=cos.astype(np.float64), k_for_spread=self.k)
+
+    def _with_prompt_items(self, cache: PromptCache, q: np.ndarray, prefixes: np.ndarray,
+                           cos: np.ndarray, items: np.ndarray, allow_mask: np.ndarray | None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Repeat-aware models: scores are cosine plus the copy term, which only the prompt's
+        own items have. The search returned the top-M by cosine; adding every eligible prompt
+        item of each kept prefix, scored with its copy term, and keeping the top M of the union
+        is exact (any other item's score is its cosine, below the M found)."""
+        extra = cache.slots.items.cpu().numpy()  # (B, J)
+        b, j = extra.shape
+        ok = extra >= 0
+        if allow_mask is not None:
+            allow = np.broadcast_to(np.asarray(allow_mask, dtype=bool), (b, len(self.item_prefix)))
+            ok &= np.take_along_axis(allow, extra.clip(0), axis=1)
+        first = np.zeros_like(ok)
+        for r in range(b):
+            _, idx = np.unique(extra[r], return_index=True)
+            first[r, idx] = True
+        vecs = self.model.item_vectors(extra.clip(0).reshape(-1)).numpy().reshape(b, j, -1)
+        bias = self.model.item_copy_scores(cache, torch.as_tensor(extra, device=cache.logprobs
+                                                                  .device))
+        bias = bias.float().cpu().numpy()
+        in_beam = ((self.item_prefix[extra.clip(0)][:, None, :] == prefixes[:, :, None])
+                   & (ok & first)[:, None, :] & (prefixes >= 0)[:, :, None])  # (B, K, J)
+        score_e = np.where(in_beam, np.einsum("bkh,bjh->bkj", q, vecs) + bias[:, None, :],
+                           -np.inf)
+        items_e = np.where(in_beam, extra[:, None, :], -1)
+        # Prompt items the search found come back from the prompt side, with their copy term.
+        found = ((items[..., None] == extra[:, None, None, :]) & (extra >= 0)[:, None, None, :]
+                 ).any(-1) & (items >= 0)
+        all_items = np.concatenate([np.where(found, -1, items), items_e], axis=2)
+        all_score = np.concatenate([np.where(found, -np.inf, cos), score_e], axis=2)
+        order = np.argsort(-all_score, axis=2, kind="stable")[:, :, : items.shape[2]]
+        items = np.take_along_axis(all_items, order, axis=2)
+        cos = np.take_along_axis(all_score, order, axis=2)
+        items[~np.isfinite(cos)] = -1
+        return cos, items
 
     def recommend(self, examples: Sequence[SFTExample], n: int, fusion: Fusion = "adaptive",
                   tau: float = 1.0, allow_mask: np.ndarray | None = None

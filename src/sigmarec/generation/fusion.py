@@ -18,6 +18,9 @@ import numpy as np
 
 from sigmarec.generation.config import Fusion
 
+# "off" fusion ranks by prefix first: consecutive prefixes' keys are this far apart.
+OFF_GAP = 1000.0
+
 
 @dataclass
 class Candidates:
@@ -76,7 +79,8 @@ def fused_scores(c: Candidates, mode: Fusion, tau: float) -> np.ndarray:
     if mode == "off":
         # Prefix first, cosine (in [-1, 1]) second: a key with the same order as the tuple.
         rank = np.argsort(np.argsort(-c.prefix_logp, axis=1, kind="stable"), axis=1)
-        key = -rank[:, :, None] * 4.0 + np.clip(c.cosine, -1.0, 1.0)
+        # (Scores are cosines, plus a copy term for repeat-aware models: well inside the gap.)
+        key = -rank[:, :, None] * OFF_GAP + np.clip(c.cosine, -OFF_GAP / 4, OFF_GAP / 4)
         return np.where(valid, key, -np.inf)
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")

@@ -17,7 +17,9 @@ import torch
 from torch.nn import functional as F
 
 from sigmarec.generation.config import Fusion
+from sigmarec.generation.fusion import OFF_GAP
 from sigmarec.model.batch import SFTExample, flat_to_codes
+from sigmarec.model.repeat import PromptSlots
 from sigmarec.model.sigma import SigmaModel
 
 
@@ -36,10 +38,41 @@ def _prefix_tokens(model: SigmaModel, flat: int, levels: int) -> list[int]:
     return [int(model.level_token_ids[lv][codes[lv]]) for lv in range(levels)]
 
 
+class _Copy:
+    """A repeat-aware model's copy term for one request: its prompt's item table and gates
+    (read at the last prompt token), or nothing for a model without it."""
+
+    def __init__(self, model: SigmaModel, ex: SFTExample) -> None:
+        self.model, self.slots, self.gates = model, None, None
+        if model.repeat is None:
+            return
+        dev = model.item_prefix.device
+        ids = torch.tensor([list(ex.input_ids)], device=dev)
+        n_ctx = int(ex.n_context or 0)
+        seq = torch.tensor([False] * n_ctx + [True] * (len(ex.item_ids) - n_ctx), device=dev)
+        self.slots = PromptSlots.from_batch(ids, torch.ones_like(ids), torch.tensor(
+            list(ex.item_ids), dtype=torch.long, device=dev), seq, model.item_token_id)
+        self.gates = model.repeat(_last_hidden(model, ex, []))[None]
+
+    def prefix(self, level: int, partial: int) -> torch.Tensor | None:
+        codes = torch.tensor(flat_to_codes(np.array([partial]), self.model.codebook_sizes[
+            :level]) if level else np.zeros((1, 0), dtype=np.int64), device=self.model
+            .item_prefix.device)
+        return self.model.copy_bias(self.gates, self.slots, level, codes)
+
+    def items(self, members: np.ndarray) -> np.ndarray:
+        if self.slots is None:
+            return np.zeros(len(members))
+        idx = torch.as_tensor(members[None], device=self.model.item_prefix.device)
+        return self.model.item_copy_bias(self.gates, self.slots, idx)[0].double().cpu().numpy()
+
+
 @torch.no_grad()
-def _level_logprobs(model: SigmaModel, ex: SFTExample, tokens: list[int], level: int) -> np.ndarray:
+def _level_logprobs(model: SigmaModel, ex: SFTExample, tokens: list[int], level: int,
+                    bias: torch.Tensor | None = None) -> np.ndarray:
     h = _last_hidden(model, ex, tokens)
-    return F.log_softmax(model.level_logits(h[None], level), dim=-1)[0].double().cpu().numpy()
+    return F.log_softmax(model.level_logits(h[None], level, copy=bias), dim=-1)[0].double(
+    ).cpu().numpy()
 
 
 @torch.no_grad()
@@ -51,6 +84,7 @@ def reference_recommend(model: SigmaModel, ex: SFTExample, k: int, m: int, n: in
     prefix_of = model.item_prefix.cpu().numpy()
     allow = np.ones(len(prefix_of), dtype=bool) if allow is None else np.asarray(allow, bool)
     counts = np.bincount(prefix_of[allow], minlength=model.n_prefixes)
+    copy = _Copy(model, ex)
 
     def beam(width: int) -> list[tuple[float, int]]:
         # Level by level: (log-prob, flat partial prefix); prune subtrees without eligible items.
@@ -60,7 +94,7 @@ def reference_recommend(model: SigmaModel, ex: SFTExample, k: int, m: int, n: in
             grown = []
             for lp, part in beams:
                 base = _prefix_tokens_partial(model, part, lv)
-                step = _level_logprobs(model, ex, base, lv)
+                step = _level_logprobs(model, ex, base, lv, copy.prefix(lv, part))
                 for c in range(sizes[lv]):
                     flat = part * sizes[lv] + c
                     if counts[flat * below:(flat + 1) * below].sum() > 0:
@@ -90,11 +124,13 @@ def reference_recommend(model: SigmaModel, ex: SFTExample, k: int, m: int, n: in
                          [model.query_token_id])
         q = model.query_from_hidden(h[None])[0].double().cpu().numpy()
         members = np.flatnonzero((prefix_of == flat) & allow)
-        cos = items_v[members] @ q
-        top = members[np.argsort(-cos, kind="stable")[:m]]
-        top_cos = items_v[top] @ q
+        # Scores: cosine, plus the copy term of a repeat-aware model.
+        cos = items_v[members] @ q + copy.items(members)
+        order = np.argsort(-cos, kind="stable")[:m]
+        top, top_cos = members[order], cos[order]
         if fusion == "off":
-            cands += [(-rank * 4.0 + float(c), int(i)) for c, i in zip(top_cos, top, strict=True)]
+            cands += [(-rank * OFF_GAP + float(c), int(i)) for c, i in zip(top_cos, top,
+                                                                          strict=True)]
             continue
         z = [c * scale for c in top_cos]
         hi = max(z)

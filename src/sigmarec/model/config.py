@@ -58,6 +58,13 @@ class ModelConfig(_Strict):
         "basket instead of the sampled target's prefix (they are never InfoNCE negatives either "
         "way)"
     )
+    repeat_aware: bool = Field(
+        False, description="a learned copy prior: prefix logits and item scores gain a gated "
+        "log(1 + count) term for the codes and items the prompt shows (purchase sequence and "
+        "context section apart), and InfoNCE also contrasts the target with the prompt's other "
+        "items (see sigmarec.model.repeat)",
+    )
+    repeat_init: float = Field(1.0, ge=0, description="start value of the four copy gates")
     shared_prefix_decode: bool = Field(
         True, description="generation: run the K continuations of a prompt in one row under a "
         "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",

@@ -44,6 +44,14 @@ from sigmarec.backbone.loading import add_special_tokens
 from sigmarec.model.adapt import adapt_backbone, cache_keyword
 from sigmarec.model.batch import SigmaCollator
 from sigmarec.model.config import ModelConfig
+from sigmarec.model.repeat import (
+    PromptSlots,
+    RepeatGate,
+    item_bias,
+    item_counts,
+    prefix_bias,
+    prefix_counts,
+)
 from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse
 
 if TYPE_CHECKING:
@@ -66,6 +74,9 @@ class PromptCache:
     attention_mask: torch.Tensor
     next_position: torch.Tensor
     logprobs: torch.Tensor
+    # Repeat-aware models (``cfg.repeat_aware``): the prompts' item table and copy gates.
+    slots: PromptSlots | None = None
+    repeat_gates: torch.Tensor | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -175,6 +186,9 @@ class SigmaModel(nn.Module):
         for s in self.sources:
             self.register_buffer(f"feat_{s}", feats[s], persistent=False)
         self.register_buffer("item_prefix", prefix, persistent=False)
+        self.register_buffer("item_codes", _codes_tensor(prefix, self.codebook_sizes),
+                             persistent=False)
+        self.repeat = RepeatGate(self.hidden, cfg.repeat_init) if cfg.repeat_aware else None
         self.fuse = ProjFuse({s: int(feats[s].shape[1]) for s in self.sources}, self.hidden,
                              target_norm, dropout=cfg.fuse_dropout)
         self.head = _Head(self.hidden, cfg.head)
@@ -313,9 +327,10 @@ class SigmaModel(nn.Module):
         delta = self.token_delta[: len(self.prefix_token_ids)] if self.tied else self.head_delta
         return rows + delta.float()
 
-    def level_logits(self, h: torch.Tensor, level: int,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the prefix tokens of ``level`` only, from final hidden states ``h``."""
+    def level_logits(self, h: torch.Tensor, level: int, rows: torch.Tensor | None = None,
+                     copy: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the prefix tokens of ``level`` only, from final hidden states ``h``, plus
+        ``copy`` (the repeat-aware copy term, see :meth:`copy_bias`)."""
         rows = self._prefix_rows() if rows is None else rows
         lo, hi = self.level_offsets[level], self.level_offsets[level + 1]
         logits = h.float() @ rows[lo:hi].T
@@ -325,7 +340,25 @@ class SigmaModel(nn.Module):
             logits = logits + bias[self.prefix_ids_t[lo:hi]].float()
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        return logits if copy is None else logits + copy
+
+    def copy_bias(self, gates: torch.Tensor | None, slots: PromptSlots | None, level: int,
+                  partial: torch.Tensor | None = None, before: torch.Tensor | None = None,
+                  seq_only: bool = False) -> torch.Tensor | None:
+        """The copy term of ``level``'s logits for rows of ``slots`` whose partial prefix is
+        ``partial`` (R, level); None for a model without it."""
+        if self.repeat is None or gates is None or slots is None:
+            return None
+        counts = prefix_counts(slots, self.item_codes, level, self.codebook_sizes[level],
+                               partial, before, seq_only)
+        return prefix_bias(gates, counts)
+
+    def item_copy_bias(self, gates: torch.Tensor, slots: PromptSlots, items: torch.Tensor,
+                       before: torch.Tensor | None = None, seq_only: bool = False
+                       ) -> torch.Tensor:
+        """(R, X) copy term of the cosine scores of ``items`` (R, X) (-1 entries get 0)."""
+        return item_bias(gates, item_counts(slots, items, before, seq_only),
+                         self.cfg.temperature)
 
     def query_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised query vector from the final hidden state at <q> (fp32)."""
@@ -374,6 +407,12 @@ class SigmaModel(nn.Module):
         n_levels = self.levels
         q = self.query_from_hidden(h[:, t - 1])
         zero = h.new_zeros((), dtype=torch.float32)
+        slots = gates = None
+        if self.repeat is not None:
+            slots = PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
+                                           self.item_token_id)
+            # Read where the answer starts: the token before the first label token.
+            gates = self.repeat(h[:, t - 2 - n_levels])
         with _no_autocast(h.device.type):
             rows = self._prefix_rows()
             codes = _codes_tensor(target_prefix, self.codebook_sizes)
@@ -386,7 +425,8 @@ class SigmaModel(nn.Module):
             ntp, correct = [], torch.ones(bsz, dtype=torch.bool, device=h.device)
             for lv in range(n_levels):
                 # The level-lv label token sits at column t-1-L+lv, predicted one column before.
-                logits = self.level_logits(h[:, t - 2 - n_levels + lv], lv, rows)
+                logits = self.level_logits(h[:, t - 2 - n_levels + lv], lv, rows,
+                                           self.copy_bias(gates, slots, lv, codes))
                 if self.cfg.multi_positive and pos_codes is not None:
                     soft = _positive_mix(pos_codes, pos_ok, codes, lv, logits.shape[1])
                     ntp.append(-(soft * logits.log_softmax(-1)).sum(-1).mean())
@@ -405,14 +445,25 @@ class SigmaModel(nn.Module):
             if positives is not None and positives.numel():
                 same |= (positives[:, :, None] == target_item[None, None, :]).any(1)
             same.fill_diagonal_(False)
+            if gates is not None:
+                logits_in = logits_in + self.item_copy_bias(
+                    gates, slots, target_item[None, :].expand(bsz, -1))
             logits_in = logits_in.masked_fill(same, -torch.inf)
             cols = [logits_in]
-            if hard_negatives is not None and hard_negatives.numel():
+            has_hard = hard_negatives is not None and hard_negatives.numel() > 0
+            if has_hard:
                 k = hard_negatives.shape[1]
                 v_neg = v[inverse[offset + bsz:offset + bsz + bsz * k]].view(bsz, k, -1)
                 logits_h = torch.einsum("bh,bkh->bk", q, F.normalize(v_neg.float(), dim=-1))
+                if gates is not None:
+                    logits_h = logits_h + self.item_copy_bias(gates, slots,
+                                                              hard_negatives.clamp(min=0))
                 bad = (hard_negatives < 0) | (hard_negatives == target_item[:, None])
                 cols.append(logits_h.masked_fill(bad, -torch.inf))
+            if gates is not None:
+                cols.append(self._prompt_negatives(q, v[inverse[:n_hist]], slots, gates,
+                                                   target_item, positives,
+                                                   hard_negatives if has_hard else None))
             logits_nce = torch.cat(cols, dim=1) / self.cfg.temperature
             labels = torch.arange(bsz, device=h.device)
             l_nce = F.cross_entropy(logits_nce, labels)
@@ -421,7 +472,8 @@ class SigmaModel(nn.Module):
             l_ntp_d = l_nce_d = zero
             if self.cfg.dense_weight > 0 and sequence_mask is not None:
                 l_ntp_d, l_nce_d = self._dense_losses(h, input_ids, attention_mask, rows, v,
-                                                      item_ids, inverse[:n_hist], sequence_mask)
+                                                      item_ids, inverse[:n_hist], sequence_mask,
+                                                      slots)
             loss = l_ntp + self.cfg.infonce_weight * l_nce + self.cfg.dense_weight * (
                 l_ntp_d + self.cfg.infonce_weight * l_nce_d)
         return {
@@ -434,10 +486,33 @@ class SigmaModel(nn.Module):
             "item_acc": item_acc.detach(),
         }
 
+    def _prompt_negatives(self, q: torch.Tensor, v_hist: torch.Tensor, slots: PromptSlots,
+                          gates: torch.Tensor, target_item: torch.Tensor,
+                          positives: torch.Tensor | None, hard: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """(B, J) InfoNCE columns of each row's own prompt items (repeat-aware models): the
+        copy gates can only be calibrated against the items the prompt shows but the user did
+        not buy next. Positives, padding, repeats within the row and items that already are a
+        column (another row's target, a hard negative) are masked."""
+        items = slots.items
+        present = items >= 0
+        vt = torch.zeros(*items.shape, v_hist.shape[-1], device=q.device, dtype=torch.float32)
+        vt[present] = F.normalize(v_hist.float(), dim=-1)
+        logits = torch.einsum("bh,bjh->bj", q, vt) + self.item_copy_bias(gates, slots, items)
+        j = torch.arange(items.shape[1], device=items.device)
+        earlier = (items[:, :, None] == items[:, None, :]) & (j[None, None, :] < j[None, :, None])
+        bad = ~present | earlier.any(-1) | (items[:, :, None] == target_item[None, None, :]).any(-1)
+        if positives is not None and positives.numel():
+            bad |= (items[:, :, None] == positives[:, None, :]).any(-1)
+        if hard is not None:
+            bad |= (items[:, :, None] == hard[:, None, :]).any(-1)
+        return logits.masked_fill(bad, -torch.inf)
+
     def _dense_losses(self, h: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, rows: torch.Tensor, v: torch.Tensor,
                       item_ids: torch.Tensor, hist_inverse: torch.Tensor,
-                      sequence_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      sequence_mask: torch.Tensor, prompt: PromptSlots | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-item losses at every purchase-sequence item of the prompts (ours, not the
         paper's: thousands of SFT samples instead of its ~130M, so each prompt must teach more).
 
@@ -457,26 +532,44 @@ class SigmaModel(nn.Module):
             return zero, zero
         target = hist_inverse[keep]  # index into the batch's distinct items
         codes = _codes_tensor(self.item_prefix[item_ids.view(-1)[keep]], self.codebook_sizes)
+        gates = sub = before = None
+        if prompt is not None and self.repeat is not None:
+            # The copy term of a history position counts only the sequence items before it:
+            # the context section summarises the whole history up to the cut, so it already
+            # holds this position's own item (a label leak the evaluation prompts never have).
+            gates = self.repeat(h[r, c - n_levels - 1])
+            sub, before = prompt.rows(r), prompt.ranks()[keep]
         ntp = []
         for lv in range(n_levels):
             col = c - n_levels + lv - 1  # the token before <c_lv>
-            logits = self.level_logits(h[r, col], lv, rows)
+            bias = self.copy_bias(gates, sub, lv, codes, before, seq_only=True)
+            logits = self.level_logits(h[r, col], lv, rows, bias)
             ntp.append(F.cross_entropy(logits, codes[:, lv]))
         qd = self.query_from_hidden(h[r, c - 1])
-        logits = qd @ F.normalize(v.float(), dim=-1).T / self.cfg.temperature
-        return torch.stack(ntp).mean(), F.cross_entropy(logits, target)
+        sims = qd @ F.normalize(v.float(), dim=-1).T
+        if gates is not None:
+            # Columns are the batch's distinct items: count them through their distinct index.
+            uniq_slots = torch.full_like(prompt.items, -1)
+            uniq_slots[prompt.items >= 0] = hist_inverse
+            cols = torch.arange(v.shape[0], device=v.device).expand(r.numel(), -1)
+            sims = sims + self.item_copy_bias(gates, PromptSlots(uniq_slots[r], sub.seq), cols,
+                                              before, seq_only=True)
+        return torch.stack(ntp).mean(), F.cross_entropy(sims / self.cfg.temperature, target)
 
     # ---------------------------------------------------------------------------- generation
 
     @torch.no_grad()
     def prefix_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor,
+        sequence_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PromptCache]:
         """Generation step 1: log-probs over the first-level prefix tokens after each prompt.
 
         Prompts must be left-padded (as the collator does with ``with_labels=False``). Returns
         (B, codes of level 1) log-probs (for a one-level prefix: over all flat prefixes) and a
-        :class:`PromptCache` for :meth:`query_vectors`.
+        :class:`PromptCache` for :meth:`query_vectors`. ``sequence_mask`` (the collator's) tells
+        a repeat-aware model the purchase sequence from the context section (None: all
+        sequence).
         """
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: the last column must be real tokens")
@@ -486,8 +579,31 @@ class SigmaModel(nn.Module):
             embeds = self.inputs_embeds(input_ids, attention_mask, soft)
             pos = positions_from_mask(attention_mask)
             h, cache = self._decode(embeds, attention_mask, pos, use_cache=True)
-            logp = F.log_softmax(self.level_logits(h[:, -1], 0), dim=-1)
-        return logp, PromptCache(cache, attention_mask, pos[:, -1] + 1, logp)
+            slots = gates = None
+            if self.repeat is not None:
+                slots = PromptSlots.from_batch(input_ids, attention_mask, item_ids,
+                                               sequence_mask, self.item_token_id)
+                gates = self.repeat(h[:, -1])
+            logp = F.log_softmax(self.level_logits(h[:, -1], 0, copy=self.copy_bias(
+                gates, slots, 0)), dim=-1)
+        return logp, PromptCache(cache, attention_mask, pos[:, -1] + 1, logp, slots, gates)
+
+    def _repeat_rows(self, cache: PromptCache, k: int
+                     ) -> tuple[PromptSlots | None, torch.Tensor | None]:
+        """The cache's item table and gates repeated for K continuations per prompt."""
+        if cache.slots is None or cache.repeat_gates is None:
+            return None, None
+        idx = torch.arange(cache.slots.items.shape[0], device=cache.slots.items.device)
+        idx = idx.repeat_interleave(k)
+        return cache.slots.rows(idx), cache.repeat_gates[idx]
+
+    def item_copy_scores(self, cache: PromptCache, items: torch.Tensor) -> torch.Tensor | None:
+        """(B, ...) copy term on the cosine scale of ``items`` (B, ...) for each prompt of the
+        cache (None for a model without it); entries of -1 get 0."""
+        if cache.slots is None or cache.repeat_gates is None:
+            return None
+        flat = items.reshape(items.shape[0], -1)
+        return self.item_copy_bias(cache.repeat_gates, cache.slots, flat).view(items.shape)
 
     def _continue(self, cache: PromptCache, codes: torch.Tensor, levels: int,
                   query: bool) -> torch.Tensor:
@@ -557,8 +673,10 @@ class SigmaModel(nn.Module):
             raise ValueError(f"level must be in 1..{self.levels - 1}, got {level}")
         codes = _codes_tensor(partial.reshape(-1), self.codebook_sizes[:level])
         h = self._continue(cache, codes, level, query=False)
+        slots, gates = self._repeat_rows(cache, k)
         with _eval_mode(self):
-            lp = F.log_softmax(self.level_logits(h[:, -1], level), dim=-1)
+            lp = F.log_softmax(self.level_logits(
+                h[:, -1], level, copy=self.copy_bias(gates, slots, level, codes)), dim=-1)
         return lp.view(bsz, k, -1)
 
     @torch.no_grad()
@@ -582,8 +700,10 @@ class SigmaModel(nn.Module):
             if not return_prefix_logprobs:
                 return q
             lp = cache.logprobs.repeat_interleave(k, dim=0).gather(1, codes[:, :1]).squeeze(1)
+            slots, gates = self._repeat_rows(cache, k)
             for lv in range(1, n_levels):
-                step = F.log_softmax(self.level_logits(h[:, lv - 1], lv), dim=-1)
+                step = F.log_softmax(self.level_logits(
+                    h[:, lv - 1], lv, copy=self.copy_bias(gates, slots, lv, codes)), dim=-1)
                 lp = lp + step.gather(1, codes[:, lv:lv + 1]).squeeze(1)
         return q, lp.view(bsz, k)
 

@@ -64,12 +64,16 @@ def decode_diagnostics(model: Any, examples: Sequence[Any], targets: Sequence[np
     for s in range(0, len(examples), batch_size):
         batch = collate(list(examples[s:s + batch_size]), with_labels=False)
         logp, cache = model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
-                                            batch["item_ids"])
+                                            batch["item_ids"], batch["sequence_mask"])
         k = min(k_prefixes, logp.shape[1])
         top_lp, top_c = logp.topk(k, dim=1)
         if model.levels == 1:
             q = model.query_vectors(cache, top_c)  # (B, K, H)
             sims = torch.einsum("bkh,nh->bkn", q.float(), items)
+            every = torch.arange(len(items)).expand(sims.shape[0], -1)
+            copy = model.item_copy_scores(cache, every)  # repeat-aware models only
+            if copy is not None:
+                sims = sims + copy[:, None, :]
             same = codes0[None, None, :] == top_c[:, :, None]
             logits = (sims / model.cfg.temperature).masked_fill(~same, -torch.inf)
             within = logits.log_softmax(-1)
