@@ -57,8 +57,8 @@ from sigmarec.generation.fusion import fuse
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel, load_sigma_model
-from sigmarec.serving.catalog import CatalogOverlay, load_overlay
-from sigmarec.serving.events import load_events
+from sigmarec.serving.catalog import CatalogOverlay, catalog_dir, load_overlay
+from sigmarec.serving.events import events_dir, load_events
 from sigmarec.tasks.definitions import Cut, Task
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
@@ -187,6 +187,12 @@ def _generation_choice(run_dir: Path, cfg: SigmaConfig) -> tuple[float, int]:
     return cfg.generation.tau, cfg.generation.k_prefixes
 
 
+def _published(run_dir: Path) -> tuple[str, tuple[str, ...]]:
+    current = catalog_dir(run_dir) / "CURRENT"
+    version = current.read_text().strip() if current.is_file() else ""
+    return version, tuple(sorted(f.name for f in events_dir(run_dir).glob("[0-9]*.parquet")))
+
+
 def _apply_overlay(parts: RuntimeParts, overlay: CatalogOverlay | None) -> RuntimeParts:
     if overlay is None:
         return parts
@@ -208,12 +214,16 @@ class Runtime:
         self.cfg = cfg
         self._state = state
         self._reload_lock = threading.Lock()
+        self._stamp = _published(run_dir)
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
     def load(cls, run_dir: Path, cfg: SigmaConfig) -> Runtime:
         run_dir = Path(run_dir)
-        return cls(run_dir, cfg, cls._build(run_dir, cfg))
+        stamp = _published(run_dir)  # before reading, so a later publication is not missed
+        rt = cls(run_dir, cfg, cls._build(run_dir, cfg))
+        rt._stamp = stamp
+        return rt
 
     @staticmethod
     def _build(run_dir: Path, cfg: SigmaConfig, previous: _State | None = None) -> _State:
@@ -278,10 +288,20 @@ class Runtime:
         return {int(u): g["item_idx"].to_numpy(np.int64)
                 for u, g in ev.groupby("user_idx", sort=False)}
 
-    def reload(self) -> None:
-        """Pick up events and added items published since the last load."""
+    def stamp(self) -> tuple[str, tuple[str, ...]]:
+        """What is published on disk now: the catalogue version and the event batch files."""
+        return _published(self.run_dir)
+
+    def reload(self) -> bool:
+        """Pick up events and added items published since the last load; False when nothing
+        changed."""
         with self._reload_lock:
+            stamp = self.stamp()
+            if stamp == self._stamp:
+                return False
             self._state = self._build(self.run_dir, self.cfg, self._state)
+            self._stamp = stamp
+            return True
 
     # ---------------------------------------------------------------------------- accessors
     @property
@@ -307,6 +327,15 @@ class Runtime:
     @property
     def k_prefixes(self) -> int:
         return self._state.k_prefixes
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        """(n_items,) the raw item id of every item index."""
+        return self._state.item_ids
+
+    def profile_of(self, user_idx: int) -> str:
+        """The profile line a known user's prompts show."""
+        return self._state.resources.profiles[int(user_idx)]
 
     def user_idx(self, user_id: str) -> int:
         idx = self._state.user_index.get(str(user_id))
@@ -368,7 +397,7 @@ class Runtime:
                 raise RequestError("profile", "a known user's profile comes from the data; "
                                    "give a profile only with an explicit history")
             u = self.user_idx(req.user_id)
-            return u, self.user_history(u), st.resources.profiles[u]
+            return u, self.user_history(u), self.profile_of(u)
         if req.history is None:
             raise RequestError("user_id", "give a user_id or an explicit history")
         limit = self.cfg.serving.service.max_history
@@ -503,6 +532,11 @@ class Runtime:
         return self.rank([self.resolve(r) for r in requests])
 
     def rank(self, resolved: Sequence[Resolved]) -> list[list[RecItem]]:
+        """Ranked items per resolved request; SIGMA requests share one decoder call."""
+        n = self.n_items
+        # Items added by a reload between resolve and rank: a filter admits none of them.
+        resolved = [r if r.allow is None or len(r.allow) == n else dataclasses.replace(
+            r, allow=np.pad(r.allow, (0, n - len(r.allow)))) for r in resolved]
         out: list[list[RecItem]] = [[] for _ in resolved]
         by_model: dict[str, list[int]] = {}
         for i, r in enumerate(resolved):
