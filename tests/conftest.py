@@ -42,3 +42,17 @@ def make_dataset(n_users: int = 30, n_items: int = 40, baskets_per_user: int = 1
 @pytest.fixture
 def synthetic() -> Dataset:
     return make_dataset()
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+    """A finished tiny-profile run up to generation (about 20 s), built once per test session
+    for the serving tests: (config, run directory). Treat it as read-only; copy it
+    (``shutil.copytree``) before anything writes into it."""
+    from sigmarec.config import load_config
+    from sigmarec.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = load_config("tiny")
+    run_pipeline(cfg, run_dir, until="generation")
+    return cfg, run_dir
