@@ -107,6 +107,14 @@ class DataConfig(_Strict):
     # learn that sort. Shuffling within baskets with the run seed removes the artefact.
     shuffle_within_baskets: bool = True
     min_rating: float | None = Field(None, description="keep explicit ratings >= this (MovieLens)")
+    # Cold-start evaluation: items first sold in the last N weeks are cut out of the catalogue and
+    # of every interaction before anything is counted or fitted, and written apart (data/holdout/)
+    # for `sigma items add` and `sigma bench coldstart`. Left out of the config dump (and so of
+    # the stage hash) while off, so runs made before this option existed stay fresh.
+    holdout_new_items_weeks: int | None = Field(
+        None, ge=1, exclude_if=lambda v: v is None,
+        description="hold out the items first sold in the last N weeks (cold-start evaluation)",
+    )
 
 
 class EvalConfig(_Strict):

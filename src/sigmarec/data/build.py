@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from sigmarec.config import DataConfig
-from sigmarec.data.processed import ProcessedData
+from sigmarec.data.processed import Holdout, ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP, Dataset
 from sigmarec.data.split import (
     assign_leave_one_out,
@@ -84,11 +85,21 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
         "items": inter["item_id"].nunique(),
     }
 
+    held, held_inter, cutoff = None, None, None
+    if cfg.holdout_new_items_weeks is not None:
+        # Before the user subset: an item is new only if nobody at all bought it earlier.
+        held = new_item_rows(inter, cfg.holdout_new_items_weeks, ds.interaction_source)
+        cutoff = held.attrs["cutoff"]
     if cfg.max_users is not None:
         users = np.sort(inter["user_id"].unique())
         if cfg.max_users < len(users):
-            keep = set(rng.choice(users, size=cfg.max_users, replace=False))
-            inter = inter[inter["user_id"].isin(keep)]
+            keep = inter["user_id"].isin(set(rng.choice(users, size=cfg.max_users,
+                                                        replace=False)))
+            inter = inter[keep]
+            held = None if held is None else held[keep]
+    if held is not None:
+        held_inter = _dedupe(inter[held])
+        inter = inter[~held]
     inter = _dedupe(inter)
 
     info: dict[str, Any] = {"dataset": ds.name, "split": cfg.split.kind, "raw": raw_counts}
@@ -135,6 +146,7 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
     )
     if cfg.split.kind == "leave_one_out":
         inter = assign_leave_one_out(inter)
+    inter_full = inter  # still has user_id / basket_id, for mapping held-out purchases
 
     instances = build_instances(inter, cfg.split.instances)
     cols = ["user_idx", "item_idx", "timestamp", "basket", "quantity", "event", "split", "pos"]
@@ -149,6 +161,55 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
         },
         **{f"{s}_instances": int((instances["split"] == s).sum()) for s in ("valid", "test")},
     }
+    holdout = None
+    if held_inter is not None:
+        holdout = _holdout(ds, held_inter, inter_full, user_ids, cfg, info)
+        info["holdout"] = {"weeks": cfg.holdout_new_items_weeks, "first_sold_from": str(cutoff),
+                           "items": len(holdout.items),
+                           "interactions": len(holdout.interactions),
+                           **{f"{s}_interactions": int((holdout.interactions["split"] == s).sum())
+                              for s in ("train", "valid", "test")}}
     return ProcessedData(
-        items=items, users=users, interactions=inter, instances=instances, info=info
+        items=items, users=users, interactions=inter, instances=instances, info=info,
+        holdout=holdout,
     )
+
+
+def new_item_rows(inter: pd.DataFrame, weeks: int, source: str) -> pd.Series:
+    """Mask of the interactions of items first sold in the last ``weeks`` weeks (counted back
+    from the midnight after the last event); the cut-off is in ``.attrs["cutoff"]``."""
+    last = inter["timestamp"].max().normalize() + timedelta(days=1)
+    cutoff = last - timedelta(weeks=weeks)
+    if cutoff <= inter["timestamp"].min():
+        raise DataError(f"data.holdout_new_items_weeks={weeks}: the window starts at "
+                        f"{cutoff.date()}, before the first event of {source} "
+                        f"({inter['timestamp'].min().date()}); every item would be held out")
+    held = inter.groupby("item_id")["timestamp"].transform("min") >= cutoff
+    held.attrs["cutoff"] = cutoff
+    return held
+
+
+def _holdout(ds: Dataset, held: pd.DataFrame, inter: pd.DataFrame, user_ids: np.ndarray,
+             cfg: DataConfig, info: dict[str, Any]) -> Holdout:
+    """The held-out items (common item schema plus ``text``) and their interactions by the
+    users of the processed data; ``basket`` is the processed basket number the purchase shares
+    (-1 when its basket holds no catalogue item), ``split`` follows the run's cut-offs."""
+    ids = np.sort(held["item_id"].unique())
+    items = ds.items.assign(item_id=ds.items["item_id"].astype(str))
+    items = items.set_index("item_id").loc[ids].reset_index()
+    items["text"] = items.apply(render_item_text, axis=1) if len(items) else pd.Series(dtype=str)
+    held = held[held["user_id"].isin(user_ids)].copy()
+    held["user_idx"] = pd.Index(user_ids).get_indexer(held["user_id"])
+    baskets = inter[["user_id", "basket_id", "basket"]].drop_duplicates(["user_id", "basket_id"])
+    held = held.merge(baskets, on=["user_id", "basket_id"], how="left")
+    held["basket"] = held["basket"].fillna(-1).astype(np.int64)
+    if cfg.split.kind == "temporal":
+        valid_start, test_start = (pd.Timestamp(info[k]) for k in ("valid_start", "test_start"))
+        held["split"] = np.where(held["timestamp"] < valid_start, "train",
+                                 np.where(held["timestamp"] < test_start, "valid", "test"))
+    else:
+        held["split"] = "holdout"  # leave-one-out has no global evaluation window
+    cols = ["user_idx", "item_id", "timestamp", "basket", "basket_id", "quantity", "event",
+            "split"]
+    held = held.sort_values(["user_idx", "timestamp"], kind="stable")[cols]
+    return Holdout(items=items, interactions=held.reset_index(drop=True))

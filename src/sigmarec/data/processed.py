@@ -24,6 +24,34 @@ from sigmarec.errors import StageError
 FILES = ("items.parquet", "users.parquet", "interactions.parquet", "instances.parquet")
 
 
+HOLDOUT_DIR = "holdout"
+
+
+@dataclass
+class Holdout:
+    """Items held out for cold-start evaluation (``data.holdout_new_items_weeks``) and their
+    purchases. Written to ``data/holdout/`` and read only by serving (:func:`load_holdout`):
+    :meth:`ProcessedData.load` never reads it, so no stage can train on it."""
+
+    items: pd.DataFrame  # common item schema + text; no item_idx (given when onboarded)
+    # user_idx, item_id, timestamp, basket (processed basket shared, -1 if none), basket_id
+    # (the source's), quantity, event, split
+    interactions: pd.DataFrame
+
+    def save(self, folder: Path) -> None:
+        write_parquet(folder / "items.parquet", self.items)
+        write_parquet(folder / "interactions.parquet", self.interactions)
+
+
+def load_holdout(data_dir: Path) -> Holdout | None:
+    """The held-out items of a data stage folder, or None when the run held none out."""
+    folder = Path(data_dir) / HOLDOUT_DIR
+    if not (folder / "items.parquet").is_file():
+        return None
+    return Holdout(items=pd.read_parquet(folder / "items.parquet"),
+                   interactions=pd.read_parquet(folder / "interactions.parquet"))
+
+
 @dataclass
 class ProcessedData:
     items: pd.DataFrame  # item_idx, item_id, title, category_path, brand, attributes, text
@@ -34,6 +62,7 @@ class ProcessedData:
     # instance_id, split ("valid"/"test"), task, user_idx, hist_len, targets (list[int]), timestamp
     instances: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
+    holdout: Holdout | None = None  # saved apart, never loaded back by load()
 
     @property
     def n_items(self) -> int:
@@ -101,6 +130,8 @@ class ProcessedData:
             FILES, (self.items, self.users, self.interactions, self.instances), strict=True
         ):
             write_parquet(folder / name, df)
+        if self.holdout is not None:
+            self.holdout.save(folder / HOLDOUT_DIR)
         write_json(folder / "info.json", self.info)
 
     @classmethod

@@ -1,9 +1,117 @@
-"""CLI commands of serving (items), registered on the `sigma` app by :func:`register`."""
+"""CLI commands of serving (items), registered on the `sigma` app by :func:`register`:
+``sigma items add`` (new items without retraining) and ``sigma bench coldstart``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+# cli.py registers these commands while it is still being imported, so its option aliases and
+# helpers are not importable here yet: the options are spelled out, the helpers imported late.
+_Config = Annotated[list[Path] | None, typer.Option(
+    "--config", "-c", help="YAML file(s) layered over the profile, in order.")]
+_Profile = Annotated[str, typer.Option("--profile", "-p", help="named profile")]
+_Set = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
+_Out = Annotated[Path | None, typer.Option(
+    "--out", "-o", help="run directory (default runs/<profile>)")]
+
+
+def _group(app: typer.Typer, name: str) -> typer.Typer:
+    for g in app.registered_groups:
+        if g.name == name and g.typer_instance is not None:
+            return g.typer_instance
+    raise RuntimeError(f"the `sigma {name}` command group must be added before serving registers")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app`` (heavy imports stay inside the commands)."""
+    items_app = typer.Typer(no_args_is_help=True,
+                            help="Items added after training (recommendable without retraining).")
+    app.add_typer(items_app, name="items")
+
+    @items_app.command("add")
+    def add(
+        items_file: Annotated[Path, typer.Argument(
+            help="new items: CSV/TSV/Parquet/JSONL, in the data layer's item schema or mapped "
+            "by data.files.item_columns")],
+        config: _Config = None,
+        profile: _Profile = "default",
+        out: _Out = None,
+        sets: _Set = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+        verbose: bool = False,
+    ) -> None:
+        """Onboard new items into a trained run: text embedding, semantic ID, soft token;
+        published atomically as a new catalogue version."""
+        from sigmarec.cli import _config, _run_dir, _setup_logging, console
+        from sigmarec.serving.items import add_items
+
+        _setup_logging(verbose)
+        cfg = _config(profile, config, sets)
+        run_dir = _run_dir(out, cfg)
+        before = _count_added(run_dir)
+        overlay = add_items(run_dir, cfg, items_file)
+        new = overlay.items.iloc[before:] if before <= overlay.n_items else overlay.items
+        rows = [{"item_idx": int(r.item_idx), "item_id": str(r.item_id), "text": str(r.text),
+                 "semantic_id": [int(c) for c in overlay.codes[i]],
+                 "prefix": int(overlay.prefix[i])}
+                for i, r in zip(range(overlay.n_items - len(new), overlay.n_items),
+                                new.itertuples(index=False), strict=True)]
+        if as_json:
+            print(json.dumps({"version": overlay.version, "added": rows,
+                              "catalogue_added_items": overlay.n_items}, indent=2))
+            return
+        from rich.table import Table
+
+        t = Table(title=f"added to {run_dir} as catalogue {overlay.version}")
+        for col in ("item_idx", "item_id", "text", "semantic ID", "prefix"):
+            t.add_column(col)
+        for r in rows[:50]:
+            t.add_row(str(r["item_idx"]), r["item_id"], r["text"][:60],
+                      " ".join(map(str, r["semantic_id"])), str(r["prefix"]))
+        console.print(t)
+        if len(rows) > 50:
+            console.print(f"... and {len(rows) - 50} more")
+        console.print(f"{len(rows)} items added; {overlay.n_items} added items in all; the "
+                      "service picks them up on its next reload")
+
+    bench = _group(app, "bench")
+
+    @bench.command("coldstart")
+    def coldstart(
+        config: _Config = None,
+        profile: _Profile = "default",
+        out: _Out = None,
+        sets: _Set = None,
+        batch_size: Annotated[int, typer.Option(help="SIGMA prompts per decoder call")] = 16,
+        max_instances: Annotated[int | None, typer.Option(
+            help="at most this many instances of each set (seeded sample)")] = None,
+        verbose: bool = False,
+    ) -> None:
+        """Cold-start evaluation: onboard the held-out new items (data.holdout_new_items_weeks)
+        with `items add`, then measure how SIGMA and the baselines recommend them."""
+        from sigmarec.cli import _config, _run_dir, _setup_logging, console
+        from sigmarec.core.atomic import write_json
+        from sigmarec.serving.coldstart import coldstart_table, run_coldstart
+
+        _setup_logging(verbose)
+        cfg = _config(profile, config, sets)
+        run_dir = _run_dir(out, cfg)
+        result = run_coldstart(run_dir, cfg, batch_size=batch_size, max_instances=max_instances)
+        write_json(run_dir / "serving" / "coldstart.json", result)
+        console.print(coldstart_table(result))
+        console.print(f"written to {run_dir / 'serving' / 'coldstart.json'}")
+
+
+def _count_added(run_dir: Path) -> int:
+    from sigmarec.errors import SigmaError
+    from sigmarec.serving.catalog import load_overlay
+
+    try:
+        prev = load_overlay(run_dir, check=False)
+    except SigmaError:  # a broken previous version is reported by add_items
+        return 0
+    return 0 if prev is None else prev.n_items

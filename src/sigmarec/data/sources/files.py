@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sigmarec.config import DataConfig, FilesSource
+from sigmarec.config import DataConfig, FilesSource, ItemColumnMap
 from sigmarec.data.schema import CATEGORY_SEP, Dataset, require_columns
 from sigmarec.errors import DataError
 
@@ -366,6 +366,12 @@ def _items(fs: FilesSource, item_ids: pd.Series, inter_src: str) -> tuple[pd.Dat
     if m.image_embedding:
         items["image_embedding"] = _embeddings(df, m.image_embedding, src)
     return items, src
+
+
+def read_items(path: Path, columns: ItemColumnMap) -> tuple[pd.DataFrame, str]:
+    """One item file in the common item schema, columns mapped by ``columns`` (as the files
+    source maps ``data.files.items``); returns (items, source name for messages)."""
+    return _items(FilesSource(items=path, item_columns=columns), pd.Series(dtype=str), str(path))
 
 
 def _users(fs: FilesSource) -> tuple[pd.DataFrame, str]:
