@@ -247,7 +247,14 @@ class Runtime:
                                             item_prefix=item_prefix,
                                             n_trained_items=data.n_items), overlay)
         data = parts.data
-        model = load_sigma_model(model_dir, cfg.backbone, parts.item_features, parts.item_prefix)
+        if parts.data.n_items > parts.n_trained_items:
+            from sigmarec.serving.items import load_model_with_items
+
+            # The checkpoint is checked against the trained catalogue, then extended.
+            model = load_model_with_items(model_dir, cfg.backbone, parts)
+        else:
+            model = load_sigma_model(model_dir, cfg.backbone, parts.item_features,
+                                     parts.item_prefix)
         tau, k_used = _generation_choice(run_dir, cfg)
         decoder = SigmaDecoder(model, k_used, cfg.generation.m_per_prefix,
                                index_backend=cfg.tokenization.index.backend)
