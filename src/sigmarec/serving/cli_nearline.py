@@ -1,9 +1,210 @@
-"""CLI commands of serving (nearline), registered on the `sigma` app by :func:`register`."""
+"""CLI commands of serving (nearline), registered on the `sigma` app by :func:`register`:
+``sigma nearline --events FILE``, ``sigma u2i get`` / ``sigma u2i versions`` (read the store) and
+``sigma bench nearline`` (incremental update with KV reuse vs recomputing from scratch)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+# cli.py registers these commands while it is still being imported: options are spelled out
+# and its helpers imported inside the commands.
+_Config = Annotated[list[Path] | None, typer.Option(
+    "--config", "-c", help="YAML file(s) layered over the profile, in order.")]
+_Profile = Annotated[str, typer.Option("--profile", "-p", help="named profile")]
+_Set = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
+_Out = Annotated[Path | None, typer.Option(
+    "--out", "-o", help="run directory (default runs/<profile>)")]
+_Json = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _group(app: typer.Typer, name: str) -> typer.Typer | None:
+    for g in app.registered_groups:
+        if g.name == name:
+            return g.typer_instance
+    return None
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app`` (heavy imports stay inside the commands)."""
+
+    @app.command()
+    def nearline(
+        events: Annotated[Path, typer.Option(
+            "--events", help="new interactions (CSV/TSV/Parquet/JSONL; columns as "
+            "data.files.interaction_columns)")],
+        config: _Config = None,
+        profile: _Profile = "default",
+        out: _Out = None,
+        sets: _Set = None,
+        as_json: _Json = False,
+        verbose: bool = False,
+    ) -> None:
+        """Append new interactions, recompute the users they touch for serving.nearline.tasks
+        and publish the lists as a new U2I store version (rerun after a crash to finish)."""
+        from dataclasses import asdict
+
+        from rich.console import Console
+
+        from sigmarec.cli import _config, _run_dir, _setup_logging
+        from sigmarec.serving.nearline import run_nearline
+
+        _setup_logging(verbose)
+        cfg = _config(profile, config, sets)
+        res = run_nearline(_run_dir(out, cfg), cfg, events)
+        if as_json:
+            typer.echo(json.dumps(asdict(res), indent=2))
+            return
+        con = Console()
+        if res.already_published:
+            con.print(f"{events}: already published as U2I version {res.version} "
+                      f"({res.rows} rows); nothing to do")
+            return
+        con.print(f"U2I version {res.version}: {res.rows} lists ({res.users} users x "
+                  f"{', '.join(res.tasks)}) from {res.events_file}"
+                  f"{'' if res.appended else ' (appended by an earlier, interrupted run)'}")
+        if res.reuse:
+            r = res.reuse
+            con.print(f"prompt KV reuse: {r['reused_tokens']}/{r['tokens']} tokens "
+                      f"({r['reused_share']:.0%}); reuse ended in {r['reuse_ends_in']}")
+        con.print(f"seconds: {res.seconds}")
+
+    u2i_app = typer.Typer(no_args_is_help=True, help="Read the user-to-item (U2I) store.")
+    app.add_typer(u2i_app, name="u2i")
+
+    @u2i_app.command("get")
+    def u2i_get(
+        user: Annotated[str, typer.Option("--user", help="a user id")],
+        task: Annotated[str, typer.Option("--task", help="a task name")] = "JustForYou",
+        version: Annotated[int | None, typer.Option(
+            help="read as of this version (default: the newest)")] = None,
+        config: _Config = None,
+        profile: _Profile = "default",
+        out: _Out = None,
+        sets: _Set = None,
+        as_json: _Json = False,
+    ) -> None:
+        """The published list of a user and task."""
+        from dataclasses import asdict
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from sigmarec.cli import _config, _run_dir
+        from sigmarec.errors import SigmaError
+        from sigmarec.serving.store import open_store
+
+        cfg = _config(profile, config, sets)
+        run_dir = _run_dir(out, cfg)
+        with open_store(cfg.serving.u2i_store, run_dir) as store:
+            entry = store.get(user, task, version)
+            latest = store.latest_version()
+        if entry is None:
+            where = "the store is empty" if latest is None else f"newest version {latest}"
+            raise SigmaError(f"u2i: no list for user {user!r}, task {task!r} "
+                             f"({cfg.serving.u2i_store}: {where})")
+        if as_json:
+            typer.echo(json.dumps(asdict(entry), indent=2))
+            return
+        texts = _item_texts(run_dir, entry.items)
+        t = Table(title=f"user {user}, {task}: version {entry.version} ({entry.model}, "
+                        f"published {entry.published_at})")
+        for c in ("rank", "item id", "item", "score"):
+            t.add_column(c, justify="right" if c in ("rank", "score") else "left")
+        for r, (item, score) in enumerate(zip(entry.items, entry.scores, strict=True), 1):
+            t.add_row(str(r), item, texts.get(item, ""), f"{score:.4f}")
+        Console().print(t)
+
+    @u2i_app.command("versions")
+    def u2i_versions(
+        config: _Config = None,
+        profile: _Profile = "default",
+        out: _Out = None,
+        sets: _Set = None,
+        as_json: _Json = False,
+    ) -> None:
+        """Every published version of the store, oldest first."""
+        from dataclasses import asdict
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from sigmarec.cli import _config, _run_dir
+        from sigmarec.serving.store import open_store
+
+        cfg = _config(profile, config, sets)
+        with open_store(cfg.serving.u2i_store, _run_dir(out, cfg)) as store:
+            versions = store.versions()
+        if as_json:
+            typer.echo(json.dumps([asdict(v) for v in versions], indent=2))
+            return
+        t = Table(title=f"U2I store {cfg.serving.u2i_store}")
+        for c in ("version", "published", "rows", "users", "tasks", "events file"):
+            t.add_column(c)
+        for v in versions:
+            t.add_row(str(v.version), v.published_at, str(v.n_rows), str(v.meta.get("users", "")),
+                      ", ".join(v.meta.get("tasks", [])), str(v.meta.get("events_file", "")))
+        Console().print(t)
+
+    bench = _group(app, "bench")
+    if bench is None:  # pragma: no cover - cli.py adds the bench group before registering us
+        return
+
+    @bench.command("nearline")
+    def bench_nearline_cmd(
+        users: Annotated[int, typer.Option(help="users whose update is timed")] = 64,
+        repeats: Annotated[int, typer.Option(help="timed repetitions of each method")] = 3,
+        config: _Config = None,
+        profile: _Profile = "default",
+        out: _Out = None,
+        sets: _Set = None,
+        verbose: bool = False,
+    ) -> None:
+        """Nearline update of the same users with prompt KV reuse vs from scratch, as ratios.
+        Works on a temporary copy of the run directory (the run itself is never written)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from sigmarec.cli import _config, _run_dir, _setup_logging
+        from sigmarec.errors import SigmaError
+        from sigmarec.serving.nearline_bench import bench_nearline
+
+        if users < 1 or repeats < 1:
+            raise SigmaError(f"--users ({users}) and --repeats ({repeats}) must be >= 1")
+        _setup_logging(verbose)
+        cfg = _config(profile, config, sets)
+        res = bench_nearline(_run_dir(out, cfg), cfg, users, repeats)
+        t = Table(title=f"bench nearline ({res['run']}, {users} users x {res['tasks']}, "
+                        f"batch {res['batch_size']}, {res['threads']} threads)")
+        for c in ("method", "prompt forward s", "update s", "tokens run", "vs scratch (update)"):
+            t.add_column(c, justify="right")
+        for name, row in res["methods"].items():
+            t.add_row(name, f"{row['prompt_s']:.3f}", f"{row['update_s']:.3f}",
+                      str(row["tokens_run"]), f"{row['speedup_update']:.2f}x")
+        con = Console()
+        con.print(t)
+        con.print(f"reuse: {res['reuse']}")
+        con.print(f"max |Δ prefix log-prob| {res['max_logprob_diff']:.2e}; same top-"
+                  f"{res['k']} lists: {res['same_lists']:.0%}")
+        con.print(f"written: {res['written']}")
+
+
+def _item_texts(run_dir: Path, ids: list[str]) -> dict[str, str]:
+    """Readable names of the listed items (trained catalogue and added items)."""
+    import pandas as pd
+
+    from sigmarec.serving.catalog import load_overlay
+    from sigmarec.tasks.sft_data import item_description
+
+    path = Path(run_dir) / "data" / "items.parquet"
+    if not path.is_file():
+        return {}
+    items = pd.read_parquet(path)
+    overlay = load_overlay(run_dir)
+    if overlay is not None:
+        items = pd.concat([items, overlay.items], ignore_index=True)
+    pos = {str(v): i for i, v in enumerate(items["item_id"])}
+    return {i: item_description(items, pos[i]) for i in ids if i in pos}
