@@ -30,6 +30,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from sigmarec.config import SigmaConfig
@@ -355,13 +356,20 @@ def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None) 
                           .rstrip(": "))
         return _error(422, _field_of(err.get("loc", ())), str(err.get("msg", "invalid")))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (an undecodable body, an unknown path or method) in the same
+        # shape as every other error.
+        return _error(e.status_code, "body" if e.status_code == 400 else None, str(e.detail),
+                      dict(e.headers or {}))
+
     @app.exception_handler(_Unavailable)
     async def _unavailable(request: Request, e: _Unavailable) -> JSONResponse:
         return _error(503, None, str(e), {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
-        log.exception("serving: %s %s failed", request.method, request.url.path)
+        # Starlette re-raises after sending this, so the server logs the traceback once.
         return _error(500, None, f"internal error ({type(e).__name__}); see the service log")
 
     def _response(rt: Runtime, r: Resolved, items: list[RecItem]) -> RecResponse:
@@ -451,50 +459,43 @@ def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None) 
     return app
 
 
+class U2IItem(BaseModel):
+    rank: int
+    item_id: str
+    score: float
+
+
+class U2IResponse(BaseModel):
+    user_id: str
+    task: str
+    model: str
+    version: int = Field(description="the store version the list was published in")
+    published_at: str
+    items: list[U2IItem]
+
+
 def _add_u2i(app: FastAPI, service: _Service) -> None:
-    """``GET /v1/u2i/{user_id}?task=``: precomputed lists from the nearline job's U2I store."""
-    try:
-        from sigmarec.serving.store import open_store
-    except ImportError:  # the store is not part of this build
-        return
-
-    class U2IItem(BaseModel):
-        rank: int
-        item_id: str
-        score: float | None = None
-
-    class U2IResponse(BaseModel):
-        user_id: str
-        task: str
-        version: Any = Field(description="the store version the list was published in")
-        items: list[U2IItem]
+    """``GET /v1/u2i/{user_id}?task=``: the lists the nearline job published to the U2I store
+    (read straight from the store: no model needed, so it answers while the model loads)."""
+    from sigmarec.serving.store import open_store
 
     state: dict[str, Any] = {}
 
-    def store() -> Any:
+    def read(user_id: str, task: str) -> Any:
         if "store" not in state:
             state["store"] = open_store(service.cfg.serving.u2i_store, service.run_dir)
-        return state["store"]
+        return state["store"].get(user_id, task)
 
     @app.get("/v1/u2i/{user_id}", response_model=U2IResponse, responses=ERRORS, tags=["u2i"])
-    async def u2i(user_id: str, task: Annotated[str, Query(max_length=ID_CHARS)] = "JustForYou"
+    async def u2i(user_id: str, task: Annotated[str, Query(
+            max_length=ID_CHARS, description="the task the list was computed for")] = "JustForYou"
                   ) -> Any:
         """The list the nearline job last published for this user and task."""
-        got = await asyncio.to_thread(lambda: store().get(user_id, task))
-        if got is None:
+        entry = await asyncio.to_thread(read, user_id, task)
+        if entry is None:
             return _error(404, "user_id", f"no list for user {user_id!r} and task {task!r} "
-                          "in the U2I store (run `sigma nearline`)")
-        version, items = got
-        return U2IResponse(user_id=user_id, task=task, version=version,
-                           items=[_u2i_item(U2IItem, r, it) for r, it in enumerate(items, 1)])
-
-
-def _u2i_item(cls: type[BaseModel], rank: int, item: Any) -> BaseModel:
-    if isinstance(item, dict):
-        return cls(rank=int(item.get("rank", rank)), item_id=str(item["item_id"]),
-                   score=item.get("score"))
-    if isinstance(item, (tuple, list)):
-        return cls(rank=rank, item_id=str(item[0]), score=float(item[1]) if len(item) > 1
-                   else None)
-    return cls(rank=rank, item_id=str(getattr(item, "item_id", item)),
-               score=getattr(item, "score", None))
+                          "in the U2I store (see `sigma nearline`)")
+        return U2IResponse(user_id=entry.user_id, task=entry.task, model=entry.model,
+                           version=entry.version, published_at=entry.published_at,
+                           items=[U2IItem(rank=r, item_id=str(i), score=float(sc)) for r, (i, sc)
+                                  in enumerate(zip(entry.items, entry.scores, strict=True), 1)])
