@@ -339,6 +339,9 @@ def test_coldstart_bench(run: tuple[object, Path]) -> None:
             if k.startswith("HR@10") and v is not None:
                 assert 0.0 <= v <= 1.0
     assert "no output token" in models["gr_id"]["note"]
+    fid = res["stand_in_fidelity"]
+    assert set(fid) == {"text_neighbours", "prefix_mean", "ridge", "overall mean"}
+    assert fid["overall mean"]["centred cosine"] == 0.0
     assert "| sigma |" in as_markdown(res)
 
 

@@ -40,7 +40,13 @@ from sigmarec.core.stage import StageContext, read_manifest
 from sigmarec.data.processed import Holdout, ProcessedData, load_holdout
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.serving.catalog import CatalogOverlay, load_overlay, stage_run_ids
-from sigmarec.serving.items import ItemSpace, add_frame, add_to_loaded, extend_items
+from sigmarec.serving.items import (
+    ItemSpace,
+    add_frame,
+    add_to_loaded,
+    extend_items,
+    stand_in_fidelity,
+)
 
 log = logging.getLogger("sigmarec")
 
@@ -306,6 +312,7 @@ def run_coldstart(run_dir: Path, cfg: SigmaConfig, batch_size: int = 16,
         "instances": {"all": len(inst), "feed": int(inst["feed"].sum()),
                       "new_item_occasions": int(inst["new_occasion"].sum())},
         "sigma": sigma_info,
+        "stand_in_fidelity": stand_in_fidelity(space, cfg.serving.items, seed=run_cfg.seed),
         "models": models,
     }
 
