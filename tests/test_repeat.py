@@ -209,6 +209,61 @@ def test_the_copy_prior_learns_to_copy_on_unseen_prompts() -> None:
         test = samples(model, 40)
         items, _ = SigmaDecoder(model, 4, N_ITEMS).recommend(test, 1, fusion="fixed", tau=0.05)
         acc[repeat] = float(np.mean([items[r, 0] in e.item_ids for r, e in enumerate(test)]))
-    print(acc)
     assert acc[True] >= 0.9, acc
     assert acc[True] > acc[False] + 0.3, acc
+
+
+def test_gate_biases_get_their_own_learning_rate() -> None:
+    from sigmarec.training.loop import param_groups
+
+    model = make_model(repeat_aware=True)
+    groups = param_groups(model, TrainingConfig(gate_lr=0.07))
+    gate = [g for g in groups if g["name"].startswith("gate")]
+    assert len(gate) == 1 and gate[0]["lr"] == 0.07
+    assert [p.data_ptr() for p in gate[0]["params"]] == [model.repeat.proj.bias.data_ptr()]
+    # The gate weights train with the other new modules.
+    new = [p.data_ptr() for g in groups if g["name"].startswith("new") for p in g["params"]]
+    assert model.repeat.proj.weight.data_ptr() in new
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_catalogue_infonce_is_a_full_softmax_over_every_item(repeat: bool) -> None:
+    model = _randomised(infonce_negatives="catalogue", dense_weight=1.0) if repeat else \
+        make_model(infonce_negatives="catalogue", dense_weight=1.0).eval()
+    ex, b = _batch(model)
+    with torch.no_grad():
+        out = model(**b)
+        h = _hidden(model, b)
+        v = model.item_vectors()  # every item: the columns
+    t = b["input_ids"].shape[1]
+    temp = model.cfg.temperature
+
+    def copy(state: torch.Tensor, seq: list[int], ctx: list[int]) -> torch.Tensor:
+        if not repeat:
+            return torch.zeros(N_ITEMS)
+        g = F.softplus(model.repeat.proj(state.float()))
+        return torch.tensor([temp * (g[2] * math.log1p(seq.count(i)) +
+                                     g[3] * math.log1p(ctx.count(i))) for i in range(N_ITEMS)])
+
+    nll, dense = [], []
+    with torch.no_grad():
+        for r, e in enumerate(ex):
+            q = model.query_from_hidden(h[r, t - 1][None])[0]
+            logits = (q @ v.T + copy(h[r, t - 3], list(e.item_ids[e.n_context:]),
+                                     list(e.item_ids[: e.n_context]))) / temp
+            others = [p for p in e.positives if p != e.target_item]
+            logits[others] = -torch.inf
+            nll.append(-logits.log_softmax(-1)[e.target_item])
+            cols = [c for c in range(t) if b["input_ids"][r, c] == model.item_token_id
+                    and b["attention_mask"][r, c]]
+            for j, c in enumerate(cols):
+                if j < e.n_context:
+                    continue
+                qd = model.query_from_hidden(h[r, c - 1][None])[0]
+                # The dense copy term never counts the context section.
+                bias = copy(h[r, c - 2], list(e.item_ids[e.n_context:j]), [])
+                sims = (qd @ v.T + bias) / temp
+                dense.append(-sims.log_softmax(-1)[e.item_ids[j]])
+    assert out["l_infonce"].item() == pytest.approx(float(torch.stack(nll).mean()), rel=1e-4)
+    assert out["l_infonce_dense"].item() == pytest.approx(float(torch.stack(dense).mean()),
+                                                          rel=1e-4)

@@ -58,6 +58,12 @@ class ModelConfig(_Strict):
         "basket instead of the sampled target's prefix (they are never InfoNCE negatives either "
         "way)"
     )
+    infonce_negatives: Literal["batch", "catalogue"] = Field(
+        "batch", description="batch: the paper's InfoNCE against the other in-batch targets, "
+        "the hard negatives (and a repeat-aware model's prompt items); catalogue: a full softmax "
+        "over every item of the catalogue (as SASRec-CE), for the label and the dense losses, "
+        "which the full-ranking evaluation matches (ProjFuse then runs over all items each step)",
+    )
     repeat_aware: bool = Field(
         False, description="a learned copy prior: prefix logits and item scores gain a gated "
         "log(1 + count) term for the codes and items the prompt shows (purchase sequence and "

@@ -115,6 +115,23 @@ def item_counts(slots: PromptSlots, items: torch.Tensor, before: torch.Tensor | 
     return torch.stack([(same & seq).sum(-1), ctx.sum(-1)], dim=-1).float()
 
 
+def column_counts(slots: PromptSlots, n_cols: int, before: torch.Tensor | None = None,
+                  seq_only: bool = False) -> torch.Tensor:
+    """(R, n_cols, 2) occurrences of every column id 0..n_cols-1 in each row's prompt, where
+    ``slots.items`` already holds column ids (the item ids for a whole-catalogue softmax, or
+    the batch's distinct-item index); the same counts as :func:`item_counts` with
+    ``items = arange(n_cols)``, by scatter instead of a (R, n_cols, J) comparison."""
+    ok = slots.items >= 0
+    if before is not None:
+        ok = ok & (torch.arange(ok.shape[1], device=ok.device)[None, :] < before[:, None])
+    out = torch.zeros(ok.shape[0], 2, n_cols, device=ok.device)
+    idx = slots.items.clamp(min=0)
+    out[:, 0].scatter_add_(1, idx, (ok & slots.seq).float())
+    if not seq_only:
+        out[:, 1].scatter_add_(1, idx, (ok & ~slots.seq).float())
+    return out.transpose(1, 2)
+
+
 def prefix_bias(gates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(R, C) logit bias from gates (R, 4) and :func:`prefix_counts` (R, 2, C)."""
     return (gates[:, :2, None] * counts.log1p()).sum(1)

@@ -47,6 +47,7 @@ from sigmarec.model.config import ModelConfig
 from sigmarec.model.repeat import (
     PromptSlots,
     RepeatGate,
+    column_counts,
     item_bias,
     item_counts,
     prefix_bias,
@@ -393,8 +394,14 @@ class SigmaModel(nn.Module):
                 parts.append(hard_negatives.clamp(min=0).view(-1))
             if positives is not None and positives.numel():
                 parts.append(positives.clamp(min=0).view(-1))
-        # ProjFuse runs once per distinct item of the batch (history, targets and negatives).
-        uniq, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+        # ProjFuse runs once per distinct item of the batch (history, targets and negatives), or
+        # once per catalogue item when every item is an InfoNCE column.
+        catalogue = self.cfg.infonce_negatives == "catalogue" and target_item is not None
+        if catalogue:
+            uniq = torch.arange(self.n_items, device=item_ids.device)
+            inverse = torch.cat(parts)
+        else:
+            uniq, inverse = torch.unique(torch.cat(parts), return_inverse=True)
         v = self.item_embeddings(uniq)
         embeds = self.inputs_embeds(input_ids, attention_mask, v[inverse[:n_hist]])
         h, _ = self._decode(embeds, attention_mask, positions_from_mask(attention_mask))
@@ -436,38 +443,12 @@ class SigmaModel(nn.Module):
             # Token-averaged like any LM loss, so λ keeps its meaning with 2-level prefixes.
             l_ntp = torch.stack(ntp).mean()
 
-            offset = n_hist
-            v_tgt = F.normalize(v[inverse[offset:offset + bsz]].float(), dim=-1)
-            logits_in = q @ v_tgt.T
-            # Another row's target that is this row's target or one of its positives is not a
-            # negative.
-            same = target_item[None, :] == target_item[:, None]
-            if positives is not None and positives.numel():
-                same |= (positives[:, :, None] == target_item[None, None, :]).any(1)
-            same.fill_diagonal_(False)
-            if gates is not None:
-                logits_in = logits_in + self.item_copy_bias(
-                    gates, slots, target_item[None, :].expand(bsz, -1))
-            logits_in = logits_in.masked_fill(same, -torch.inf)
-            cols = [logits_in]
-            has_hard = hard_negatives is not None and hard_negatives.numel() > 0
-            if has_hard:
-                k = hard_negatives.shape[1]
-                v_neg = v[inverse[offset + bsz:offset + bsz + bsz * k]].view(bsz, k, -1)
-                logits_h = torch.einsum("bh,bkh->bk", q, F.normalize(v_neg.float(), dim=-1))
-                if gates is not None:
-                    logits_h = logits_h + self.item_copy_bias(gates, slots,
-                                                              hard_negatives.clamp(min=0))
-                bad = (hard_negatives < 0) | (hard_negatives == target_item[:, None])
-                cols.append(logits_h.masked_fill(bad, -torch.inf))
-            if gates is not None:
-                cols.append(self._prompt_negatives(q, v[inverse[:n_hist]], slots, gates,
-                                                   target_item, positives,
-                                                   hard_negatives if has_hard else None))
-            logits_nce = torch.cat(cols, dim=1) / self.cfg.temperature
-            labels = torch.arange(bsz, device=h.device)
-            l_nce = F.cross_entropy(logits_nce, labels)
-            item_acc = (logits_nce.argmax(-1) == labels).float().mean()
+            if catalogue:
+                l_nce, item_acc = self._catalogue_infonce(q, v, slots, gates, target_item,
+                                                          positives)
+            else:
+                l_nce, item_acc = self._batch_infonce(q, v, inverse, n_hist, slots, gates,
+                                                      target_item, hard_negatives, positives)
 
             l_ntp_d = l_nce_d = zero
             if self.cfg.dense_weight > 0 and sequence_mask is not None:
@@ -485,6 +466,65 @@ class SigmaModel(nn.Module):
             "prefix_acc": correct.float().mean(),
             "item_acc": item_acc.detach(),
         }
+
+    def _batch_infonce(self, q: torch.Tensor, v: torch.Tensor, inverse: torch.Tensor,
+                       n_hist: int, slots: PromptSlots | None, gates: torch.Tensor | None,
+                       target_item: torch.Tensor, hard_negatives: torch.Tensor | None,
+                       positives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's InfoNCE: in-batch targets and hard negatives (plus a repeat-aware
+        model's prompt items) as the negatives."""
+        bsz, offset = q.shape[0], n_hist
+        v_tgt = F.normalize(v[inverse[offset:offset + bsz]].float(), dim=-1)
+        logits_in = q @ v_tgt.T
+        # Another row's target that is this row's target or one of its positives is not a
+        # negative.
+        same = target_item[None, :] == target_item[:, None]
+        if positives is not None and positives.numel():
+            same |= (positives[:, :, None] == target_item[None, None, :]).any(1)
+        same.fill_diagonal_(False)
+        if gates is not None:
+            logits_in = logits_in + self.item_copy_bias(
+                gates, slots, target_item[None, :].expand(bsz, -1))
+        logits_in = logits_in.masked_fill(same, -torch.inf)
+        cols = [logits_in]
+        has_hard = hard_negatives is not None and hard_negatives.numel() > 0
+        if has_hard:
+            k = hard_negatives.shape[1]
+            v_neg = v[inverse[offset + bsz:offset + bsz + bsz * k]].view(bsz, k, -1)
+            logits_h = torch.einsum("bh,bkh->bk", q, F.normalize(v_neg.float(), dim=-1))
+            if gates is not None:
+                logits_h = logits_h + self.item_copy_bias(gates, slots,
+                                                          hard_negatives.clamp(min=0))
+            bad = (hard_negatives < 0) | (hard_negatives == target_item[:, None])
+            cols.append(logits_h.masked_fill(bad, -torch.inf))
+        if gates is not None:
+            cols.append(self._prompt_negatives(q, v[inverse[:n_hist]], slots, gates,
+                                               target_item, positives,
+                                               hard_negatives if has_hard else None))
+        logits_nce = torch.cat(cols, dim=1) / self.cfg.temperature
+        labels = torch.arange(bsz, device=q.device)
+        l_nce = F.cross_entropy(logits_nce, labels)
+        item_acc = (logits_nce.argmax(-1) == labels).float().mean()
+        return l_nce, item_acc
+
+    def _catalogue_infonce(self, q: torch.Tensor, v: torch.Tensor, slots: PromptSlots | None,
+                           gates: torch.Tensor | None, target_item: torch.Tensor,
+                           positives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A full softmax over the catalogue (``v`` holds every item's ṽ): the negatives are
+        what the full-ranking evaluation competes against, not a small sample of them. The
+        row's other positives are masked."""
+        logits = q @ F.normalize(v.float(), dim=-1).T  # (B, N)
+        if gates is not None:
+            logits = logits + item_bias(gates, column_counts(slots, v.shape[0]),
+                                        self.cfg.temperature)
+        if positives is not None and positives.numel():
+            other = torch.zeros_like(logits, dtype=torch.bool)
+            other.scatter_(1, positives.clamp(min=0), positives >= 0)
+            other[torch.arange(len(target_item), device=logits.device), target_item] = False
+            logits = logits.masked_fill(other, -torch.inf)
+        logits = logits / self.cfg.temperature
+        acc = (logits.argmax(-1) == target_item).float().mean()
+        return F.cross_entropy(logits, target_item), acc
 
     def _prompt_negatives(self, q: torch.Tensor, v_hist: torch.Tensor, slots: PromptSlots,
                           gates: torch.Tensor, target_item: torch.Tensor,
@@ -551,9 +591,9 @@ class SigmaModel(nn.Module):
             # Columns are the batch's distinct items: count them through their distinct index.
             uniq_slots = torch.full_like(prompt.items, -1)
             uniq_slots[prompt.items >= 0] = hist_inverse
-            cols = torch.arange(v.shape[0], device=v.device).expand(r.numel(), -1)
-            sims = sims + self.item_copy_bias(gates, PromptSlots(uniq_slots[r], sub.seq), cols,
-                                              before, seq_only=True)
+            counts = column_counts(PromptSlots(uniq_slots[r], sub.seq), v.shape[0], before,
+                                   seq_only=True)
+            sims = sims + item_bias(gates, counts, self.cfg.temperature)
         return torch.stack(ntp).mean(), F.cross_entropy(sims / self.cfg.temperature, target)
 
     # ---------------------------------------------------------------------------- generation

@@ -24,6 +24,11 @@ class TrainingConfig(_Strict):
     new_params_lr: float = Field(
         1e-3, gt=0, description="ProjFuse, the <q> head and the new token rows"
     )
+    gate_lr: float = Field(
+        0.05, gt=0, description="the four copy-gate biases of a repeat-aware model: scalars "
+        "that must move by whole nats within a few hundred steps (at new_params_lr they barely "
+        "leave their start)"
+    )
     weight_decay: float = Field(0.0, ge=0, description="on matrices only (not norms/biases/rows)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warm-up share of steps")
     max_grad_norm: float | None = Field(1.0, gt=0, description="None = no clipping")

@@ -125,20 +125,22 @@ def lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
 
 
 def param_groups(model: SigmaModel, cfg: TrainingConfig) -> list[dict[str, Any]]:
-    """Backbone weights at ``lr``, new modules at ``new_params_lr``; decay on matrices only."""
-    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    """Backbone weights at ``lr``, new modules at ``new_params_lr``, the copy gates' biases of a
+    repeat-aware model at ``gate_lr``; decay on matrices only."""
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_backbone = name.startswith("backbone.")
+        kind = ("backbone" if name.startswith("backbone.") else
+                "gate" if name.endswith("repeat.proj.bias") else "new")
         # New token rows are embeddings: decaying them would pull them toward zero.
         decay = p.ndim >= 2 and not name.endswith("_delta") and "norm" not in name
-        buckets.setdefault((is_backbone, decay), []).append(p)
+        buckets.setdefault((kind, decay), []).append(p)
+    lrs = {"backbone": cfg.lr, "new": cfg.new_params_lr, "gate": cfg.gate_lr}
     return [
-        {"params": ps, "lr": cfg.lr if bb else cfg.new_params_lr,
-         "weight_decay": cfg.weight_decay if decay else 0.0,
-         "name": ("backbone" if bb else "new") + ("" if decay else "_no_decay")}
-        for (bb, decay), ps in sorted(buckets.items())
+        {"params": ps, "lr": lrs[kind], "weight_decay": cfg.weight_decay if decay else 0.0,
+         "name": kind + ("" if decay else "_no_decay")}
+        for (kind, decay), ps in sorted(buckets.items())
     ]
 
 
