@@ -157,6 +157,7 @@ def register(app: typer.Typer) -> None:
     def bench_nearline_cmd(
         users: Annotated[int, typer.Option(help="users whose update is timed")] = 64,
         repeats: Annotated[int, typer.Option(help="timed repetitions of each method")] = 3,
+        save: Annotated[Path | None, typer.Option(help="also write the figures as JSON")] = None,
         config: _Config = None,
         profile: _Profile = "default",
         out: _Out = None,
@@ -179,17 +180,23 @@ def register(app: typer.Typer) -> None:
         res = bench_nearline(_run_dir(out, cfg), cfg, users, repeats)
         t = Table(title=f"bench nearline ({res['run']}, {users} users x {res['tasks']}, "
                         f"batch {res['batch_size']}, {res['threads']} threads)")
-        for c in ("method", "prompt forward s", "update s", "tokens run", "vs scratch (update)"):
+        for c in ("method", "tokens run", "prompt forward s", "speed-up", "update s",
+                  "speed-up "):
             t.add_column(c, justify="right")
         for name, row in res["methods"].items():
-            t.add_row(name, f"{row['prompt_s']:.3f}", f"{row['update_s']:.3f}",
-                      str(row["tokens_run"]), f"{row['speedup_update']:.2f}x")
+            t.add_row(name, str(row["tokens_run"]), f"{row['prompt_s']:.3f}",
+                      f"{row['speedup_prompt']:.2f}x", f"{row['update_s']:.3f}",
+                      f"{row['speedup_update']:.2f}x")
         con = Console()
         con.print(t)
         con.print(f"reuse: {res['reuse']}")
         con.print(f"max |Δ prefix log-prob| {res['max_logprob_diff']:.2e}; same top-"
                   f"{res['k']} lists: {res['same_lists']:.0%}")
-        con.print(f"written: {res['written']}")
+        if save is not None:
+            from sigmarec.core.atomic import write_json
+
+            write_json(save, res)
+            con.print(f"written: {save}")
 
 
 def _item_texts(run_dir: Path, ids: list[str]) -> dict[str, str]:

@@ -283,8 +283,11 @@ def open_kv(run_dir: Path, cfg: SigmaConfig) -> KVCacheStore:
 def run_nearline(run_dir: Path, cfg: SigmaConfig, events_path: Path,
                  runtime: Runtime | None = None) -> NearlineResult:
     """The whole job (see the module docstring)."""
+    from sigmarec.core.seed import set_threads
+
     run_dir, events_path = Path(run_dir), Path(events_path)
     ncfg = cfg.serving.nearline
+    set_threads(cfg.threads)
     t0 = time.perf_counter()
     if not events_path.is_file():
         raise DataError(f"{events_path}: events file not found")
