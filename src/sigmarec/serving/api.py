@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from sigmarec.config import SigmaConfig
+from sigmarec.core.seed import set_threads
 from sigmarec.serving.batching import MicroBatcher
 from sigmarec.serving.config import ServiceConfig
 from sigmarec.serving.metrics import ServiceMetrics
@@ -157,8 +158,12 @@ class _Service:
         self.error: str | None = None
         self.metrics = ServiceMetrics()
         svc = cfg.serving.service
+        # The model thread gets the run's thread count (``threads``; faiss keeps it per
+        # thread): on a busy machine, more threads than free cores make every small op wait
+        # at a barrier for a descheduled thread (measured 50x slower on the tiny model).
         self.batcher: MicroBatcher[Resolved, list[RecItem]] = MicroBatcher(
-            self._rank, svc.max_batch_size, svc.max_wait_ms, self.metrics.observe_batch)
+            self._rank, svc.max_batch_size, svc.max_wait_ms, self.metrics.observe_batch,
+            initializer=lambda: set_threads(cfg.threads))
         if runtime is not None:
             self.metrics.ready.set(1)
 

@@ -36,12 +36,13 @@ class MicroBatcher(Generic[T, R]):
 
     ``fn`` maps a list of inputs to a list of results of the same length; if it raises, every
     request of that batch gets the exception. ``on_batch(size, seconds)`` is called after each
-    call (metrics).
+    call (metrics); ``initializer()`` once on the worker thread before its first call.
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch_size: int,
                  max_wait_ms: float,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 initializer: Callable[[], None] | None = None) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_wait_ms "
                              f"({max_wait_ms}) >= 0")
@@ -49,13 +50,15 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.on_batch = on_batch
+        self.initializer = initializer  # runs once on the worker thread (thread settings)
         self._queue: asyncio.Queue[_Pending[T, R]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sigma-model")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sigma-model",
+                                        initializer=self.initializer)
         self._task = asyncio.create_task(self._collect(), name="micro-batcher")
 
     async def stop(self) -> None:

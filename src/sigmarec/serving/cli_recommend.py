@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from sigmarec.cli import _config, _run_dir, _setup_logging
+        from sigmarec.core.seed import set_threads
         from sigmarec.serving.runtime import RecRequest, RequestError, Runtime, request_from_json
 
         _setup_logging(False)
@@ -91,6 +92,7 @@ def register(app: typer.Typer) -> None:
         else:
             raise RequestError("--user", "give --user ID or --history-json FILE|-")
         cfg = _config(profile, config, sets)
+        set_threads(cfg.threads)
         rt = Runtime.load(_run_dir(out, cfg), cfg)
         resolved = rt.resolve(req)
         items = rt.rank([resolved])[0]
@@ -124,10 +126,12 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from sigmarec.cli import _config, _run_dir, _setup_logging
+        from sigmarec.core.seed import set_threads
         from sigmarec.serving.api import create_app
 
         _setup_logging(verbose)
         cfg = _config(profile, config, sets)
+        set_threads(cfg.threads)
         svc = cfg.serving.service
         app_ = create_app(_run_dir(out, cfg), cfg)
         uvicorn.run(app_, host=host or svc.host, port=svc.port if port is None else port,
