@@ -360,3 +360,21 @@ def test_runtime_serves_added_items(run: tuple[object, Path]) -> None:
     user = str(ProcessedData.load(run_dir / "data").users["user_id"].iloc[0])
     [recs] = rt.recommend([RecRequest(user_id=user, k=3, allow_items=new_ids)])
     assert len(recs) == 3 and {r.item_id for r in recs} <= set(new_ids)
+
+
+def test_holdout_derived_for_a_run_trained_without_it(hold_run: tuple[object, Path]) -> None:
+    """A temporal run whose catalogue could not contain the new items is evaluated as is; one
+    whose catalogue would change is refused."""
+    from sigmarec.errors import SigmaError
+    from sigmarec.serving.coldstart import derive_holdout
+
+    cfg, run_dir = hold_run
+    plain = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"holdout_new_items_weeks": None})})
+    data = ProcessedData.load(run_dir / "data")
+    derived = derive_holdout(data, plain, WEEKS, "run")
+    saved = load_holdout(run_dir / "data")
+    assert derived.items["item_id"].tolist() == saved.items["item_id"].tolist()
+    assert data.info["holdout"]["derived"]
+    with pytest.raises(SigmaError, match="some stage trained on them"):
+        derive_holdout(ProcessedData.load(run_dir / "data"), plain, 20, "run")

@@ -53,17 +53,49 @@ log = logging.getLogger("sigmarec")
 TOP = 10
 
 
+def derive_holdout(data: ProcessedData, run_cfg: SigmaConfig, weeks: int, source: str
+                   ) -> Holdout:
+    """The holdout of a run trained without ``data.holdout_new_items_weeks``, when that run's
+    catalogue cannot hold the items anyway: with a temporal split the catalogue counts
+    training-period purchases only, so items first sold after ``valid_start`` never entered
+    any stage. The data stage is rebuilt with the option and must give the same catalogue,
+    interactions and instances (checked), so nothing the run trained on changes."""
+    from sigmarec.data.build import build
+    from sigmarec.data.sources import load_source
+
+    dcfg = run_cfg.data.model_copy(update={"holdout_new_items_weeks": weeks})
+    again = build(load_source(dcfg), dcfg, run_cfg.seed)
+    cutoff = pd.Timestamp(again.info["holdout"]["first_sold_from"])
+    same = (again.items["item_id"].astype(str).tolist() == data.items["item_id"].astype(str)
+            .tolist()
+            and again.interactions[["user_idx", "item_idx", "basket", "split"]].equals(
+                data.interactions[["user_idx", "item_idx", "basket", "split"]])
+            and len(again.instances) == len(data.instances))
+    if not same or again.holdout is None:
+        raise SigmaError(f"{source}: this run's data differ once items first sold from "
+                         f"{cutoff.date()} are held out, so some stage trained on them; rerun it "
+                         f"with --set data.holdout_new_items_weeks={weeks} (a separate --out)")
+    log.info("coldstart: %s was trained without the holdout option; its data stage is "
+             "identical with it (items first sold from %s never entered the catalogue)",
+             source, cutoff.date())
+    data.info["holdout"] = {**again.info["holdout"], "derived": True}
+    return again.holdout
+
+
 def _prepare(run_dir: Path, cfg: SigmaConfig) -> tuple[ProcessedData, Holdout, ItemSpace,
                                                        CatalogOverlay, float]:
     data = ProcessedData.load(run_dir / "data")
+    if data.info.get("split") != "temporal":
+        raise SigmaError(f"{run_dir}: cold-start evaluation needs a temporal split (test window)")
+    space = ItemSpace(run_dir)
     holdout = load_holdout(run_dir / "data")
+    if holdout is None and cfg.data.holdout_new_items_weeks is not None:
+        holdout = derive_holdout(data, space.cfg, cfg.data.holdout_new_items_weeks,
+                                 str(run_dir))
     if holdout is None or holdout.items.empty:
         raise SigmaError(f"{run_dir}: the run held no new items out; run it with "
                          "--set data.holdout_new_items_weeks=4 (a separate --out: it changes "
                          "the data stage)")
-    if data.info.get("split") != "temporal":
-        raise SigmaError(f"{run_dir}: cold-start evaluation needs a temporal split (test window)")
-    space = ItemSpace(run_dir)
     overlay = load_overlay(run_dir, check=False)
     have = set() if overlay is None else set(overlay.items["item_id"].astype(str))
     stale = overlay is not None and overlay.meta.get("stage_run_ids") != stage_run_ids(run_dir)
