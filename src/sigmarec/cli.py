@@ -324,7 +324,8 @@ def experiment_compare(
     seeds: Annotated[str, typer.Option(help="seeds of the main runs")] = "0,1,2",
     ablations: Annotated[str, typer.Option(
         help="comma-separated: no_grounding, two_level, no_dense, no_multi_positive, "
-             "no_frequent, no_align, shared_prefix_init, paper_objective (or empty)")] = (
+             "no_frequent, no_align, shared_prefix_init, no_repeat, batch_negatives, "
+             "paper_objective (or empty)")] = (
         "no_grounding,two_level"),
     gr_seeds: Annotated[str, typer.Option(help="seeds that also train GR(SID)/GR(ID)")] = "0",
     ablation_seeds: Annotated[str, typer.Option(help="seeds that run the ablations")] = "0",

@@ -8,8 +8,10 @@ Every variant is a config overlay, never a code path of its own:
 * ``no_grounding``: ``tokenization.embedding = ungrounded`` (the untrained backbone's text
   embeddings feed the semantic IDs and ProjFuse).
 * ``two_level``: ``tokenization.prefix_levels = 2``.
-* ``no_dense``, ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``:
-  one part of the sample-efficient SFT objective off; ``paper_objective``: all of it off.
+* ``no_dense``, ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
+  ``no_repeat`` (the copy prior), ``batch_negatives`` (sampled instead of whole-catalogue
+  InfoNCE): one part of the sample-efficient SFT objective off; ``paper_objective``: all of it
+  off.
 
 An ablation run shares the main run's data, baselines and grounding stages (linked, not
 recomputed: its config does not change them) and retrains from tokenization on. The run list
@@ -39,8 +41,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_frequent": {"tasks": {"frequent_items": 0}},
     "no_align": {"tasks": {"align_samples": 0}},
     "shared_prefix_init": {"model": {"prefix_init": "shared"}},
+    "no_repeat": {"model": {"repeat_aware": False}},
+    "batch_negatives": {"model": {"infonce_negatives": "batch"}},
     "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
-                                  "prefix_init": "shared"},
+                                  "prefix_init": "shared", "repeat_aware": False,
+                                  "infonce_negatives": "batch"},
                         "tasks": {"frequent_items": 0, "align_samples": 0}},
 }
 SHARED_STAGES = ("data", "baselines", "grounding")

@@ -1,0 +1,63 @@
+"""Inference-only probe (docs/experiments.md, round 5): a trained repeat-aware model's quick-decode
+figures on the stratified validation subset as its copy gates are offset.
+
+    python scripts/copy_gate_probe.py RUN_DIR P,I [P,I ...]   # pre-softplus offsets (prefix, item)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sigmarec.config import load_config
+from sigmarec.model.sigma import load_sigma_model
+from sigmarec.training.diagnostics import decode_diagnostics
+from sigmarec.training.stage import load_item_features, load_vocab, to_examples
+
+KEYS = ("valid_prefix_ntp", "prefix_hit@10", "valid_hr10", "in_prefix_hit@10",
+        "valid_hr10_JustForYou")
+
+
+class _Inputs:
+    """The two attributes of a StageContext that the training stage's loaders read."""
+
+    def __init__(self, run: Path, cfg) -> None:
+        self.run, self.config = run, cfg
+
+    def input(self, name: str) -> Path:
+        return self.run / name
+
+
+def main(run: Path, offsets: list[str]) -> None:
+    cfg = load_config("default", overrides=["model.repeat_aware=true"])
+    ctx = _Inputs(run, cfg)
+    vocab, item_prefix = load_vocab(ctx)
+    model = load_sigma_model(run / "training" / "model", cfg.backbone, load_item_features(ctx),
+                             item_prefix)
+    valid = pd.read_parquet(run / "tasks" / "valid.parquet")
+    # The training stage's subset: same seed, same stratification by task.
+    rng = np.random.default_rng(cfg.seed)
+    groups = valid.groupby("task").indices
+    per = max(1, (cfg.training.max_valid_examples or 256) // len(groups))
+    keep = np.concatenate([rng.choice(ix, min(per, len(ix)), replace=False)
+                           for _, ix in sorted(groups.items())])
+    sub = valid.iloc[np.sort(keep)]
+    examples = to_examples(sub, model, vocab, item_prefix, with_target=False)
+    targets = [np.asarray(t) for t in sub["targets"]]
+    base = model.repeat.proj.bias.detach().clone()
+    print("learned gate biases (softplus):", torch.nn.functional.softplus(base).tolist())
+    for spec in offsets:
+        p, i = (float(x) for x in spec.split(","))
+        with torch.no_grad():
+            model.repeat.proj.bias.copy_(base + torch.tensor([p, p, i, i]))
+        out = decode_diagnostics(model, examples, targets, sub["task"].tolist())
+        print(spec, json.dumps({k: round(out[k], 4) for k in KEYS}), flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
