@@ -191,10 +191,10 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     df = pd.DataFrame(rows)
     med = df.groupby("mode")[["requests_per_s", "p50_ms", "p99_ms"]].median()
-    ratios = {"requests_per_s": round(med.loc["batched", "requests_per_s"]
-                                      / med.loc["single", "requests_per_s"], 2),
-              "p50": round(med.loc["batched", "p50_ms"] / med.loc["single", "p50_ms"], 2),
-              "p99": round(med.loc["batched", "p99_ms"] / med.loc["single", "p99_ms"], 2)}
+    ratios = {"requests_per_s": round(float(med.loc["batched", "requests_per_s"])
+                                      / float(med.loc["single", "requests_per_s"]), 2),
+              "p50": round(float(med.loc["batched", "p50_ms"] / med.loc["single", "p50_ms"]), 2),
+              "p99": round(float(med.loc["batched", "p99_ms"] / med.loc["single", "p99_ms"]), 2)}
     facts = {**cpu_facts(), "python": platform.python_version(),
              "concurrency": args.concurrency, "requests": args.requests,
              "max_wait_ms": args.max_wait_ms, "k": args.k, "server_log": log.name}
