@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from sigmarec.core.atomic import atomic_path
 from sigmarec.model.batch import SFTExample, left_pad
+from sigmarec.model.repeat import PromptSlots
 from sigmarec.model.sigma import PromptCache, SigmaModel, positions_from_mask
 
 log = logging.getLogger("sigmarec")
@@ -184,10 +185,8 @@ def _section(ex: SFTExample, p: int, item_token_id: int, levels: int) -> str:
 
 def _from_scratch(model: SigmaModel, batch: dict[str, torch.Tensor]
                   ) -> tuple[torch.Tensor, PromptCache]:
-    args = [batch["input_ids"], batch["attention_mask"], batch["item_ids"]]
-    if getattr(model, "repeat", None) is not None:
-        args.append(batch.get("sequence_mask"))
-    return model.prefix_logprobs(*args)
+    return model.prefix_logprobs(batch["input_ids"], batch["attention_mask"], batch["item_ids"],
+                                 batch.get("sequence_mask"))
 
 
 @torch.no_grad()
@@ -237,23 +236,17 @@ def _incremental(model: SigmaModel, batch: dict[str, torch.Tensor],
 def _prompt_cache(model: SigmaModel, batch: dict[str, torch.Tensor], h_last: torch.Tensor,
                   kv: Any, mask: torch.Tensor, next_position: torch.Tensor) -> PromptCache:
     """The end of ``SigmaModel.prefix_logprobs`` after the backbone: the level-1 prefix
-    log-probs from the last hidden state (with a repeat-aware model's copy term, whose item
+    log-probs from the last hidden state, with a repeat-aware model's copy term (whose item
     table is the full prompts'). The tests hold it equal to ``prefix_logprobs``."""
-    extra: dict[str, Any] = {}
-    bias = None
-    if getattr(model, "repeat", None) is not None:
-        from sigmarec.model.repeat import PromptSlots
-
+    slots = gates = None
+    if model.repeat is not None:
         slots = PromptSlots.from_batch(batch["input_ids"], batch["attention_mask"],
                                        batch["item_ids"], batch.get("sequence_mask"),
                                        model.item_token_id)
         gates = model.repeat(h_last)
-        bias = model.copy_bias(gates, slots, 0)
-        extra = {"slots": slots, "repeat_gates": gates}
-    logits = model.level_logits(h_last, 0, bias=bias) if bias is not None else \
-        model.level_logits(h_last, 0)
-    logp = F.log_softmax(logits, dim=-1)
-    return PromptCache(kv, mask, next_position, logp, **extra)
+    logp = F.log_softmax(model.level_logits(h_last, 0, None, model.copy_bias(gates, slots, 0)),
+                         dim=-1)
+    return PromptCache(kv, mask, next_position, logp, slots, gates)
 
 
 # ------------------------------------------------------------------------------- storage
