@@ -9,21 +9,7 @@ from typing import Annotated
 
 import typer
 
-# cli.py registers these commands while it is still being imported, so its option aliases and
-# helpers are not importable here yet: the options are spelled out, the helpers imported late.
-_Config = Annotated[list[Path] | None, typer.Option(
-    "--config", "-c", help="YAML file(s) layered over the profile, in order.")]
-_Profile = Annotated[str, typer.Option("--profile", "-p", help="named profile")]
-_Set = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
-_Out = Annotated[Path | None, typer.Option(
-    "--out", "-o", help="run directory (default runs/<profile>)")]
-
-
-def _group(app: typer.Typer, name: str) -> typer.Typer:
-    for g in app.registered_groups:
-        if g.name == name and g.typer_instance is not None:
-            return g.typer_instance
-    raise RuntimeError(f"the `sigma {name}` command group must be added before serving registers")
+from sigmarec.serving.cli_options import Config, Out, Profile, Sets, command_group
 
 
 def register(app: typer.Typer) -> None:
@@ -37,10 +23,10 @@ def register(app: typer.Typer) -> None:
         items_file: Annotated[Path, typer.Argument(
             help="new items: CSV/TSV/Parquet/JSONL, in the data layer's item schema or mapped "
             "by data.files.item_columns")],
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         verbose: bool = False,
     ) -> None:
@@ -78,14 +64,14 @@ def register(app: typer.Typer) -> None:
         console.print(f"{len(rows)} items added; {overlay.n_items} added items in all; the "
                       "service picks them up on its next reload")
 
-    bench = _group(app, "bench")
+    bench = command_group(app, "bench")
 
     @bench.command("coldstart")
     def coldstart(
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
         batch_size: Annotated[int, typer.Option(help="SIGMA prompts per decoder call")] = 16,
         max_instances: Annotated[int | None, typer.Option(
             help="at most this many instances of each set (seeded sample)")] = None,

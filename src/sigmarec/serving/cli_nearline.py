@@ -10,22 +10,7 @@ from typing import Annotated
 
 import typer
 
-# cli.py registers these commands while it is still being imported: options are spelled out
-# and its helpers imported inside the commands.
-_Config = Annotated[list[Path] | None, typer.Option(
-    "--config", "-c", help="YAML file(s) layered over the profile, in order.")]
-_Profile = Annotated[str, typer.Option("--profile", "-p", help="named profile")]
-_Set = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
-_Out = Annotated[Path | None, typer.Option(
-    "--out", "-o", help="run directory (default runs/<profile>)")]
-_Json = Annotated[bool, typer.Option("--json", help="print JSON")]
-
-
-def _group(app: typer.Typer, name: str) -> typer.Typer | None:
-    for g in app.registered_groups:
-        if g.name == name:
-            return g.typer_instance
-    return None
+from sigmarec.serving.cli_options import Config, Json, Out, Profile, Sets, command_group
 
 
 def register(app: typer.Typer) -> None:
@@ -36,11 +21,11 @@ def register(app: typer.Typer) -> None:
         events: Annotated[Path, typer.Option(
             "--events", help="new interactions (CSV/TSV/Parquet/JSONL; columns as "
             "data.files.interaction_columns)")],
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
-        as_json: _Json = False,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
+        as_json: Json = False,
         verbose: bool = False,
     ) -> None:
         """Append new interactions, recompute the users they touch for serving.nearline.tasks
@@ -81,11 +66,11 @@ def register(app: typer.Typer) -> None:
         task: Annotated[str, typer.Option("--task", help="a task name")] = "JustForYou",
         version: Annotated[int | None, typer.Option(
             help="read as of this version (default: the newest)")] = None,
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
-        as_json: _Json = False,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
+        as_json: Json = False,
     ) -> None:
         """The published list of a user and task."""
         from dataclasses import asdict
@@ -120,11 +105,11 @@ def register(app: typer.Typer) -> None:
 
     @u2i_app.command("versions")
     def u2i_versions(
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
-        as_json: _Json = False,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
+        as_json: Json = False,
     ) -> None:
         """Every published version of the store, oldest first."""
         from dataclasses import asdict
@@ -149,19 +134,17 @@ def register(app: typer.Typer) -> None:
                       ", ".join(v.meta.get("tasks", [])), str(v.meta.get("events_file", "")))
         Console().print(t)
 
-    bench = _group(app, "bench")
-    if bench is None:  # pragma: no cover - cli.py adds the bench group before registering us
-        return
+    bench = command_group(app, "bench")
 
     @bench.command("nearline")
     def bench_nearline_cmd(
         users: Annotated[int, typer.Option(help="users whose update is timed")] = 64,
         repeats: Annotated[int, typer.Option(help="timed repetitions of each method")] = 3,
         save: Annotated[Path | None, typer.Option(help="also write the figures as JSON")] = None,
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
         verbose: bool = False,
     ) -> None:
         """Nearline update of the same users with prompt KV reuse vs from scratch, as ratios.

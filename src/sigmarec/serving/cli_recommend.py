@@ -10,14 +10,7 @@ from typing import Annotated
 
 import typer
 
-# cli.py registers these commands while it is still being imported, so its option aliases and
-# helpers are not importable here yet: the options are spelled out, the helpers imported late.
-_Config = Annotated[list[Path] | None, typer.Option(
-    "--config", "-c", help="YAML file(s) layered over the profile, in order.")]
-_Profile = Annotated[str, typer.Option("--profile", "-p", help="named profile")]
-_Set = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
-_Out = Annotated[Path | None, typer.Option(
-    "--out", "-o", help="run directory (default runs/<profile>)")]
+from sigmarec.serving.cli_options import Config, Out, Profile, Sets
 
 
 def _read_allow(path: Path) -> list[str]:
@@ -60,10 +53,10 @@ def register(app: typer.Typer) -> None:
             help="only these items: a file of item ids (one per line, or a JSON list)")] = None,
         model: Annotated[str, typer.Option(help="sigma or a baseline of the run")] = "sigma",
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
     ) -> None:
         """Recommend items for one user (or an explicit history) from a finished run."""
         from rich.console import Console
@@ -116,10 +109,10 @@ def register(app: typer.Typer) -> None:
             help="bind address (default serving.service.host)")] = None,
         port: Annotated[int | None, typer.Option(
             help="port (default serving.service.port; 0 = any free port)")] = None,
-        config: _Config = None,
-        profile: _Profile = "default",
-        out: _Out = None,
-        sets: _Set = None,
+        config: Config = None,
+        profile: Profile = "default",
+        out: Out = None,
+        sets: Sets = None,
         verbose: bool = False,
     ) -> None:
         """Serve a finished run over HTTP (FastAPI + uvicorn); see docs/serving.md."""
