@@ -165,6 +165,25 @@ def test_sasrec_loss_decreases_on_a_fixed_batch(loss):
     assert values[-1] < 0.8 * values[0]
 
 
+def test_sasrec_ce_target_fraction_scores_a_random_subset_of_the_targets():
+    torch.manual_seed(0)
+    model = SASRec(n_items=30, hidden=16, blocks=1, heads=1, dropout=0.0, max_len=8)
+    batch = torch.randint(1, 31, (8, 9))
+    batch[:2, :4] = 0
+    full = sasrec_loss(model, batch, "ce")
+    # The whole share is the plain loss, whatever the generator.
+    assert torch.equal(full, sasrec_loss(model, batch, "ce", torch.Generator().manual_seed(3), 1.0))
+    # A share draws a subset: each draw is a mean over fewer targets, and over many draws the
+    # estimate is unbiased.
+    with torch.no_grad():
+        draws = [sasrec_loss(model, batch, "ce", torch.Generator().manual_seed(s), 0.25).item()
+                 for s in range(400)]
+    assert len(set(np.round(draws, 6))) > 10
+    assert abs(np.mean(draws) - full.item()) < 0.02 * full.item()
+    with pytest.raises(ValueError, match="ce_target_fraction"):
+        SASRecConfig(ce_target_fraction=0.0)
+
+
 @pytest.mark.parametrize("cls", ["sasrec_bce", "sasrec_ce"])
 def test_sasrec_training_is_deterministic_given_the_seed(data, cls):
     runs = []

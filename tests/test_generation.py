@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_model import N_ITEMS, example, make_model
 
-from sigmarec.generation.decode import SigmaDecoder
+from sigmarec.generation.decode import SigmaDecoder, union_prefixes
 from sigmarec.generation.fusion import Candidates, fuse, fused_scores, prefix_spread
 from sigmarec.generation.reference import reference_recommend
 
@@ -170,3 +170,21 @@ def test_several_filters_share_one_prompt_forward(one_level) -> None:
     both = dec.candidates_multi(batch, 5, [None, allow])
     assert np.array_equal(both[0].items, dec.candidates(batch, 5).items)
     assert np.array_equal(both[1].items, dec.candidates(batch, 5, allow).items)
+    # The continuations ran once for the union of both beams' prefixes: same query vectors.
+    assert np.allclose(both[1].cosine, dec.candidates(batch, 5, allow).cosine, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(-1, 9), min_size=3, max_size=3), min_size=1, max_size=4),
+       st.lists(st.lists(st.integers(-1, 9), min_size=5, max_size=5), min_size=1, max_size=4))
+def test_union_prefixes_points_every_slot_at_its_prefix(a: list, b: list) -> None:
+    rows = min(len(a), len(b))
+    beams = [np.array(a[:rows]), np.array(b[:rows])]
+    union, slots = union_prefixes(beams)
+    for p, where in zip(beams, slots, strict=True):
+        got = np.take_along_axis(union, where, axis=1)
+        assert np.array_equal(got[p >= 0], p[p >= 0])
+    for r in range(rows):
+        real = union[r][union[r] >= 0]
+        assert len(set(real)) == len(real)  # each prefix continued once
+        assert set(real) == {int(x) for p in beams for x in p[r] if x >= 0}

@@ -158,6 +158,11 @@ class SASRecConfig(_Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     # Long histories are cut into windows of max_len so every purchase is a training target.
     window_stride: int | None = Field(None, ge=1, description="None = max_len (no overlap)")
+    ce_target_fraction: float = Field(
+        1.0, gt=0, le=1, description="CE loss only: the share of a batch's targets (drawn at "
+        "random each step) that cost full-catalogue logits; the logits are nearly all of a CE "
+        "step's time, and neighbouring targets of a window carry much the same gradient"
+    )
     # Hyper-parameter grid searched on validation: {"lr": [...], "dropout": [...]}.
     tune: dict[str, list[Any]] = Field(default_factory=dict)
     device: str = "auto"

@@ -83,6 +83,27 @@ def widths_needed(prefixes: np.ndarray, counts: np.ndarray, m: np.ndarray | int,
     return np.minimum(held, np.asarray(m).reshape(-1, 1)).sum(1) < np.minimum(n, counts.sum(1))
 
 
+def union_prefixes(beams: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per request, the distinct prefixes of several beams (B, w_f) (-1 = padding): the union
+    (B, U), -1 padded, and for each beam the (B, w_f) column of each of its slots in the union
+    (padding slots point at any column; their results are masked later)."""
+    b = beams[0].shape[0]
+    rows = [np.unique(np.concatenate([p[r] for p in beams])) for r in range(b)]
+    rows = [r[r >= 0] for r in rows]
+    width = max(1, max(len(r) for r in rows))
+    union = np.full((b, width), -1, dtype=np.int64)
+    for r, u in enumerate(rows):
+        union[r, :len(u)] = u
+    slots = []
+    for p in beams:
+        where = np.zeros(p.shape, dtype=np.int64)
+        for r, u in enumerate(rows):
+            if len(u):
+                where[r] = np.searchsorted(u, p[r]).clip(max=len(u) - 1)
+        slots.append(where)
+    return union, slots
+
+
 class SigmaDecoder:
     """The optimised three-step decoder over a trained :class:`SigmaModel`."""
 
@@ -111,16 +132,34 @@ class SigmaDecoder:
     @torch.no_grad()
     def candidates_multi(self, batch: dict[str, Any], n: int,
                          allow_masks: Sequence[np.ndarray | None]) -> list[Candidates]:
-        """Steps 1 and 2 under several filters (e.g. none and a business rule): the prompt
-        forward, the expensive part, runs once; each filter then has its own beam and search
-        over the same KV cache (which the continuations leave unchanged)."""
+        """Steps 1 and 2 under several filters (e.g. none and a business rule). The prompt
+        forward runs once; each filter has its own beam over the same KV cache (which the
+        continuations leave unchanged); the continuations, the other expensive part, run once
+        for the union of the filters' prefixes, since a query vector depends only on the prompt
+        and its prefix, never on the filter."""
         _, cache = self.model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
                                               batch["item_ids"], batch.get("sequence_mask"))
-        bsz = batch["input_ids"].shape[0]
-        return [self._from_cache(cache, bsz, n, mask) for mask in allow_masks]
+        return self.candidates_from_cache(cache, batch["input_ids"].shape[0], n, allow_masks)
 
-    def _from_cache(self, cache: PromptCache, bsz: int, n: int,
-                    allow_mask: np.ndarray | None) -> Candidates:
+    @torch.no_grad()
+    def candidates_from_cache(self, cache: PromptCache, bsz: int, n: int,
+                              allow_masks: Sequence[np.ndarray | None]) -> list[Candidates]:
+        """Steps 1 and 2 from a prompt cache already computed (e.g. one reused across a
+        user's updates by the nearline job), one Candidates per filter."""
+        beams = [self._beam(cache, bsz, n, mask) for mask in allow_masks]
+        union, slots = union_prefixes([p for p, _, _ in beams])
+        q_all = self.model.query_vectors(
+            cache, torch.as_tensor(union.clip(0), device=cache.logprobs.device))
+        q_all = q_all.float().cpu().numpy()
+        out = []
+        for (prefixes, logp, m), where, mask in zip(beams, slots, allow_masks, strict=True):
+            q = np.take_along_axis(q_all, where[:, :, None], axis=1)
+            out.append(self._search(cache, q, prefixes, logp, m, mask))
+        return out
+
+    def _beam(self, cache: PromptCache, bsz: int, n: int, allow_mask: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Step 1 under one filter: (prefixes (B, w), log-probs (B, w), M per request)."""
         model = self.model
         counts = eligible_counts(self.item_prefix, model.n_prefixes, allow_mask, bsz)
         m = np.full(bsz, self.m)
@@ -138,9 +177,11 @@ class SigmaDecoder:
             prefixes = np.pad(prefixes, ((0, 0), (0, pad)), constant_values=-1)
             logp = np.pad(logp, ((0, 0), (0, pad)), constant_values=-np.inf)
             prefixes[need], logp[need] = wide_p[need], wide_lp[need]
-        q = model.query_vectors(cache, torch.as_tensor(prefixes.clip(0), device=cache.logprobs
-                                                       .device))
-        q = q.float().cpu().numpy()
+        return prefixes, logp, m
+
+    def _search(self, cache: PromptCache, q: np.ndarray, prefixes: np.ndarray,
+                logp: np.ndarray, m: np.ndarray, allow_mask: np.ndarray | None) -> Candidates:
+        """Step 2's search under one filter, from the query vectors of its prefixes."""
         cos, items = self.index.search_multi(q, prefixes, int(m.max()), allow_mask=allow_mask)
         if cache.slots is not None:
             cos, items = self._with_prompt_items(cache, q, prefixes, cos, items, allow_mask)

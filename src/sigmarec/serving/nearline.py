@@ -212,8 +212,9 @@ class Recomputer:
 
     With reuse, step 1 (the prompt forward) is :func:`~sigmarec.serving.kv_cache.prompt_forward`
     instead of the decoder's own, and steps 2-3 are the runtime's decoder and fusion unchanged;
-    that needs the runtime's model and decoder and the decoder's continue-from-a-cache step,
-    which have no public accessor yet (``Runtime._state``, ``SigmaDecoder._from_cache``)."""
+    that needs the runtime's model and decoder, which have no public accessor yet
+    (``Runtime._state``); the decoder continues from the cache through
+    :meth:`~sigmarec.generation.decode.SigmaDecoder.candidates_from_cache`."""
 
     runtime: Runtime
     k: int
@@ -244,7 +245,7 @@ class Recomputer:
             [np.ones(rt.n_items, dtype=bool) if m is None else m for m in masks])
         with torch.no_grad():
             cache, entries, st = prompt_forward(model, batch, examples, cached)
-            cands = decoder._from_cache(cache, len(examples), n, allow)
+            cands = decoder.candidates_from_cache(cache, len(examples), n, [allow])[0]
         stats.add(st)
         if entries is not None:
             for (u, t), e in zip(pairs, entries, strict=True):

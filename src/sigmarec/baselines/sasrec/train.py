@@ -66,9 +66,13 @@ def training_windows(
 
 
 def sasrec_loss(
-    model: SASRec, batch: torch.Tensor, loss: str, generator: torch.Generator | None = None
+    model: SASRec, batch: torch.Tensor, loss: str, generator: torch.Generator | None = None,
+    ce_target_fraction: float = 1.0,
 ) -> torch.Tensor:
-    """Mean next-item loss over the non-padding targets of a (B, max_len + 1) window batch."""
+    """Mean next-item loss over the non-padding targets of a (B, max_len + 1) window batch.
+
+    ``ce_target_fraction`` < 1 (CE only): a uniform random subset of that share of the targets
+    is scored, an unbiased estimate of the same mean at that share of the logits' cost."""
     inp, tgt = batch[:, :-1], batch[:, 1:]
     states = model(inp)
     # A target needs a real item as input: in a left-padded window the first item follows padding
@@ -76,6 +80,10 @@ def sasrec_loss(
     valid = (tgt != 0) & (inp != 0)
     h, pos = states[valid], tgt[valid]  # only real targets cost logits (long CE rows are big)
     if loss == "ce":
+        if ce_target_fraction < 1.0 and len(pos) > 1:
+            keep = max(1, round(len(pos) * ce_target_fraction))
+            pick = torch.randperm(len(pos), generator=generator)[:keep].to(pos.device)
+            h, pos = h[pick], pos[pick]
         return F.cross_entropy(model.logits(h), pos - 1)
     if loss == "bce":
         neg = torch.randint(1, model.n_items + 1, pos.shape, generator=generator)
@@ -159,7 +167,7 @@ def train_sasrec(
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = windows[idx].to(device)
-            value = sasrec_loss(model, batch, loss, gen)
+            value = sasrec_loss(model, batch, loss, gen, cfg.ce_target_fraction)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
