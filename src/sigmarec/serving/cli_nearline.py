@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -78,13 +80,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from sigmarec.cli import _config, _run_dir
         from sigmarec.errors import SigmaError
-        from sigmarec.serving.store import open_store
 
-        cfg = _config(profile, config, sets)
-        run_dir = _run_dir(out, cfg)
-        with open_store(cfg.serving.u2i_store, run_dir) as store:
+        with _u2i_store(profile, config, sets, out) as (cfg, run_dir, store):
             entry = store.get(user, task, version)
             latest = store.latest_version()
         if entry is None:
@@ -117,11 +115,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from sigmarec.cli import _config, _run_dir
-        from sigmarec.serving.store import open_store
-
-        cfg = _config(profile, config, sets)
-        with open_store(cfg.serving.u2i_store, _run_dir(out, cfg)) as store:
+        with _u2i_store(profile, config, sets, out) as (cfg, _, store):
             versions = store.versions()
         if as_json:
             typer.echo(json.dumps([asdict(v) for v in versions], indent=2))
@@ -180,6 +174,19 @@ def register(app: typer.Typer) -> None:
 
             write_json(save, res)
             con.print(f"written: {save}")
+
+
+@contextmanager
+def _u2i_store(profile: str, config: list[Path] | None, sets: list[str] | None,
+               out: Path | None) -> Iterator[tuple[Any, Path, Any]]:
+    """(config, run directory, open U2I store) of the u2i commands' shared options."""
+    from sigmarec.cli import _config, _run_dir
+    from sigmarec.serving.store import open_store
+
+    cfg = _config(profile, config, sets)
+    run_dir = _run_dir(out, cfg)
+    with open_store(cfg.serving.u2i_store, run_dir) as store:
+        yield cfg, run_dir, store
 
 
 def _item_texts(run_dir: Path, ids: list[str]) -> dict[str, str]:
