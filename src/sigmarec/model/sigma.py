@@ -618,15 +618,28 @@ class SigmaModel(nn.Module):
             soft = self.item_embeddings(uniq)[inverse]
             embeds = self.inputs_embeds(input_ids, attention_mask, soft)
             pos = positions_from_mask(attention_mask)
-            h, cache = self._decode(embeds, attention_mask, pos, use_cache=True)
-            slots = gates = None
-            if self.repeat is not None:
-                slots = PromptSlots.from_batch(input_ids, attention_mask, item_ids,
-                                               sequence_mask, self.item_token_id)
-                gates = self.repeat(h[:, -1])
-            logp = F.log_softmax(self.level_logits(h[:, -1], 0, copy=self.copy_bias(
-                gates, slots, 0)), dim=-1)
-        return logp, PromptCache(cache, attention_mask, pos[:, -1] + 1, logp, slots, gates)
+            h, kv = self._decode(embeds, attention_mask, pos, use_cache=True)
+            cache = self.prompt_cache(h[:, -1], kv, attention_mask, pos[:, -1] + 1, input_ids,
+                                      attention_mask, item_ids, sequence_mask)
+        return cache.logprobs, cache
+
+    def prompt_cache(self, h_last: torch.Tensor, kv: Any, cache_mask: torch.Tensor,
+                     next_position: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, item_ids: torch.Tensor,
+                     sequence_mask: torch.Tensor | None) -> PromptCache:
+        """The end of step 1 once the backbone has read the prompts (all of them, or only a
+        new suffix over a reused KV cache, as the nearline job does): the level-1 prefix
+        log-probs from the last hidden state, with a repeat-aware model's copy term, whose
+        item table always comes from the full prompts (``input_ids`` ... ``sequence_mask``,
+        collated). ``cache_mask`` and ``next_position`` describe ``kv``."""
+        slots = gates = None
+        if self.repeat is not None:
+            slots = PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
+                                           self.item_token_id)
+            gates = self.repeat(h_last)
+        logp = F.log_softmax(self.level_logits(h_last, 0, copy=self.copy_bias(gates, slots, 0)),
+                             dim=-1)
+        return PromptCache(kv, cache_mask, next_position, logp, slots, gates)
 
     def _repeat_rows(self, cache: PromptCache, k: int
                      ) -> tuple[PromptSlots | None, torch.Tensor | None]:

@@ -41,11 +41,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from sigmarec.core.atomic import atomic_path
 from sigmarec.model.batch import SFTExample, left_pad
-from sigmarec.model.repeat import PromptSlots
 from sigmarec.model.sigma import PromptCache, SigmaModel, positions_from_mask
 
 log = logging.getLogger("sigmarec")
@@ -228,25 +226,11 @@ def _incremental(model: SigmaModel, batch: dict[str, torch.Tensor],
         embeds = model.inputs_embeds(new_ids, new_mask, soft)
         kv = DynamicCache(ddp_cache_data=past)
         h, kv = model._decode(embeds, mask, pos, cache=kv, use_cache=True)
-        return _prompt_cache(model, batch, h[:, -1], kv, mask, pos[:, -1] + 1)
+        return model.prompt_cache(h[:, -1], kv, mask, pos[:, -1] + 1, batch["input_ids"],
+                                  batch["attention_mask"], batch["item_ids"],
+                                  batch.get("sequence_mask"))
     finally:
         model.train(was)
-
-
-def _prompt_cache(model: SigmaModel, batch: dict[str, torch.Tensor], h_last: torch.Tensor,
-                  kv: Any, mask: torch.Tensor, next_position: torch.Tensor) -> PromptCache:
-    """The end of ``SigmaModel.prefix_logprobs`` after the backbone: the level-1 prefix
-    log-probs from the last hidden state, with a repeat-aware model's copy term (whose item
-    table is the full prompts'). The tests hold it equal to ``prefix_logprobs``."""
-    slots = gates = None
-    if model.repeat is not None:
-        slots = PromptSlots.from_batch(batch["input_ids"], batch["attention_mask"],
-                                       batch["item_ids"], batch.get("sequence_mask"),
-                                       model.item_token_id)
-        gates = model.repeat(h_last)
-    logp = F.log_softmax(model.level_logits(h_last, 0, None, model.copy_bias(gates, slots, 0)),
-                         dim=-1)
-    return PromptCache(kv, mask, next_position, logp, slots, gates)
 
 
 # ------------------------------------------------------------------------------- storage
