@@ -72,9 +72,11 @@ def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
     gen = run_dir / "generation"
     assert (gen / "tau_curve.csv").is_file() and (gen / "prefix_usage.json").is_file()
     manifest = json.loads((gen / "manifest.json").read_text())
-    assert set(manifest["summary"]["sigma"]["tau"]) == {"adaptive", "fixed"}
-    # SIGMA with the rule as a business filter, on test, beside the baselines' '+rule' rows.
-    assert "sigma+rule" in models and "sigma+rule" not in tasks.get("valid", {})
+    taus = manifest["summary"]["sigma"]["tau"]
+    assert set(taus) == {"adaptive", "fixed", "rule"} and taus["rule"] > 0
+    # SIGMA with the rule as a business filter, beside the baselines' '+rule' rows; on
+    # validation too, where its own tau is chosen.
+    assert "sigma+rule" in models and "sigma+rule" in tasks.get("valid", {})
     ruled = tasks["test"]["sigma+rule"]
     for task, kinds in ruled.items():
         if task not in ("ALL", "MEAN", "JustForYou"):

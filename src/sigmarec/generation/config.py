@@ -60,9 +60,9 @@ class GenerationConfig(_Strict):
         "(models '<name>+rule')",
     )
     rule_filtered_sigma: bool = Field(
-        True, description="also decode the test instances with each task's checkable rule as a "
-        "business filter inside the subset search (model 'sigma+rule', adaptive fusion at the "
-        "validation-chosen tau); beside the baselines' '+rule' rows",
+        True, description="also decode the task instances with each task's checkable rule as a "
+        "business filter inside the subset search (model 'sigma+rule', adaptive fusion at a tau "
+        "chosen on the rule-filtered validation lists); beside the baselines' '+rule' rows",
     )
     baselines: list[str] | None = Field(
         None, description="baselines re-ranked on the task instances; None = baselines.enabled"

@@ -164,7 +164,7 @@ class GenerationStage(Stage):
                                  load_item_features(ctx), item_prefix)
         decoder = SigmaDecoder(model, gcfg.k_prefixes, gcfg.m_per_prefix,
                                index_backend=cfg.tokenization.index.backend)
-        cands, seconds, rule_cands = {}, {}, None
+        cands, seconds, rule = {}, {}, {}
         for split, df in inst.items():
             if df.empty:
                 continue
@@ -175,15 +175,16 @@ class GenerationStage(Stage):
                 for r, h in enumerate(data.histories(df)):
                     allow[r, h] = False
             filters = [allow]
-            if split == "test" and gcfg.rule_filtered_sigma:
+            if gcfg.rule_filtered_sigma:
                 # sigma+rule: the task's checkable rule as a business filter inside the subset
-                # search, decoded from the same prompt forwards as the unfiltered lists.
+                # search, decoded from the same prompt forwards as the unfiltered lists (on
+                # validation too: its tau is chosen on filtered lists).
                 filters.append(masks[split] if allow is None else masks[split] & allow)
             found, seconds[split] = decode_split(decoder, ex, n, gcfg.batch_size, filters,
                                                  f"sigma {split}")
             cands[split] = found[0]
             if len(found) > 1:
-                rule_cands = found[1]
+                rule[split] = found[1]
             log.info("generation: SIGMA decoded %d %s instances in %.1fs (%.1f users/s)",
                      len(df), split, seconds[split], len(df) / max(seconds[split], 1e-9))
 
@@ -197,6 +198,12 @@ class GenerationStage(Stage):
         if k_used < gcfg.k_prefixes:
             cands = {split: truncate(c, k_used) for split, c in cands.items()}
         taus = self._choose_tau(gcfg, inst, cands, n)
+        if rule:
+            # All of the filtered beam stays (it was widened where the rule needed it), but s
+            # is taken over the same number of prefixes as for the unfiltered lists.
+            rule = {split: dataclasses.replace(c, k_for_spread=min(k_used, c.k_for_spread))
+                    for split, c in rule.items()}
+            taus["rule"] = self._choose_rule_tau(gcfg, inst, rule, taus["adaptive"], n)
         out: dict[str, Any] = {"tau": taus, "k_prefixes": k_used,
                                "seconds": {s: round(v, 2) for s, v in seconds.items()},
                                "users_per_s": {s: round(len(inst[s]) / max(v, 1e-9), 2)
@@ -211,17 +218,13 @@ class GenerationStage(Stage):
                 write_parquet(ctx.out / "rankings" / f"{name}_{split}.parquet",
                               rankings_frame(inst[split], items, scores))
         out["filled_from_popularity"] = filled_total
-        if rule_cands is not None:
-            # All of the filtered beam stays (it was widened where the rule needed it), but s
-            # is taken over the same number of prefixes as the tau was chosen for.
-            rule_cands = dataclasses.replace(rule_cands, k_for_spread=min(
-                k_used, rule_cands.k_for_spread))
-            items, scores = fuse(rule_cands, "adaptive", taus["adaptive"], n)
+        for split, c in rule.items():
+            items, scores = fuse(c, "adaptive", taus["rule"], n)
             # Lists stay full as the baselines' '+rule' lists do: admitted items first, then
             # the most popular others.
             items, _ = fill_lists(items, popularity)
-            write_parquet(ctx.out / "rankings" / "sigma+rule_test.parquet",
-                          rankings_frame(inst["test"], items, scores))
+            write_parquet(ctx.out / "rankings" / f"sigma+rule_{split}.parquet",
+                          rankings_frame(inst[split], items, scores))
         out["diagnostics"] = self._diagnostics(ctx, model, inst, cands, taus, n)
         self._tau_curve(ctx, data, inst, cands, taus, n)
         out["prefix_usage"] = self._prefix_usage(ctx, model, inst, cands, taus, n)
@@ -246,6 +249,25 @@ class GenerationStage(Stage):
         log.info("generation: validation HR@10 by K %s -> K %d",
                  {k: round(v, 4) for k, v in best.items()}, k_used)
         return k_used
+
+    def _choose_rule_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
+                         rule: dict[str, Candidates], tau_plain: float, n: int) -> float:
+        """Adaptive tau of sigma+rule, from its own (rule-filtered) validation lists: under a
+        filter the candidates are other items, often fewer prefixes, and another balance
+        between prefix and in-prefix scores may win. Without validation lists (or
+        ``select_tau`` off) the unfiltered lists' tau is used."""
+        if not gcfg.select_tau or "valid" not in rule:
+            return tau_plain
+        c = rule["valid"]
+        s_med = float(np.median(prefix_spread(c.prefix_logp, c.k_for_spread)))
+        grid = sorted({*(t * s_med for t in gcfg.tau_grid), tau_plain}) if s_med > 0 else [
+            tau_plain]
+        scores = {t: task_hr(inst["valid"], fuse(c, "adaptive", t, n)[0]) for t in grid}
+        # Ties go to the unfiltered lists' tau.
+        tau = max(scores, key=lambda t: (round(scores[t], 6), t == tau_plain))
+        log.info("generation: sigma+rule, validation HR@10 by tau %s -> tau %s",
+                 {t: round(v, 4) for t, v in scores.items()}, tau)
+        return tau
 
     def _choose_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
                     cands: dict[str, Candidates], n: int) -> dict[str, float]:
