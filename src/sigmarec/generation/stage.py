@@ -108,6 +108,14 @@ def task_hr(instances: pd.DataFrame, items: np.ndarray, k: int = 10) -> float:
     return float(pd.Series(hr).groupby(instances["task"].to_numpy()).mean().mean())
 
 
+def adaptive_taus(cands: Candidates, tau_grid: list[float], fallback: float) -> list[float]:
+    """The adaptive-fusion grid of ``cands``: s (the spread of the top-K prefix probabilities)
+    is small - about 1/K - so adaptive tau lives on another scale than fixed tau; the grid is
+    ``tau_grid`` times the median s, so both modes try the same effective temperatures."""
+    s_med = float(np.median(prefix_spread(cands.prefix_logp, cands.k_for_spread)))
+    return [t * s_med for t in tau_grid] if s_med > 0 else [fallback]
+
+
 def rank_with_masks(model: Any, data: ProcessedData, instances: pd.DataFrame, top: int,
                     masks: np.ndarray | None, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Full-catalogue ranking; with ``masks``, admitted items rank above every other item."""
@@ -241,8 +249,7 @@ class GenerationStage(Stage):
         best: dict[int, float] = {}
         for k in grid:
             c = truncate(cands["valid"], k)
-            s_med = float(np.median(prefix_spread(c.prefix_logp, c.k_for_spread)))
-            taus = [t * s_med for t in gcfg.tau_grid] if s_med > 0 else [gcfg.tau]
+            taus = adaptive_taus(c, gcfg.tau_grid, gcfg.tau)
             best[k] = max(task_hr(inst["valid"], fuse(c, "adaptive", t, n)[0]) for t in taus)
         # Ties go to the smaller K (cheaper to serve).
         k_used = max(grid, key=lambda k: (round(best[k], 6), -k))
@@ -259,9 +266,7 @@ class GenerationStage(Stage):
         if not gcfg.select_tau or "valid" not in rule:
             return tau_plain
         c = rule["valid"]
-        s_med = float(np.median(prefix_spread(c.prefix_logp, c.k_for_spread)))
-        grid = sorted({*(t * s_med for t in gcfg.tau_grid), tau_plain}) if s_med > 0 else [
-            tau_plain]
+        grid = sorted({*adaptive_taus(c, gcfg.tau_grid, tau_plain), tau_plain})
         scores = {t: task_hr(inst["valid"], fuse(c, "adaptive", t, n)[0]) for t in grid}
         # Ties go to the unfiltered lists' tau.
         tau = max(scores, key=lambda t: (round(scores[t], 6), t == tau_plain))
@@ -274,13 +279,8 @@ class GenerationStage(Stage):
         taus = {m: gcfg.tau for m in ("adaptive", "fixed")}
         if not gcfg.select_tau or "valid" not in cands:
             return taus
-        # s (the spread of the top-K prefix probabilities) is small - about 1/K - so adaptive
-        # tau lives on another scale: its grid is the fixed grid times the median validation s,
-        # and both modes then try the same effective temperatures.
-        s_med = float(np.median(prefix_spread(cands["valid"].prefix_logp, cands["valid"]
-                                              .k_for_spread)))
         grids = {"fixed": list(gcfg.tau_grid),
-                 "adaptive": [t * s_med for t in gcfg.tau_grid] if s_med > 0 else [gcfg.tau]}
+                 "adaptive": adaptive_taus(cands["valid"], gcfg.tau_grid, gcfg.tau)}
         for mode in ("adaptive", "fixed"):
             scores = {t: task_hr(inst["valid"], fuse(cands["valid"], mode, t, n)[0])
                       for t in grids[mode]}
