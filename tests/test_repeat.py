@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -30,7 +31,7 @@ torch.set_num_threads(1)
 
 def _randomised(**cfg):
     # Gates away from their shared start and distinct new-token rows: strict orderings.
-    model = make_model(repeat_aware=True, **cfg).eval()
+    model = make_model(**{"repeat_aware": True, **cfg}).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         model.token_delta.normal_(0, 0.5, generator=g)
@@ -271,3 +272,147 @@ def test_catalogue_infonce_is_a_full_softmax_over_every_item(repeat: bool) -> No
     assert out["l_infonce"].item() == pytest.approx(_mean(nll), rel=1e-4)
     assert out["l_infonce_dense"].item() == pytest.approx(_mean(dense),
                                                           rel=1e-4)
+
+
+# ----------------------------------------------------------------- the purchase-count channel
+COUNTS = [((5, 14, 3), (4, 2, 1)), ((), ()), ((15, 1), (6, 3)), ((20, 16, 17, 18), (2, 2, 1, 1))]
+
+
+def _count_batch(model):
+    ex, _ = _batch(model)
+    ex = [dataclasses.replace(e, count_items=ci, count_values=cv)
+          for e, (ci, cv) in zip(ex, COUNTS, strict=True)]
+    return ex, model.collator(hard_negatives=3)(ex, rng=np.random.default_rng(0))
+
+
+def test_collator_pads_purchase_counts_and_checks_them() -> None:
+    model = make_model(repeat_aware=True, repeat_counts=True)
+    ex, b = _count_batch(model)
+    assert b["count_items"].shape == (4, 4)
+    assert b["count_items"][1].tolist() == [-1] * 4
+    assert b["count_values"][2].tolist() == [6.0, 3.0, 0.0, 0.0]
+    bad = dataclasses.replace(ex[0], count_values=(1, 2))
+    with pytest.raises(ValueError, match="3 count_items but 2 count_values"):
+        model.collator()([bad])
+    with pytest.raises(ValueError, match="count_items outside"):
+        model.collator()([dataclasses.replace(ex[0], count_items=(5, 14, N_ITEMS))])
+    with pytest.raises(ValueError, match="repeat_counts"):
+        make_model(repeat_counts=True)
+
+
+def test_a_counts_model_refuses_prompts_without_counts() -> None:
+    model = _randomised(repeat_counts=True)
+    _, b = _batch(model)
+    with pytest.raises(ValueError, match="count_items"):
+        model(**{k: v for k, v in b.items() if not k.startswith("count_")})
+
+
+def test_count_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
+    model = _randomised(repeat_counts=True, infonce_negatives="catalogue", dense_weight=1.0)
+    with torch.no_grad():
+        model.repeat.proj.bias[2].fill_(0.7)  # the count gates away from the others
+        model.repeat.proj.bias[5].fill_(1.3)
+    ex, b = _count_batch(model)
+    with torch.no_grad():
+        out = model(**b)
+        h = _hidden(model, b)
+        v = model.item_vectors()
+    t = b["input_ids"].shape[1]
+    temp = model.cfg.temperature
+    ntp, nce, dense = [], [], []
+    with torch.no_grad():
+        for r, e in enumerate(ex):
+            state = h[r, t - 3]
+            g = F.softplus(model.repeat.proj(state.float()))
+            assert g.shape == (6,)
+            seq, ctx = list(e.item_ids[e.n_context:]), list(e.item_ids[: e.n_context])
+            count = dict(zip(e.count_items, e.count_values, strict=True))
+            logits = model.level_logits(state[None], 0)[0]
+            for code in range(4):
+                n_seq = sum(int(model.item_prefix[i]) == code for i in seq)
+                n_ctx = sum(int(model.item_prefix[i]) == code for i in ctx)
+                n_cnt = sum(c for i, c in count.items() if int(model.item_prefix[i]) == code)
+                logits[code] += (g[0] * math.log1p(n_seq) + g[1] * math.log1p(n_ctx)
+                                 + g[2] * math.log1p(n_cnt))
+            ntp.append(-logits.log_softmax(-1)[e.target_prefix])
+            q = model.query_from_hidden(h[r, t - 1][None])[0]
+            copy = torch.tensor([temp * (g[3] * math.log1p(seq.count(i)) + g[4] * math.log1p(
+                ctx.count(i)) + g[5] * math.log1p(count.get(i, 0))) for i in range(N_ITEMS)])
+            sims = (q @ v.T + copy) / temp
+            sims[[p for p in e.positives if p != e.target_item]] = -torch.inf
+            nce.append(-sims.log_softmax(-1)[e.target_item])
+            # Dense positions: only the sequence items before them, never the counts (which
+            # summarise the whole history up to the cut, this position's own item included).
+            cols = [c for c in range(t) if b["input_ids"][r, c] == model.item_token_id
+                    and b["attention_mask"][r, c]]
+            for j, c in enumerate(cols[e.n_context:], start=e.n_context):
+                gd = F.softplus(model.repeat.proj(h[r, c - 2].float()))
+                before = list(e.item_ids[e.n_context:j])
+                qd = model.query_from_hidden(h[r, c - 1][None])[0]
+                bias = torch.tensor([temp * gd[3] * math.log1p(before.count(i))
+                                     for i in range(N_ITEMS)])
+                dense.append(-((qd @ v.T + bias) / temp).log_softmax(-1)[e.item_ids[j]])
+    assert out["l_ntp"].item() == pytest.approx(_mean(ntp), rel=1e-5)
+    assert out["l_infonce"].item() == pytest.approx(_mean(nce), rel=1e-4)
+    assert out["l_infonce_dense"].item() == pytest.approx(_mean(dense), rel=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [[4], [2, 2]])
+def test_decoder_with_purchase_counts_equals_the_reference(sizes) -> None:
+    prefix = np.random.default_rng(7).permutation(np.arange(N_ITEMS) % int(np.prod(sizes)))
+    from test_model import make_model as base
+
+    model = base(sizes, prefix=prefix, repeat_aware=True, repeat_counts=True).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.token_delta.normal_(0, 0.5, generator=g)
+        model.repeat.proj.weight.normal_(0, 0.05, generator=g)
+        model.repeat.proj.bias[5].fill_(4.0)  # counted items must reach the lists
+    exs = [_example(model, [3, 4], [1, 2, 3], 5), _example(model, [], [7, 8, 7], 9),
+           _example(model, [12], [10, 11, 12, 13], 1), _example(model, [6, 20, 21], [20, 6], 5)]
+    exs = [dataclasses.replace(e, count_items=ci, count_values=cv)
+           for e, (ci, cv) in zip(exs, COUNTS, strict=True)]
+    k, m, n = 2, 2, 4  # M small: only the copy term brings counted items past the cosine top-M
+    dec = SigmaDecoder(model, k, m)
+    for allow in (None, np.arange(N_ITEMS) % 3 != 0):
+        items, scores = dec.recommend(exs, n, fusion="adaptive", tau=0.05, allow_mask=allow)
+        for r, ex in enumerate(exs):
+            ref_items, ref_scores = reference_recommend(model, ex, k, m, n, "adaptive", 0.05,
+                                                        allow)
+            assert items[r].tolist() == ref_items
+            assert np.allclose(scores[r], ref_scores, atol=1e-4)
+    counted = {i for ci, _ in COUNTS for i in ci} - {i for e in exs for i in e.item_ids}
+    assert counted & set(items.ravel().tolist()), "no counted-only item was recommended"
+
+
+def test_the_count_channel_learns_repeats_the_prompt_does_not_show() -> None:
+    """Targets are always the household's most bought item, which the prompt never shows: only
+    a model with the count channel can find it on held-out prompts."""
+    rng = np.random.default_rng(5)
+
+    def samples(model, count: int):
+        out = []
+        for _ in range(count):
+            items = rng.choice(N_ITEMS, size=7, replace=False).tolist()
+            hist, counted = items[:3], items[3:]
+            values = (int(rng.integers(5, 9)), 2, 1, 1)
+            out.append(dataclasses.replace(_example(model, [], hist, counted[0]),
+                                           count_items=tuple(counted), count_values=values))
+        return out
+
+    acc = {}
+    for counts in (False, True):
+        torch.manual_seed(0)
+        model = make_model(repeat_aware=True, repeat_counts=counts, fuse_dropout=0.0,
+                           lora_dropout=0.0)
+        train = samples(model, 32)
+        cfg = TrainingConfig(steps=40, per_device_batch_size=8, lr=3e-3, new_params_lr=1e-2,
+                             warmup_ratio=0.0, hard_negatives=0, eval_at_end=False,
+                             mixed_precision="no", restore_best=False)
+        train_sigma(model, train, cfg, seed=0, progress=False)
+        model.eval()
+        test = samples(model, 40)
+        items, _ = SigmaDecoder(model, 4, N_ITEMS).recommend(test, 1, fusion="fixed", tau=0.05)
+        acc[counts] = float(np.mean([items[r, 0] == e.target_item for r, e in enumerate(test)]))
+    assert acc[True] >= 0.9, acc
+    assert acc[True] > acc[False] + 0.3, acc

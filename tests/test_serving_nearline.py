@@ -34,7 +34,7 @@ from sigmarec.serving.nearline import (
 )
 from sigmarec.serving.runtime import RecRequest, Runtime
 from sigmarec.serving.store import SQLiteStore, StoreError, U2IRow, open_store
-from sigmarec.tasks.sft_data import most_bought
+from sigmarec.tasks.sft_data import prompt_columns
 from sigmarec.training.stage import to_examples
 
 # ------------------------------------------------------------------------------ the store
@@ -176,9 +176,9 @@ def _prompts(rt: Runtime, users: list[int], extra: dict[int, list[int]] | None =
     base = [rt.resolve(RecRequest(user_id=str(rt.data.users["user_id"].iat[u]))) for u in users]
     hist = [np.concatenate([r.history, np.asarray(extra.get(u, []), dtype=np.int64)])
             for u, r in zip(users, base, strict=True)]
+    cols = [prompt_columns(h, tc) for h in hist]
     df = pd.DataFrame({
-        "history": [h[-tc.history_len:] for h in hist],
-        "frequent": [most_bought(h, tc.frequent_items, tc.frequent_min_count) for h in hist],
+        **{k: [c[k] for c in cols] for k in cols[0]},
         "profile": [r.profile for r in base],
         "instruction": [instruction or r.instruction for r in base],
         "targets": [np.zeros(1, dtype=np.int64)] * len(users)})

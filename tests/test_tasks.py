@@ -494,6 +494,26 @@ def test_frequent_section_is_built_from_the_history_before_the_cut(data) -> None
     assert p.text.index("Bought most often") < p.text.index("Recently bought")
 
 
+def test_purchase_counts_come_from_the_history_before_the_cut(data) -> None:
+    from sigmarec.tasks.sft_data import purchase_counts
+
+    hist = np.array([5, 1, 2, 1, 3, 2, 9, 9, 4, 1])
+    items, counts = purchase_counts(hist, 3)
+    assert items.tolist() == [1, 9, 2] and counts.tolist() == [3, 2, 2]
+    assert [x.tolist() for x in purchase_counts(hist, 0)] == [[], []]
+    cfg = tasks_config().model_copy(update={"count_items": 7})
+    sft = build_sft_data(data, cfg, seed=0)
+    for df in (sft.train, sft.valid, sft.test):
+        assert {"count_items", "count_values"} <= set(df.columns)
+        for row in df.head(30).to_dict("records"):
+            # The counts read only what precedes the sample's target basket (no leak).
+            full = data.sequence(int(row["user_idx"]))[: int(row["hist_len"])]
+            ref_i, ref_c = purchase_counts(full, 7)
+            assert row["count_items"].tolist() == ref_i.tolist()
+            assert row["count_values"].tolist() == ref_c.tolist()
+            assert len(row["count_items"]) <= 7
+
+
 def test_alignment_samples_come_from_the_catalogue_and_keep_rules(data) -> None:
     cfg = tasks_config().model_copy(update={"align_samples": 60})
     sft = build_sft_data(data, cfg, seed=0)

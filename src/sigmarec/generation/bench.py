@@ -84,7 +84,7 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
     from sigmarec.core.stage import StageContext
     from sigmarec.generation.decode import SigmaDecoder
     from sigmarec.generation.fusion import fuse
-    from sigmarec.model.sigma import load_sigma_model
+    from sigmarec.model.sigma import load_sigma_model, prompt_args
     from sigmarec.training.stage import load_item_features, load_vocab, to_examples
 
     run_dir = Path(run_dir)
@@ -108,7 +108,7 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
 
     def bare(r: Sequence[int]) -> None:
         b = decoder.batch([sigma_ex[i] for i in r])
-        model.prefix_logprobs(b["input_ids"], b["attention_mask"], b["item_ids"])
+        model.prefix_logprobs(**prompt_args(b))
 
     def sigma(r: Sequence[int]) -> None:
         b = decoder.batch([sigma_ex[i] for i in r])

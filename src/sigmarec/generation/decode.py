@@ -26,7 +26,7 @@ import torch
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.fusion import Candidates, fuse
 from sigmarec.model.batch import SFTExample
-from sigmarec.model.sigma import PromptCache, SigmaModel
+from sigmarec.model.sigma import PromptCache, SigmaModel, prompt_args
 from sigmarec.tokenization.prefix_index import ItemSubsetIndex, make_prefix_index
 
 
@@ -137,8 +137,7 @@ class SigmaDecoder:
         continuations leave unchanged); the continuations, the other expensive part, run once
         for the union of the filters' prefixes, since a query vector depends only on the prompt
         and its prefix, never on the filter."""
-        _, cache = self.model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
-                                              batch["item_ids"], batch.get("sequence_mask"))
+        _, cache = self.model.prefix_logprobs(**prompt_args(batch))
         return self.candidates_from_cache(cache, batch["input_ids"].shape[0], n, allow_masks)
 
     @torch.no_grad()
@@ -195,10 +194,14 @@ class SigmaDecoder:
                            cos: np.ndarray, items: np.ndarray, allow_mask: np.ndarray | None
                            ) -> tuple[np.ndarray, np.ndarray]:
         """Repeat-aware models: scores are cosine plus the copy term, which only the prompt's
-        own items have. The search returned the top-M by cosine; adding every eligible prompt
-        item of each kept prefix, scored with its copy term, and keeping the top M of the union
-        is exact (any other item's score is its cosine, below the M found)."""
-        extra = cache.slots.items.cpu().numpy()  # (B, J)
+        own items (and, with purchase counts, the household's counted items) have. The search
+        returned the top-M by cosine; adding every eligible such item of each kept prefix,
+        scored with its copy term, and keeping the top M of the union is exact (any other
+        item's score is its cosine, below the M found)."""
+        extra = cache.slots.items
+        if cache.slots.count_items is not None:
+            extra = torch.cat([extra, cache.slots.count_items], dim=1)
+        extra = extra.cpu().numpy()  # (B, J)
         b, j = extra.shape
         ok = extra >= 0
         if allow_mask is not None:

@@ -19,7 +19,6 @@ from torch.nn import functional as F
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.fusion import OFF_GAP
 from sigmarec.model.batch import SFTExample, flat_to_codes
-from sigmarec.model.repeat import PromptSlots
 from sigmarec.model.sigma import SigmaModel
 
 
@@ -50,8 +49,10 @@ class _Copy:
         ids = torch.tensor([list(ex.input_ids)], device=dev)
         n_ctx = int(ex.n_context or 0)
         seq = torch.tensor([False] * n_ctx + [True] * (len(ex.item_ids) - n_ctx), device=dev)
-        self.slots = PromptSlots.from_batch(ids, torch.ones_like(ids), torch.tensor(
-            list(ex.item_ids), dtype=torch.long, device=dev), seq, model.item_token_id)
+        counts = [torch.tensor([list(ex.count_items or ())], dtype=torch.long, device=dev),
+                  torch.tensor([list(ex.count_values or ())], dtype=torch.float32, device=dev)]
+        self.slots = model.prompt_slots(ids, torch.ones_like(ids), torch.tensor(
+            list(ex.item_ids), dtype=torch.long, device=dev), seq, *counts)
         self.gates = model.repeat(_last_hidden(model, ex, []))[None]
 
     def prefix(self, level: int, partial: int) -> torch.Tensor | None:

@@ -35,6 +35,10 @@ class SFTExample:
     # Every item admitted under the same instruction in the target basket (the target among
     # them): never negatives, and with multi-positive NTP the label is their prefix mix.
     positives: tuple[int, ...] = ()
+    # The household's purchase counts before the cut (its most bought items, not shown in the
+    # prompt): the copy prior's count channel (``model.repeat_counts``).
+    count_items: tuple[int, ...] = ()
+    count_values: tuple[int, ...] = ()
 
 
 _REQUIRED = object()
@@ -123,7 +127,8 @@ class SigmaCollator:
     placeholder in row-major order, ``sequence_mask`` (N,) whether that placeholder belongs to
     the purchase sequence (not the context section), and with labels ``target_item``,
     ``target_prefix`` (B,), ``hard_negatives`` (B, k) with -1 for "none" and ``positives``
-    (B, P) every positive of the row (the target first), -1 padded.
+    (B, P) every positive of the row (the target first), -1 padded. ``count_items`` (B, H)
+    (-1 padded) and ``count_values`` (B, H) are the examples' purchase counts (H >= 1).
     """
 
     def __init__(
@@ -170,6 +175,8 @@ class SigmaCollator:
         items: list[int] = []
         seq: list[bool] = []
         targets, prefixes, positives = [], [], []
+        c_items: list[list[int]] = []
+        c_values: list[list[float]] = []
         for i, ex in enumerate(examples):
             ids = [int(t) for t in _field(ex, "input_ids")]
             ex_items = [int(t) for t in _field(ex, "item_ids")]
@@ -202,6 +209,16 @@ class SigmaCollator:
             n_ctx = int(_field(ex, "n_context", 0) or 0)
             if not 0 <= n_ctx <= len(ex_items):
                 raise ValueError(f"example {i}: n_context {n_ctx} outside 0..{len(ex_items)}")
+            ci = [int(x) for x in (_field(ex, "count_items", ()) or ())]
+            cv = [float(x) for x in (_field(ex, "count_values", ()) or ())]
+            if len(ci) != len(cv):
+                raise ValueError(f"example {i}: {len(ci)} count_items but {len(cv)} count_values")
+            if ci and not (min(ci) >= 0 and max(ci) < len(self.item_prefix)):
+                raise ValueError(f"example {i}: count_items outside 0..{len(self.item_prefix) - 1}")
+            if cv and min(cv) <= 0:
+                raise ValueError(f"example {i}: count_values must be positive purchase counts")
+            c_items.append(ci)
+            c_values.append(cv)
             rows.append(ids)
             items.extend(ex_items)
             seq.extend([False] * n_ctx + [True] * (len(ex_items) - n_ctx))
@@ -212,6 +229,13 @@ class SigmaCollator:
             "item_ids": torch.tensor(items, dtype=torch.long),
             "sequence_mask": torch.tensor(seq, dtype=torch.bool),
         }
+        width = max(1, max(len(c) for c in c_items))
+        cnt_i = torch.full((len(rows), width), -1, dtype=torch.long)
+        cnt_v = torch.zeros((len(rows), width), dtype=torch.float32)
+        for r, (ci, cv) in enumerate(zip(c_items, c_values, strict=True)):
+            cnt_i[r, :len(ci)] = torch.tensor(ci, dtype=torch.long)
+            cnt_v[r, :len(cv)] = torch.tensor(cv, dtype=torch.float32)
+        batch["count_items"], batch["count_values"] = cnt_i, cnt_v
         if with_labels:
             tgt = np.asarray(targets, dtype=np.int64)
             rng = rng if rng is not None else np.random.default_rng(0)

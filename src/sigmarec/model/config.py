@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -70,7 +70,12 @@ class ModelConfig(_Strict):
         "context section apart), and InfoNCE also contrasts the target with the prompt's other "
         "items (see sigmarec.model.repeat)",
     )
-    repeat_init: float = Field(1.0, ge=0, description="start value of the four copy gates")
+    repeat_init: float = Field(1.0, ge=0, description="start value of the copy gates")
+    repeat_counts: bool = Field(
+        False, description="repeat-aware models: a third copy channel, the household's purchase "
+        "count of each item over its whole history before the cut (the tasks' count_items "
+        "columns, tasks.count_items most bought), which the prompt does not show",
+    )
     shared_prefix_decode: bool = Field(
         True, description="generation: run the K continuations of a prompt in one row under a "
         "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",
@@ -78,3 +83,10 @@ class ModelConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward (less memory, ~30% slower)"
     )
+
+    @model_validator(mode="after")
+    def _counts_need_copy(self) -> ModelConfig:
+        if self.repeat_counts and not self.repeat_aware:
+            raise ValueError("model.repeat_counts is a channel of the copy prior: it needs "
+                             "model.repeat_aware=true")
+        return self

@@ -11,11 +11,16 @@ repeat-aware recommenders (RepeatNet, ReCANet) do, the scores get an explicit co
 * item scores (the cosine scale of the ``<q>`` search): ``+ τ · (b_seq · log(1 + m_seq(i)) +
   b_ctx · log(1 + m_ctx(i)))``, ``m`` = the item's own occurrences, ``τ`` the InfoNCE
   temperature, so ``b`` is in nats of the training softmax.
+* with ``model.repeat_counts``, a third channel in both: the household's purchase count of each
+  item over its whole history before the cut (``tasks.count_items`` most bought), which the
+  prompt does not show: a median household bought ~340 items and the prompt names 40 of them,
+  while the repurchase baseline reads them all. ``n_cnt(c)`` sums the counts of the items under
+  code ``c`` (the history-frequency estimate of the prefix), ``m_cnt(i)`` is the item's count.
 
-The four gates are ``softplus`` of a linear map of the hidden state at the end of the prompt (the
-token before the first label token): the instruction can switch copying off (a task that asks
-for something new) or up (buy again). The linear map starts at zero and the bias at
-``repeat_init``: the copy term is on from the first step, and learned from there.
+The four gates (six with counts) are ``softplus`` of a linear map of the hidden state at the end
+of the prompt (the token before the first label token): the instruction can switch copying off
+(a task that asks for something new) or up (buy again). The linear map starts at zero and the
+bias at ``repeat_init``: the copy term is on from the first step, and learned from there.
 """
 
 from __future__ import annotations
@@ -27,22 +32,40 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-N_GATES = 4  # prefix-seq, prefix-ctx, item-seq, item-ctx
+N_GATES = 4  # prefix-seq, prefix-ctx, item-seq, item-ctx (without purchase counts)
+
+
+def n_gates(counts: bool) -> int:
+    """Gates per row: one per channel (sequence, context[, purchase counts]) for the prefix
+    logits and one per channel for the item scores."""
+    return 2 * (3 if counts else 2)
 
 
 @dataclass
 class PromptSlots:
     """The item placeholders of a batch of prompts as a table: ``items`` (R, J) item ids in
     prompt order (-1 = padding), ``seq`` (R, J) True for the purchase sequence, False for the
-    context section."""
+    context section; with purchase counts, ``count_items`` (R, H) (-1 = padding) and
+    ``count_values`` (R, H) the household's purchase count of each."""
 
     items: torch.Tensor
     seq: torch.Tensor
+    count_items: torch.Tensor | None = None
+    count_values: torch.Tensor | None = None
+
+    @property
+    def channels(self) -> int:
+        return 2 if self.count_items is None else 3
+
+    def with_items(self, items: torch.Tensor) -> PromptSlots:
+        """The same table with another placeholder-item table (e.g. column ids)."""
+        return PromptSlots(items, self.seq, self.count_items, self.count_values)
 
     @classmethod
     def from_batch(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    item_ids: torch.Tensor, sequence_mask: torch.Tensor | None,
-                   item_token_id: int) -> PromptSlots:
+                   item_token_id: int, count_items: torch.Tensor | None = None,
+                   count_values: torch.Tensor | None = None) -> PromptSlots:
         slots = ((input_ids == item_token_id) & attention_mask.bool()).nonzero()  # row-major
         rows = slots[:, 0]
         b = input_ids.shape[0]
@@ -55,10 +78,21 @@ class PromptSlots:
         mark = (torch.ones_like(rows, dtype=torch.bool) if sequence_mask is None
                 else sequence_mask.view(-1).to(seq.device).bool())
         seq[rows, rank] = mark
-        return cls(items, seq)
+        if count_items is not None:
+            if count_values is None or count_values.shape != count_items.shape \
+                    or count_items.shape[0] != b:
+                raise ValueError(f"count_items {tuple(count_items.shape)} and count_values "
+                                 f"{None if count_values is None else tuple(count_values.shape)}"
+                                 f" must both be (B={b}, H)")
+            count_items = count_items.to(items.device).long()
+            count_values = count_values.to(items.device).float()
+        return cls(items, seq, count_items, count_values)
 
     def rows(self, idx: torch.Tensor) -> PromptSlots:
-        return PromptSlots(self.items[idx], self.seq[idx])
+        if self.count_items is None:
+            return PromptSlots(self.items[idx], self.seq[idx])
+        return PromptSlots(self.items[idx], self.seq[idx], self.count_items[idx],
+                           self.count_values[idx])
 
     def ranks(self) -> torch.Tensor:
         """(N,) rank of each placeholder in its row, in row-major order (matches item_ids)."""
@@ -69,9 +103,9 @@ class PromptSlots:
 class RepeatGate(nn.Module):
     """hidden -> the four softplus gates (see the module docstring)."""
 
-    def __init__(self, hidden: int, init: float) -> None:
+    def __init__(self, hidden: int, init: float, gates: int = N_GATES) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden, N_GATES)
+        self.proj = nn.Linear(hidden, gates)
         with torch.no_grad():
             self.proj.weight.zero_()
             # softplus^-1(init): the gates start at ``init``.
@@ -84,9 +118,10 @@ class RepeatGate(nn.Module):
 def prefix_counts(slots: PromptSlots, item_codes: torch.Tensor, level: int, n_codes: int,
                   partial: torch.Tensor | None = None, before: torch.Tensor | None = None,
                   seq_only: bool = False) -> torch.Tensor:
-    """(R, 2, n_codes) prompt items per code of ``level`` (sequence, context), counting only
-    items whose first ``level`` codes equal ``partial`` (R, level) and, with ``before`` (R,),
-    only placeholders of rank < before (the items that precede a history position)."""
+    """(R, C, n_codes) prompt items per code of ``level`` (sequence, context[, the summed
+    purchase counts]), counting only items whose first ``level`` codes equal ``partial``
+    (R, level) and, with ``before`` (R,), only placeholders of rank < before (the items that
+    precede a history position). ``seq_only`` leaves every channel but the sequence at 0."""
     ok = slots.items >= 0
     codes = item_codes[slots.items.clamp(min=0)]  # (R, J, L)
     if level:
@@ -94,49 +129,76 @@ def prefix_counts(slots: PromptSlots, item_codes: torch.Tensor, level: int, n_co
     if before is not None:
         ok = ok & (torch.arange(ok.shape[1], device=ok.device)[None, :] < before[:, None])
     seq = slots.seq
-    out = torch.zeros(ok.shape[0], 2, n_codes, device=ok.device)
+    out = torch.zeros(ok.shape[0], slots.channels, n_codes, device=ok.device)
     code = codes[:, :, level]
     out[:, 0].scatter_add_(1, code, (ok & seq).float())
     if not seq_only:
         out[:, 1].scatter_add_(1, code, (ok & ~seq).float())
+        if slots.count_items is not None:
+            c_ok = slots.count_items >= 0
+            c_codes = item_codes[slots.count_items.clamp(min=0)]
+            if level:
+                c_ok = c_ok & (c_codes[:, :, :level] == partial[:, None, :level]).all(-1)
+            out[:, 2].scatter_add_(1, c_codes[:, :, level],
+                                   torch.where(c_ok, slots.count_values, 0.0))
     return out
 
 
 def item_counts(slots: PromptSlots, items: torch.Tensor, before: torch.Tensor | None = None,
                 seq_only: bool = False) -> torch.Tensor:
-    """(R, X, 2) occurrences of each of ``items`` (R, X) in its row's prompt (sequence,
-    context); ``before`` / ``seq_only`` as in :func:`prefix_counts`."""
+    """(R, X, C) occurrences of each of ``items`` (R, X) in its row's prompt (sequence,
+    context[, its purchase count]); ``before`` / ``seq_only`` as in :func:`prefix_counts`."""
     ok = slots.items >= 0
     if before is not None:
         ok = ok & (torch.arange(ok.shape[1], device=ok.device)[None, :] < before[:, None])
     same = (slots.items[:, None, :] == items[:, :, None]) & ok[:, None, :]  # (R, X, J)
     seq = slots.seq[:, None, :]
     ctx = torch.zeros_like(same) if seq_only else same & ~seq
-    return torch.stack([(same & seq).sum(-1), ctx.sum(-1)], dim=-1).float()
+    chans = [(same & seq).sum(-1).float(), ctx.sum(-1).float()]
+    if slots.count_items is not None:
+        hit = (slots.count_items[:, None, :] == items[:, :, None]) & (
+            slots.count_items >= 0)[:, None, :]  # (R, X, H)
+        cnt = (hit * slots.count_values[:, None, :]).sum(-1)
+        chans.append(torch.zeros_like(cnt) if seq_only else cnt)
+    return torch.stack(chans, dim=-1)
 
 
 def column_counts(slots: PromptSlots, n_cols: int, before: torch.Tensor | None = None,
                   seq_only: bool = False) -> torch.Tensor:
-    """(R, n_cols, 2) occurrences of every column id 0..n_cols-1 in each row's prompt, where
+    """(R, n_cols, C) occurrences of every column id 0..n_cols-1 in each row's prompt, where
     ``slots.items`` already holds column ids (the item ids for a whole-catalogue softmax, or
     the batch's distinct-item index); the same counts as :func:`item_counts` with
-    ``items = arange(n_cols)``, by scatter instead of a (R, n_cols, J) comparison."""
+    ``items = arange(n_cols)``, by scatter instead of a (R, n_cols, J) comparison. The
+    purchase-count channel reads ``slots.count_items`` as column ids too: it is only filled
+    when the columns are the catalogue's item ids (or with ``seq_only``, when it is 0)."""
     ok = slots.items >= 0
     if before is not None:
         ok = ok & (torch.arange(ok.shape[1], device=ok.device)[None, :] < before[:, None])
-    out = torch.zeros(ok.shape[0], 2, n_cols, device=ok.device)
+    out = torch.zeros(ok.shape[0], slots.channels, n_cols, device=ok.device)
     idx = slots.items.clamp(min=0)
     out[:, 0].scatter_add_(1, idx, (ok & slots.seq).float())
     if not seq_only:
         out[:, 1].scatter_add_(1, idx, (ok & ~slots.seq).float())
+        if slots.count_items is not None:
+            c_ok = slots.count_items >= 0
+            out[:, 2].scatter_add_(1, slots.count_items.clamp(min=0),
+                                   torch.where(c_ok, slots.count_values, 0.0))
     return out.transpose(1, 2)
 
 
+def _split(gates: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if gates.shape[1] != 2 * channels:
+        raise ValueError(f"{gates.shape[1]} copy gates for {channels} count channels: the "
+                         "model's model.repeat_counts and the prompts' purchase counts disagree")
+    return gates[:, :channels], gates[:, channels:]
+
+
 def prefix_bias(gates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(R, C) logit bias from gates (R, 4) and :func:`prefix_counts` (R, 2, C)."""
-    return (gates[:, :2, None] * counts.log1p()).sum(1)
+    """(R, n) logit bias from gates (R, 2C) and :func:`prefix_counts` (R, C, n)."""
+    return (_split(gates, counts.shape[1])[0][:, :, None] * counts.log1p()).sum(1)
 
 
 def item_bias(gates: torch.Tensor, counts: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(R, X) bias on the cosine scale from gates (R, 4) and :func:`item_counts` (R, X, 2)."""
-    return temperature * (gates[:, None, 2:] * counts.log1p()).sum(-1)
+    """(R, X) bias on the cosine scale from gates (R, 2C) and :func:`item_counts` (R, X, C)."""
+    return temperature * (_split(gates, counts.shape[-1])[1][:, None, :] * counts.log1p()
+                          ).sum(-1)

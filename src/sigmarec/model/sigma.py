@@ -50,6 +50,7 @@ from sigmarec.model.repeat import (
     column_counts,
     item_bias,
     item_counts,
+    n_gates,
     prefix_bias,
     prefix_counts,
 )
@@ -78,6 +79,16 @@ class PromptCache:
     # Repeat-aware models (``cfg.repeat_aware``): the prompts' item table and copy gates.
     slots: PromptSlots | None = None
     repeat_gates: torch.Tensor | None = None
+
+
+PROMPT_FIELDS = ("input_ids", "attention_mask", "item_ids", "sequence_mask", "count_items",
+                 "count_values")
+
+
+def prompt_args(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The prompt fields of a collated batch, as :meth:`SigmaModel.prefix_logprobs` and
+    :meth:`SigmaModel.prompt_cache` take them (absent optional fields are None)."""
+    return {k: batch.get(k) for k in PROMPT_FIELDS}
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -189,7 +200,8 @@ class SigmaModel(nn.Module):
         self.register_buffer("item_prefix", prefix, persistent=False)
         self.register_buffer("item_codes", _codes_tensor(prefix, self.codebook_sizes),
                              persistent=False)
-        self.repeat = RepeatGate(self.hidden, cfg.repeat_init) if cfg.repeat_aware else None
+        self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(cfg.repeat_counts)) \
+            if cfg.repeat_aware else None
         self.fuse = ProjFuse({s: int(feats[s].shape[1]) for s in self.sources}, self.hidden,
                              target_norm, dropout=cfg.fuse_dropout)
         self.head = _Head(self.hidden, cfg.head)
@@ -343,6 +355,22 @@ class SigmaModel(nn.Module):
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits if copy is None else logits + copy
 
+    def prompt_slots(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     item_ids: torch.Tensor, sequence_mask: torch.Tensor | None,
+                     count_items: torch.Tensor | None = None,
+                     count_values: torch.Tensor | None = None) -> PromptSlots:
+        """The copy prior's item table of a collated batch; purchase counts are read only by a
+        model trained with them (``cfg.repeat_counts``), which cannot score without them."""
+        if self.cfg.repeat_counts:
+            if count_items is None or count_values is None:
+                raise ValueError("this model scores with purchase counts (model.repeat_counts) "
+                                 "but the batch has no count_items / count_values: build the "
+                                 "prompts with tasks.count_items > 0")
+        else:
+            count_items = count_values = None
+        return PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
+                                      self.item_token_id, count_items, count_values)
+
     def copy_bias(self, gates: torch.Tensor | None, slots: PromptSlots | None, level: int,
                   partial: torch.Tensor | None = None, before: torch.Tensor | None = None,
                   seq_only: bool = False) -> torch.Tensor | None:
@@ -377,6 +405,8 @@ class SigmaModel(nn.Module):
         hard_negatives: torch.Tensor | None = None,
         positives: torch.Tensor | None = None,
         sequence_mask: torch.Tensor | None = None,
+        count_items: torch.Tensor | None = None,
+        count_values: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses of a collated batch (labels appended), or the hidden states without labels.
 
@@ -385,6 +415,8 @@ class SigmaModel(nn.Module):
         ``sequence_mask`` (N,) marks the placeholders of the purchase sequence: with
         ``cfg.dense_weight > 0`` each of them is also a next-item target (NTP of its prefix from
         the token before it, InfoNCE at its last prefix token against the batch's items).
+        ``count_items`` / ``count_values`` (B, H) are the households' purchase counts (the
+        collator's), read by a model with ``cfg.repeat_counts``.
         """
         n_hist = item_ids.numel()
         parts = [item_ids.view(-1)]
@@ -416,8 +448,8 @@ class SigmaModel(nn.Module):
         zero = h.new_zeros((), dtype=torch.float32)
         slots = gates = None
         if self.repeat is not None:
-            slots = PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
-                                           self.item_token_id)
+            slots = self.prompt_slots(input_ids, attention_mask, item_ids, sequence_mask,
+                                      count_items, count_values)
             # Read where the answer starts: the token before the first label token.
             gates = self.repeat(h[:, t - 2 - n_levels])
         with _no_autocast(h.device.type):
@@ -591,7 +623,7 @@ class SigmaModel(nn.Module):
             # Columns are the batch's distinct items: count them through their distinct index.
             uniq_slots = torch.full_like(prompt.items, -1)
             uniq_slots[prompt.items >= 0] = hist_inverse
-            counts = column_counts(PromptSlots(uniq_slots[r], sub.seq), v.shape[0], before,
+            counts = column_counts(sub.with_items(uniq_slots[r]), v.shape[0], before,
                                    seq_only=True)
             sims = sims + item_bias(gates, counts, self.cfg.temperature)
         return torch.stack(ntp).mean(), F.cross_entropy(sims / self.cfg.temperature, target)
@@ -601,7 +633,8 @@ class SigmaModel(nn.Module):
     @torch.no_grad()
     def prefix_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor,
-        sequence_mask: torch.Tensor | None = None,
+        sequence_mask: torch.Tensor | None = None, count_items: torch.Tensor | None = None,
+        count_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PromptCache]:
         """Generation step 1: log-probs over the first-level prefix tokens after each prompt.
 
@@ -609,7 +642,7 @@ class SigmaModel(nn.Module):
         (B, codes of level 1) log-probs (for a one-level prefix: over all flat prefixes) and a
         :class:`PromptCache` for :meth:`query_vectors`. ``sequence_mask`` (the collator's) tells
         a repeat-aware model the purchase sequence from the context section (None: all
-        sequence).
+        sequence); ``count_items`` / ``count_values`` are the purchase counts (see forward).
         """
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: the last column must be real tokens")
@@ -620,13 +653,15 @@ class SigmaModel(nn.Module):
             pos = positions_from_mask(attention_mask)
             h, kv = self._decode(embeds, attention_mask, pos, use_cache=True)
             cache = self.prompt_cache(h[:, -1], kv, attention_mask, pos[:, -1] + 1, input_ids,
-                                      attention_mask, item_ids, sequence_mask)
+                                      attention_mask, item_ids, sequence_mask, count_items,
+                                      count_values)
         return cache.logprobs, cache
 
     def prompt_cache(self, h_last: torch.Tensor, kv: Any, cache_mask: torch.Tensor,
                      next_position: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, item_ids: torch.Tensor,
-                     sequence_mask: torch.Tensor | None) -> PromptCache:
+                     sequence_mask: torch.Tensor | None, count_items: torch.Tensor | None = None,
+                     count_values: torch.Tensor | None = None) -> PromptCache:
         """The end of step 1 once the backbone has read the prompts (all of them, or only a
         new suffix over a reused KV cache, as the nearline job does): the level-1 prefix
         log-probs from the last hidden state, with a repeat-aware model's copy term, whose
@@ -634,8 +669,8 @@ class SigmaModel(nn.Module):
         collated). ``cache_mask`` and ``next_position`` describe ``kv``."""
         slots = gates = None
         if self.repeat is not None:
-            slots = PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
-                                           self.item_token_id)
+            slots = self.prompt_slots(input_ids, attention_mask, item_ids, sequence_mask,
+                                      count_items, count_values)
             gates = self.repeat(h_last)
         logp = F.log_softmax(self.level_logits(h_last, 0, copy=self.copy_bias(gates, slots, 0)),
                              dim=-1)

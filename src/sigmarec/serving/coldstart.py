@@ -168,7 +168,7 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
     """JustForYou prompt rows for the instances, as the tasks stage writes its instances."""
     from sigmarec.tasks.registry import build_tasks
     from sigmarec.tasks.resources import build_resources
-    from sigmarec.tasks.sft_data import most_bought
+    from sigmarec.tasks.sft_data import prompt_columns
 
     res = build_resources(data, cfg.tasks)
     task = build_tasks(res, ["JustForYou"])["JustForYou"]
@@ -181,8 +181,7 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
                      "targets": np.concatenate([r.targets_old, r.targets_new]),
                      "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
                      "profile": res.profiles[int(r.user_idx)],
-                     "history": full[-t.history_len:].copy(),
-                     "frequent": most_bought(full, t.frequent_items, t.frequent_min_count)})
+                     **prompt_columns(full, t)})
     return pd.DataFrame(rows)
 
 

@@ -44,7 +44,7 @@ import torch
 
 from sigmarec.core.atomic import atomic_path
 from sigmarec.model.batch import SFTExample, left_pad
-from sigmarec.model.sigma import PromptCache, SigmaModel, positions_from_mask
+from sigmarec.model.sigma import PromptCache, SigmaModel, positions_from_mask, prompt_args
 
 log = logging.getLogger("sigmarec")
 
@@ -183,8 +183,7 @@ def _section(ex: SFTExample, p: int, item_token_id: int, levels: int) -> str:
 
 def _from_scratch(model: SigmaModel, batch: dict[str, torch.Tensor]
                   ) -> tuple[torch.Tensor, PromptCache]:
-    return model.prefix_logprobs(batch["input_ids"], batch["attention_mask"], batch["item_ids"],
-                                 batch.get("sequence_mask"))
+    return model.prefix_logprobs(**prompt_args(batch))
 
 
 @torch.no_grad()
@@ -226,9 +225,7 @@ def _incremental(model: SigmaModel, batch: dict[str, torch.Tensor],
         embeds = model.inputs_embeds(new_ids, new_mask, soft)
         kv = DynamicCache(ddp_cache_data=past)
         h, kv = model._decode(embeds, mask, pos, cache=kv, use_cache=True)
-        return model.prompt_cache(h[:, -1], kv, mask, pos[:, -1] + 1, batch["input_ids"],
-                                  batch["attention_mask"], batch["item_ids"],
-                                  batch.get("sequence_mask"))
+        return model.prompt_cache(h[:, -1], kv, mask, pos[:, -1] + 1, **prompt_args(batch))
     finally:
         model.train(was)
 

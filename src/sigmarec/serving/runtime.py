@@ -62,7 +62,7 @@ from sigmarec.serving.events import events_dir, load_events
 from sigmarec.tasks.definitions import Cut, Task
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
-from sigmarec.tasks.sft_data import item_description, most_bought, prefix_tokens
+from sigmarec.tasks.sft_data import item_description, prefix_tokens, prompt_columns
 from sigmarec.tasks.text import profile_text
 from sigmarec.tokenization.hybrid import HybridVocab
 from sigmarec.training.stage import load_item_features, load_vocab, to_examples
@@ -519,10 +519,9 @@ class Runtime:
     def _examples(self, resolved: Sequence[Resolved]) -> list[SFTExample]:
         tc = self.cfg.tasks
         st = self._state
+        cols = [prompt_columns(r.history, tc) for r in resolved]
         rows = pd.DataFrame({
-            "history": [r.history[-tc.history_len:] for r in resolved],
-            "frequent": [most_bought(r.history, tc.frequent_items, tc.frequent_min_count)
-                         for r in resolved],
+            **{k: [c[k] for c in cols] for k in (cols[0] if cols else {})},
             "profile": [r.profile for r in resolved],
             "instruction": [r.instruction for r in resolved],
             # to_examples reads a target even for prompt-only examples; nothing uses it.

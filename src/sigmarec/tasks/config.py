@@ -86,6 +86,11 @@ class TasksConfig(_Strict):
     frequent_min_count: int = Field(
         2, ge=1, description="an item needs at least this many purchases to enter the section"
     )
+    count_items: int = Field(
+        200, ge=0, description="purchase counts kept beside each prompt (columns count_items / "
+        "count_values, not shown in the prompt): the household's N most bought items before the "
+        "cut with their counts, read by the copy prior with model.repeat_counts; 0 = none"
+    )
     min_history: int = Field(1, ge=1, description="fewest items before a cut (training samples)")
     # Mixture: total_samples split by weight over the supported, enabled tasks; samples_per_task
     # fixes the count of the tasks it names (the weights then share out the rest).

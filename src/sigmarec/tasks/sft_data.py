@@ -37,9 +37,11 @@ from sigmarec.tasks.text import display_category
 log = logging.getLogger("sigmarec")
 
 TRAIN_COLUMNS = ["sample_id", "split", "task", "user_idx", "hist_len", "history", "frequent",
+                 "count_items", "count_values",
                  "target", "targets", "timestamp", "instruction", "params", "profile"]
 EVAL_COLUMNS = ["instance_id", "split", "task", "user_idx", "hist_len", "targets", "timestamp",
-                "instruction", "params", "profile", "history", "frequent"]
+                "instruction", "params", "profile", "history", "frequent", "count_items",
+                "count_values"]
 SYSTEM_PROMPT = ("You are a recommender for a grocery retailer. Read the household's profile, "
                  "what it bought recently and the request, then name the product to show.")
 
@@ -116,19 +118,35 @@ def build_baskets(data: ProcessedData, res: TaskResources) -> Baskets:
                    split=bsplit, user=u[start], holiday=bhol, season=bseason, n_train=n_train)
 
 
-def most_bought(history: np.ndarray, n: int, min_count: int = 2) -> np.ndarray:
-    """The ``n`` items bought most often in ``history`` (at least ``min_count`` times), most
-    bought first; ties go to the item bought most recently. Reads only the given history, so it
-    is as leak-free as the history itself."""
+def purchase_counts(history: np.ndarray, n: int, min_count: int = 1
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` items bought most often in ``history`` (at least ``min_count`` times) and their
+    counts, most bought first; ties go to the item bought most recently. Reads only the given
+    history, so it is as leak-free as the history itself."""
     h = np.asarray(history, dtype=np.int64)
     if n <= 0 or not len(h):
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     items, first_rev, counts = np.unique(h[::-1], return_index=True, return_counts=True)
     keep = counts >= min_count
     items, first_rev, counts = items[keep], first_rev[keep], counts[keep]
     # lexsort: last key is primary -> count descending, then most recent (smallest reversed idx).
     order = np.lexsort((first_rev, -counts))[:n]
-    return items[order].astype(np.int64)
+    return items[order].astype(np.int64), counts[order].astype(np.int64)
+
+
+def most_bought(history: np.ndarray, n: int, min_count: int = 2) -> np.ndarray:
+    """The items of the "bought most often" section: :func:`purchase_counts` without counts."""
+    return purchase_counts(history, n, min_count)[0]
+
+
+def prompt_columns(history: np.ndarray, cfg: TasksConfig) -> dict[str, np.ndarray]:
+    """What a prompt row reads from the household's history before the cut: the recent window,
+    the "bought most often" section and the copy prior's purchase counts."""
+    h = np.asarray(history, dtype=np.int64)
+    c_items, c_values = purchase_counts(h, cfg.count_items)
+    return {"history": h[-cfg.history_len:].copy(),
+            "frequent": most_bought(h, cfg.frequent_items, cfg.frequent_min_count),
+            "count_items": c_items, "count_values": c_values}
 
 
 def _cut(data: ProcessedData, res: TaskResources, bk: Baskets, g: int) -> Cut:
@@ -235,8 +253,7 @@ def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Bask
                                  f"position {cut.hist_len} reaches past the training period")
         out.append({
             "split": "train", "task": task.name, "user_idx": cut.user_idx,
-            "hist_len": cut.hist_len, "history": cut.history[-cfg.history_len:].copy(),
-            "frequent": most_bought(cut.history, cfg.frequent_items, cfg.frequent_min_count),
+            "hist_len": cut.hist_len, **prompt_columns(cut.history, cfg),
             "target": int(rows.item[r]), "targets": targets, "timestamp": cut.timestamp,
             "instruction": task.instruction(params, held_out=False, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
@@ -265,7 +282,7 @@ def _align_samples(tasks: Mapping[str, Task], data: ProcessedData, res: TaskReso
                                           cfg.align_samples, "weights": {}}), kinds)
     out: list[dict[str, Any]] = []
     base = {"split": "train", "task": "Align", "user_idx": -1, "hist_len": 0,
-            "history": np.zeros(0, dtype=np.int64), "frequent": np.zeros(0, dtype=np.int64),
+            **prompt_columns(np.zeros(0, dtype=np.int64), cfg),
             "timestamp": pd.Timestamp(0), "profile": "unknown", "_repeat": False}
     holiday_words = eval_holiday_words(res)
     for kind in kinds:
@@ -344,8 +361,7 @@ def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Bas
             "hist_len": cut.hist_len, "targets": targets, "timestamp": cut.timestamp,
             "instruction": task.instruction(params, held_out=True, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
-            "history": cut.history[-cfg.history_len:].copy(),
-            "frequent": most_bought(cut.history, cfg.frequent_items, cfg.frequent_min_count),
+            **prompt_columns(cut.history, cfg),
         })
     return out
 
@@ -362,8 +378,7 @@ def _jfy_instances(task: Task, data: ProcessedData, res: TaskResources, cfg: Tas
             "user_idx": u, "hist_len": h, "targets": np.asarray(r["targets"], dtype=np.int64),
             "timestamp": pd.Timestamp(r["timestamp"]),
             "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
-            "profile": res.profiles[u], "history": full[-cfg.history_len:].copy(),
-            "frequent": most_bought(full, cfg.frequent_items, cfg.frequent_min_count),
+            "profile": res.profiles[u], **prompt_columns(full, cfg),
         })
     return out
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sigmarec.model.sigma import prompt_args
+
 
 def level0_codes(flat_prefix: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
     """First-level code of flat prefix ids (the code generation step 1 predicts)."""
@@ -63,8 +65,7 @@ def decode_diagnostics(model: Any, examples: Sequence[Any], targets: Sequence[np
     hits, p_hit, in_hit, nll, used = [], [], [], [], []
     for s in range(0, len(examples), batch_size):
         batch = collate(list(examples[s:s + batch_size]), with_labels=False)
-        logp, cache = model.prefix_logprobs(batch["input_ids"], batch["attention_mask"],
-                                            batch["item_ids"], batch["sequence_mask"])
+        logp, cache = model.prefix_logprobs(**prompt_args(batch))
         k = min(k_prefixes, logp.shape[1])
         top_lp, top_c = logp.topk(k, dim=1)
         if model.levels == 1:

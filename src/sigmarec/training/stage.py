@@ -72,6 +72,15 @@ def prefix_text_states(ctx: StageContext, vocab: HybridVocab, hidden: int) -> li
     return out
 
 
+def _counts(row: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A row's purchase counts (absent in rows written before the columns existed: none)."""
+    items, values = getattr(row, "count_items", None), getattr(row, "count_values", None)
+    if items is None or values is None or (isinstance(items, float) and np.isnan(items)):
+        return (), ()
+    return (tuple(int(i) for i in np.asarray(items, dtype=np.int64)),
+            tuple(int(v) for v in np.asarray(values, dtype=np.int64)))
+
+
 def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
                 item_prefix: np.ndarray, with_target: bool = True) -> list[SFTExample]:
     """Render and tokenise samples (one row each) into the model's examples."""
@@ -82,9 +91,10 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
         target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
         positives = tuple(int(t) for t in np.asarray(row.targets)) if with_target else ()
+        c_items, c_values = _counts(row)
         out.append(SFTExample(input_ids=ids, item_ids=list(rp.history), target_item=target,
                               target_prefix=int(item_prefix[target]), n_context=rp.n_context,
-                              positives=positives))
+                              positives=positives, count_items=c_items, count_values=c_values))
     return out
 
 
