@@ -74,6 +74,9 @@ def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
     manifest = json.loads((gen / "manifest.json").read_text())
     taus = manifest["summary"]["sigma"]["tau"]
     assert set(taus) == {"adaptive", "fixed", "rule"} and taus["rule"] > 0
+    scales = manifest["summary"]["sigma"]["copy_scale"]
+    assert set(scales) == {"adaptive", "rule"}
+    assert {scales["adaptive"], scales["rule"]} <= {1.0, *cfg.generation.copy_scale_grid}
     # SIGMA with the rule as a business filter, beside the baselines' '+rule' rows; on
     # validation too, where its own tau is chosen.
     assert "sigma+rule" in models and "sigma+rule" in tasks.get("valid", {})

@@ -416,3 +416,28 @@ def test_the_count_channel_learns_repeats_the_prompt_does_not_show() -> None:
         acc[counts] = float(np.mean([items[r, 0] == e.target_item for r, e in enumerate(test)]))
     assert acc[True] >= 0.9, acc
     assert acc[True] > acc[False] + 0.3, acc
+
+
+def test_candidates_carry_the_copy_term_and_copy_scale_reweights_it() -> None:
+    from sigmarec.generation.fusion import fuse
+
+    model = _randomised(repeat_counts=True)
+    with torch.no_grad():
+        model.repeat.proj.bias[3:].fill_(2.0)
+    ex, _ = _count_batch(model)
+    dec = SigmaDecoder(model, 2, 3)
+    cands = dec.candidates(dec.batch(ex), 4)
+    assert cands.copy is not None and cands.copy.shape == cands.items.shape
+    cache = model.prefix_logprobs(**{k: v for k, v in dec.batch(ex).items()})[1]
+    want = model.item_copy_scores(cache, torch.as_tensor(cands.items.clip(0))).numpy()
+    ok = cands.items >= 0
+    np.testing.assert_allclose(cands.copy[ok], want[ok], atol=1e-5)
+    assert (cands.copy[ok] > 0).any() and (cands.copy[~ok] == 0).all()
+    # Scale 1 is the decode as is; scale 0 ranks by cosine alone; others re-weight the term.
+    base = fuse(cands, "adaptive", 0.05, 4)
+    np.testing.assert_array_equal(fuse(cands, "adaptive", 0.05, 4, 1.0)[0], base[0])
+    cos_only = cands.scores(0.0)
+    np.testing.assert_allclose(cos_only[ok], (cands.cosine - cands.copy)[ok])
+    np.testing.assert_allclose(cands.scores(3.0)[ok], (cands.cosine + 2 * cands.copy)[ok])
+    with pytest.raises(ValueError, match="copy_scale"):
+        cands.scores(-1.0)

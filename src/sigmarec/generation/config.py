@@ -40,6 +40,11 @@ class GenerationConfig(_Strict):
         description="tau values tried (validation choice, and the report's accuracy/diversity "
         "curve in fixed mode)",
     )
+    copy_scale_grid: list[float] = Field(
+        default_factory=list, description="repeat-aware models: weights of the copy term tried "
+        "with the tau grid on validation (adaptive fusion and sigma+rule, each its own); a "
+        "re-ranking of the decoded candidates, 1 = as trained (always tried); empty = only 1",
+    )
     k_grid: list[int] = Field(
         default_factory=list, description="smaller K values (<= k_prefixes) tried on validation "
         "with the tau grid: decoding runs once at k_prefixes and a smaller K is the first K "
@@ -71,6 +76,9 @@ class GenerationConfig(_Strict):
 
     @model_validator(mode="after")
     def _grid(self) -> GenerationConfig:
+        if any(a < 0 for a in self.copy_scale_grid):
+            raise ValueError(f"generation.copy_scale_grid must be >= 0, got "
+                             f"{self.copy_scale_grid}")
         if any(t <= 0 for t in self.tau_grid):
             raise ValueError(f"generation.tau_grid must be positive, got {self.tau_grid}")
         bad = [k for k in self.k_grid if not 1 <= k <= self.k_prefixes]

@@ -182,22 +182,26 @@ class SigmaDecoder:
                 logp: np.ndarray, m: np.ndarray, allow_mask: np.ndarray | None) -> Candidates:
         """Step 2's search under one filter, from the query vectors of its prefixes."""
         cos, items = self.index.search_multi(q, prefixes, int(m.max()), allow_mask=allow_mask)
+        copy = None
         if cache.slots is not None:
-            cos, items = self._with_prompt_items(cache, q, prefixes, cos, items, allow_mask)
+            cos, items, copy = self._with_prompt_items(cache, q, prefixes, cos, items, allow_mask)
         beyond = np.arange(items.shape[2])[None, None, :] >= m[:, None, None]
         items[np.broadcast_to(beyond, items.shape)] = -1
         cos[np.broadcast_to(beyond, cos.shape)] = -np.inf
+        if copy is not None:
+            copy = np.where(np.isfinite(cos), copy, 0.0).astype(np.float64)
         return Candidates(prefixes=prefixes, prefix_logp=logp, items=items,
-                          cosine=cos.astype(np.float64), k_for_spread=self.k)
+                          cosine=cos.astype(np.float64), k_for_spread=self.k, copy=copy)
 
     def _with_prompt_items(self, cache: PromptCache, q: np.ndarray, prefixes: np.ndarray,
                            cos: np.ndarray, items: np.ndarray, allow_mask: np.ndarray | None
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Repeat-aware models: scores are cosine plus the copy term, which only the prompt's
         own items (and, with purchase counts, the household's counted items) have. The search
         returned the top-M by cosine; adding every eligible such item of each kept prefix,
         scored with its copy term, and keeping the top M of the union is exact (any other
-        item's score is its cosine, below the M found)."""
+        item's score is its cosine, below the M found). Returns (scores, items, the copy term
+        of each score)."""
         extra = cache.slots.items
         if cache.slots.count_items is not None:
             extra = torch.cat([extra, cache.slots.count_items], dim=1)
@@ -225,16 +229,19 @@ class SigmaDecoder:
                  ).any(-1) & (items >= 0)
         all_items = np.concatenate([np.where(found, -1, items), items_e], axis=2)
         all_score = np.concatenate([np.where(found, -np.inf, cos), score_e], axis=2)
+        all_copy = np.concatenate([np.zeros_like(cos), np.broadcast_to(
+            bias[:, None, :], score_e.shape)], axis=2)
         order = np.argsort(-all_score, axis=2, kind="stable")[:, :, : items.shape[2]]
         items = np.take_along_axis(all_items, order, axis=2)
         cos = np.take_along_axis(all_score, order, axis=2)
+        copy = np.take_along_axis(all_copy, order, axis=2)
         items[~np.isfinite(cos)] = -1
-        return cos, items
+        return cos, items, copy
 
     def recommend(self, examples: Sequence[SFTExample], n: int, fusion: Fusion = "adaptive",
-                  tau: float = 1.0, allow_mask: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  tau: float = 1.0, allow_mask: np.ndarray | None = None,
+                  copy_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Top-``n`` items and scores (B, n) for the prompts of ``examples``."""
         cands = self.candidates(self.batch(examples), n, allow_mask)
-        return fuse(cands, fusion, tau, n)
+        return fuse(cands, fusion, tau, n, copy_scale)
 

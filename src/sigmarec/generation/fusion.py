@@ -8,6 +8,11 @@ request), ``off`` ranks by prefix probability first and cosine second (no fusion
 
 Every item lives under exactly one prefix, so the K·M candidates of a request are distinct and
 the global sort needs no de-duplication.
+
+A repeat-aware model's scores are cosine plus a copy term; ``copy_scale`` re-weights that term at
+fusion time (a calibration chosen on validation: the training softmax fits one target of a
+basket, the ranking metric rewards every repeat in it). It re-ranks the decoded candidates
+only, so every value is a re-sort of the same steps 1-2.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ class Candidates:
     prefixes: np.ndarray  # (B, K) int64 flat prefix ids
     prefix_logp: np.ndarray  # (B, K) float64 log P(c_k | T)
     items: np.ndarray  # (B, K, M) int64
-    cosine: np.ndarray  # (B, K, M) float64
+    cosine: np.ndarray  # (B, K, M) float64, the copy term included
     # The K used for ``s``: the configured K, even where a request was given extra prefixes to
     # reach N eligible items (those are padding for the statistic, not a different request).
     k_for_spread: int
+    # (B, K, M) the copy term inside ``cosine`` (repeat-aware models), None = none.
+    copy: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         b, k, m = self.items.shape
@@ -44,6 +51,17 @@ class Candidates:
             raise ValueError("prefixes / prefix_logp must be (B, K) like items' first two axes")
         if self.cosine.shape != (b, k, m):
             raise ValueError("cosine must have the shape of items")
+        if self.copy is not None and self.copy.shape != (b, k, m):
+            raise ValueError("copy must have the shape of items")
+
+    def scores(self, copy_scale: float = 1.0) -> np.ndarray:
+        """(B, K, M) in-prefix scores with the copy term weighted by ``copy_scale``."""
+        if self.copy is None or copy_scale == 1.0:
+            return self.cosine
+        if copy_scale < 0:
+            raise ValueError(f"copy_scale must be >= 0, got {copy_scale}")
+        return self.cosine + (copy_scale - 1.0) * np.where(np.isfinite(self.cosine),
+                                                           self.copy, 0.0)
 
 
 def truncate(c: Candidates, k: int) -> Candidates:
@@ -51,7 +69,7 @@ def truncate(c: Candidates, k: int) -> Candidates:
     by probability, so these are its top ``k``; exactly a K = ``k`` decode for a one-level
     prefix, the best-first part of a wider beam for several levels)."""
     return Candidates(c.prefixes[:, :k], c.prefix_logp[:, :k], c.items[:, :k], c.cosine[:, :k],
-                      min(k, c.k_for_spread))
+                      min(k, c.k_for_spread), None if c.copy is None else c.copy[:, :k])
 
 
 def prefix_spread(prefix_logp: np.ndarray, k: int) -> np.ndarray:
@@ -73,14 +91,16 @@ def _log_softmax_masked(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid, x - lse, -np.inf)
 
 
-def fused_scores(c: Candidates, mode: Fusion, tau: float) -> np.ndarray:
+def fused_scores(c: Candidates, mode: Fusion, tau: float, copy_scale: float = 1.0
+                 ) -> np.ndarray:
     """(B, K, M) log P(item | T) of every candidate (``off``: a lexicographic key instead)."""
-    valid = (c.items >= 0) & np.isfinite(c.cosine) & np.isfinite(c.prefix_logp)[:, :, None]
+    cosine = c.scores(copy_scale)
+    valid = (c.items >= 0) & np.isfinite(cosine) & np.isfinite(c.prefix_logp)[:, :, None]
     if mode == "off":
         # Prefix first, cosine (in [-1, 1]) second: a key with the same order as the tuple.
         rank = np.argsort(np.argsort(-c.prefix_logp, axis=1, kind="stable"), axis=1)
         # (Scores are cosines, plus a copy term for repeat-aware models: well inside the gap.)
-        key = -rank[:, :, None] * OFF_GAP + np.clip(c.cosine, -OFF_GAP / 4, OFF_GAP / 4)
+        key = -rank[:, :, None] * OFF_GAP + np.clip(cosine, -OFF_GAP / 4, OFF_GAP / 4)
         return np.where(valid, key, -np.inf)
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
@@ -90,16 +110,17 @@ def fused_scores(c: Candidates, mode: Fusion, tau: float) -> np.ndarray:
         scale = np.full(c.items.shape[0], 1.0 / tau)
     else:
         raise ValueError(f"unknown fusion mode {mode!r} (adaptive | fixed | off)")
-    within = _log_softmax_masked(np.where(valid, c.cosine, 0.0) * scale[:, None, None], valid)
+    within = _log_softmax_masked(np.where(valid, cosine, 0.0) * scale[:, None, None], valid)
     return np.where(valid, c.prefix_logp[:, :, None] + within, -np.inf)
 
 
-def fuse(c: Candidates, mode: Fusion, tau: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+def fuse(c: Candidates, mode: Fusion, tau: float, n: int, copy_scale: float = 1.0
+         ) -> tuple[np.ndarray, np.ndarray]:
     """The global top-``n``: (items (B, n), scores (B, n)), padded with -1 / -inf."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     b = c.items.shape[0]
-    scores = fused_scores(c, mode, tau).reshape(b, -1)
+    scores = fused_scores(c, mode, tau, copy_scale).reshape(b, -1)
     items = c.items.reshape(b, -1)
     # Stable sort on (-score, flat position): ties keep prefix order, then within-prefix order.
     order = np.argsort(-scores, axis=1, kind="stable")[:, :n]

@@ -51,13 +51,34 @@ def concat_candidates(parts: list[Candidates]) -> Candidates:
         widths = [(0, 0), (0, k - x.shape[1])] + ([(0, m - x.shape[2])] if dims == 3 else [])
         return np.pad(x, widths, constant_values=value)
 
+    copy = None
+    if all(p.copy is not None for p in parts):
+        copy = np.concatenate([pad(p.copy, 0.0, 3) for p in parts])
     return Candidates(
         prefixes=np.concatenate([pad(p.prefixes, -1, 2) for p in parts]),
         prefix_logp=np.concatenate([pad(p.prefix_logp, -np.inf, 2) for p in parts]),
         items=np.concatenate([pad(p.items, -1, 3) for p in parts]),
         cosine=np.concatenate([pad(p.cosine, -np.inf, 3) for p in parts]),
         k_for_spread=parts[0].k_for_spread,
+        copy=copy,
     )
+
+
+def save_candidates(path: Any, c: Candidates) -> None:
+    """Steps 1-2 of a split as ``.npz`` (scores as float32), written atomically."""
+    extra = {} if c.copy is None else {"copy": c.copy.astype(np.float32)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, prefixes=c.prefixes, prefix_logp=c.prefix_logp, items=c.items,
+                            cosine=c.cosine.astype(np.float32), k_for_spread=c.k_for_spread,
+                            **extra)
+
+
+def load_candidates(path: Any) -> Candidates:
+    """What :func:`save_candidates` wrote."""
+    with np.load(path) as d:
+        return Candidates(d["prefixes"], d["prefix_logp"], d["items"],
+                          d["cosine"].astype(np.float64), int(d["k_for_spread"]),
+                          d["copy"].astype(np.float64) if "copy" in d else None)
 
 
 def decode_split(decoder: SigmaDecoder, examples: list[Any], n: int, batch_size: int,
@@ -79,7 +100,8 @@ def decode_split(decoder: SigmaDecoder, examples: list[Any], n: int, batch_size:
     for acc in parts:
         cands = concat_candidates(acc)
         out.append(Candidates(cands.prefixes[back], cands.prefix_logp[back], cands.items[back],
-                              cands.cosine[back], cands.k_for_spread))
+                              cands.cosine[back], cands.k_for_spread,
+                              None if cands.copy is None else cands.copy[back]))
     return out, time.perf_counter() - t0
 
 
@@ -114,6 +136,12 @@ def adaptive_taus(cands: Candidates, tau_grid: list[float], fallback: float) -> 
     ``tau_grid`` times the median s, so both modes try the same effective temperatures."""
     s_med = float(np.median(prefix_spread(cands.prefix_logp, cands.k_for_spread)))
     return [t * s_med for t in tau_grid] if s_med > 0 else [fallback]
+
+
+def copy_scales(gcfg: Any, cands: Candidates) -> list[float]:
+    """The copy scales tried on validation: ``copy_scale_grid`` for a repeat-aware model, and
+    only 1 (the copy term as trained) for a model without a copy term."""
+    return sorted({1.0, *gcfg.copy_scale_grid}) if cands.copy is not None else [1.0]
 
 
 def rank_with_masks(model: Any, data: ProcessedData, instances: pd.DataFrame, top: int,
@@ -196,23 +224,24 @@ class GenerationStage(Stage):
             log.info("generation: SIGMA decoded %d %s instances in %.1fs (%.1f users/s)",
                      len(df), split, seconds[split], len(df) / max(seconds[split], 1e-9))
 
+        # Steps 1-2 kept: any fusion, tau or copy scale can be re-sorted later without the model.
         for split, c in cands.items():
-            # Steps 1-2 kept: any fusion or tau can be re-sorted later without the model.
-            with atomic_path(ctx.out / f"candidates_{split}.npz") as tmp, open(tmp, "wb") as fh:
-                np.savez_compressed(fh, prefixes=c.prefixes, prefix_logp=c.prefix_logp,
-                                    items=c.items, cosine=c.cosine.astype(np.float32),
-                                    k_for_spread=c.k_for_spread)
+            save_candidates(ctx.out / f"candidates_{split}.npz", c)
         k_used = self._choose_k(gcfg, inst, cands, n)
         if k_used < gcfg.k_prefixes:
             cands = {split: truncate(c, k_used) for split, c in cands.items()}
-        taus = self._choose_tau(gcfg, inst, cands, n)
+        taus, scales = self._choose_tau(gcfg, inst, cands, n)
         if rule:
             # All of the filtered beam stays (it was widened where the rule needed it), but s
             # is taken over the same number of prefixes as for the unfiltered lists.
             rule = {split: dataclasses.replace(c, k_for_spread=min(k_used, c.k_for_spread))
                     for split, c in rule.items()}
-            taus["rule"] = self._choose_rule_tau(gcfg, inst, rule, taus["adaptive"], n)
-        out: dict[str, Any] = {"tau": taus, "k_prefixes": k_used,
+            for split, c in rule.items():
+                save_candidates(ctx.out / f"candidates_rule_{split}.npz", c)
+            taus["rule"], scales["rule"] = self._choose_rule_tau(gcfg, inst, rule,
+                                                                 taus["adaptive"], n)
+        scale = scales["adaptive"]
+        out: dict[str, Any] = {"tau": taus, "copy_scale": scales, "k_prefixes": k_used,
                                "seconds": {s: round(v, 2) for s, v in seconds.items()},
                                "users_per_s": {s: round(len(inst[s]) / max(v, 1e-9), 2)
                                                for s, v in seconds.items()}}
@@ -220,23 +249,24 @@ class GenerationStage(Stage):
         for mode in dict.fromkeys(["adaptive", *gcfg.variants]):
             name = "sigma" if mode == "adaptive" else f"sigma_{mode}"
             for split, c in cands.items():
-                items, scores = fuse(c, mode, taus.get(mode, gcfg.tau), n)
+                items, scores = fuse(c, mode, taus.get(mode, gcfg.tau), n,
+                                     scale if mode == "adaptive" else 1.0)
                 items, filled = fill_lists(items, popularity)
                 filled_total += filled
                 write_parquet(ctx.out / "rankings" / f"{name}_{split}.parquet",
                               rankings_frame(inst[split], items, scores))
         out["filled_from_popularity"] = filled_total
         for split, c in rule.items():
-            items, scores = fuse(c, "adaptive", taus["rule"], n)
+            items, scores = fuse(c, "adaptive", taus["rule"], n, scales["rule"])
             # Lists stay full as the baselines' '+rule' lists do: admitted items first, then
             # the most popular others.
             items, _ = fill_lists(items, popularity)
             write_parquet(ctx.out / "rankings" / f"sigma+rule_{split}.parquet",
                           rankings_frame(inst[split], items, scores))
-        out["diagnostics"] = self._diagnostics(ctx, model, inst, cands, taus, n)
-        self._tau_curve(ctx, data, inst, cands, taus, n)
-        out["prefix_usage"] = self._prefix_usage(ctx, model, inst, cands, taus, n)
-        self._examples(ctx, data, inst, cands, taus, n)
+        out["diagnostics"] = self._diagnostics(ctx, model, inst, cands, taus, scale, n)
+        self._tau_curve(ctx, data, inst, cands, taus, scale, n)
+        out["prefix_usage"] = self._prefix_usage(ctx, model, inst, cands, taus, scale, n)
+        self._examples(ctx, data, inst, cands, taus, scale, n)
         return out
 
     def _choose_k(self, gcfg: Any, inst: dict[str, pd.DataFrame],
@@ -258,41 +288,56 @@ class GenerationStage(Stage):
         return k_used
 
     def _choose_rule_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
-                         rule: dict[str, Candidates], tau_plain: float, n: int) -> float:
-        """Adaptive tau of sigma+rule, from its own (rule-filtered) validation lists: under a
-        filter the candidates are other items, often fewer prefixes, and another balance
-        between prefix and in-prefix scores may win. Without validation lists (or
-        ``select_tau`` off) the unfiltered lists' tau is used."""
+                         rule: dict[str, Candidates], tau_plain: float, n: int
+                         ) -> tuple[float, float]:
+        """Adaptive tau (and copy scale) of sigma+rule, from its own (rule-filtered)
+        validation lists: under a filter the candidates are other items, often fewer
+        prefixes, and another balance between prefix and in-prefix scores may win. Without
+        validation lists (or ``select_tau`` off) the unfiltered lists' tau is used."""
         if not gcfg.select_tau or "valid" not in rule:
-            return tau_plain
+            return tau_plain, 1.0
         c = rule["valid"]
         grid = sorted({*adaptive_taus(c, gcfg.tau_grid, tau_plain), tau_plain})
-        scores = {t: task_hr(inst["valid"], fuse(c, "adaptive", t, n)[0]) for t in grid}
-        # Ties go to the unfiltered lists' tau.
-        tau = max(scores, key=lambda t: (round(scores[t], 6), t == tau_plain))
-        log.info("generation: sigma+rule, validation HR@10 by tau %s -> tau %s",
-                 {t: round(v, 4) for t, v in scores.items()}, tau)
-        return tau
+        scores = {(t, a): task_hr(inst["valid"], fuse(c, "adaptive", t, n, a)[0])
+                  for t in grid for a in copy_scales(gcfg, c)}
+        # Ties go to the unfiltered lists' tau, then to the unscaled copy term.
+        tau, scale = max(scores, key=lambda ta: (round(scores[ta], 6), ta[0] == tau_plain,
+                                                 ta[1] == 1.0))
+        log.info("generation: sigma+rule, validation HR@10 by (tau, copy scale) %s -> %s",
+                 {f"{t:.3g},{a:g}": round(v, 4) for (t, a), v in scores.items()}, (tau, scale))
+        return tau, scale
 
     def _choose_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
-                    cands: dict[str, Candidates], n: int) -> dict[str, float]:
+                    cands: dict[str, Candidates], n: int
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+        """tau per fusion mode and, for adaptive fusion, the copy scale (jointly), by
+        validation HR@10; the other modes keep the copy term as trained."""
         taus = {m: gcfg.tau for m in ("adaptive", "fixed")}
+        scales = {"adaptive": 1.0}
         if not gcfg.select_tau or "valid" not in cands:
-            return taus
+            return taus, scales
+        c = cands["valid"]
         grids = {"fixed": list(gcfg.tau_grid),
-                 "adaptive": adaptive_taus(cands["valid"], gcfg.tau_grid, gcfg.tau)}
+                 "adaptive": adaptive_taus(c, gcfg.tau_grid, gcfg.tau)}
         for mode in ("adaptive", "fixed"):
-            scores = {t: task_hr(inst["valid"], fuse(cands["valid"], mode, t, n)[0])
-                      for t in grids[mode]}
-            # Ties go to the middle of the grid rather than to an extreme.
+            alphas = copy_scales(gcfg, c) if mode == "adaptive" else [1.0]
+            scores = {(t, a): task_hr(inst["valid"], fuse(c, mode, t, n, a)[0])
+                      for t in grids[mode] for a in alphas}
+            # Ties go to the middle of the grid rather than to an extreme, then to the
+            # unscaled copy term.
             mid = grids[mode][len(grids[mode]) // 2]
-            taus[mode] = max(scores, key=lambda t: (scores[t], -abs(np.log(t / mid))))
-            log.info("generation: %s fusion, validation HR@10 by tau %s -> tau %s", mode,
-                     {t: round(v, 4) for t, v in scores.items()}, taus[mode])
-        return taus
+            taus[mode], scale = max(scores, key=lambda ta: (
+                round(scores[ta], 6), -abs(np.log(ta[0] / mid)), ta[1] == 1.0))
+            if mode == "adaptive":
+                scales["adaptive"] = scale
+            log.info("generation: %s fusion, validation HR@10 by (tau, copy scale) %s -> %s",
+                     mode, {f"{t:.3g},{a:g}": round(v, 4) for (t, a), v in scores.items()},
+                     (taus[mode], scale))
+        return taus, scales
 
     def _tau_curve(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
-                   cands: dict[str, Candidates], taus: dict[str, float], n: int) -> None:
+                   cands: dict[str, Candidates], taus: dict[str, float], scale: float,
+                   n: int) -> None:
         """Accuracy and diversity of fixed-tau fusion as tau varies, plus the adaptive point."""
         ev = ctx.config.eval
         cats = category_codes(data.items["category_path"].tolist(), ev.category_level)
@@ -304,7 +349,8 @@ class GenerationStage(Stage):
             df = inst[split]
             hist = data.histories(df)
             for mode, tau in points:
-                items = fill_lists(fuse(c, mode, tau, n)[0], np.arange(data.n_items))[0]
+                a = scale if mode == "adaptive" else 1.0
+                items = fill_lists(fuse(c, mode, tau, n, a)[0], np.arange(data.n_items))[0]
                 acc = accuracy_metrics(items, list(df["targets"]), [10])
                 bey = beyond_metrics(items, [10], cats, head, hist)
                 rows.append({"split": split, "mode": mode, "tau": tau,
@@ -317,7 +363,7 @@ class GenerationStage(Stage):
         pd.DataFrame(rows).to_csv(ctx.out / "tau_curve.csv", index=False)
 
     def _diagnostics(self, ctx: StageContext, model: Any, inst: dict[str, pd.DataFrame],
-                     cands: dict[str, Candidates], taus: dict[str, float], n: int
+                     cands: dict[str, Candidates], taus: dict[str, float], scale: float, n: int
                      ) -> dict[str, Any]:
         """Where the HR@10 of SIGMA is lost, per task: the target's prefix is not among the K
         (prefix miss), it is but the target is not among that prefix's M candidates
@@ -326,7 +372,7 @@ class GenerationStage(Stage):
         out: dict[str, Any] = {}
         for split, c in cands.items():
             df = inst[split]
-            top = fuse(c, "adaptive", taus["adaptive"], n)[0][:, :10]
+            top = fuse(c, "adaptive", taus["adaptive"], n, scale)[0][:, :10]
             rows = []
             for r, tgt in enumerate(df["targets"]):
                 tgt = np.asarray(tgt, dtype=np.int64)
@@ -352,12 +398,12 @@ class GenerationStage(Stage):
                 for s, r in out.items()}
 
     def _prefix_usage(self, ctx: StageContext, model: Any, inst: dict[str, pd.DataFrame],
-                      cands: dict[str, Candidates], taus: dict[str, float], n: int
+                      cands: dict[str, Candidates], taus: dict[str, float], scale: float, n: int
                       ) -> dict[str, Any]:
         """How many prefixes a top-10 draws from, and how much of the prefix space is used."""
         if "test" not in cands:
             return {}
-        items = fuse(cands["test"], "adaptive", taus["adaptive"], n)[0][:, :10]
+        items = fuse(cands["test"], "adaptive", taus["adaptive"], n, scale)[0][:, :10]
         prefix_of = model.item_prefix.cpu().numpy()
         per_list = [len(np.unique(prefix_of[r[r >= 0]])) for r in items]
         used = np.unique(prefix_of[items[items >= 0]])
@@ -372,13 +418,14 @@ class GenerationStage(Stage):
         return {k: v for k, v in out.items() if not isinstance(v, list)}
 
     def _examples(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
-                  cands: dict[str, Candidates], taus: dict[str, float], n: int) -> None:
+                  cands: dict[str, Candidates], taus: dict[str, float], scale: float,
+                  n: int) -> None:
         per = ctx.config.generation.examples
         if "test" not in cands or per == 0:
             write_json(ctx.out / "examples.json", [])
             return
         df = inst["test"]
-        items = fuse(cands["test"], "adaptive", taus["adaptive"], n)[0]
+        items = fuse(cands["test"], "adaptive", taus["adaptive"], n, scale)[0]
         text = data.items["title"].fillna("").astype(str) + " | " + \
             data.items["category_path"].fillna("").astype(str)
         out = []

@@ -36,7 +36,7 @@ import torch
 
 from sigmarec.baselines.registry import restore
 from sigmarec.config import SigmaConfig
-from sigmarec.core.stage import StageContext, read_manifest
+from sigmarec.core.stage import StageContext
 from sigmarec.data.processed import Holdout, ProcessedData, load_holdout
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.serving.catalog import CatalogOverlay, load_overlay, stage_run_ids
@@ -47,6 +47,7 @@ from sigmarec.serving.items import (
     extend_items,
     stand_in_fidelity,
 )
+from sigmarec.serving.runtime import generation_choice
 
 log = logging.getLogger("sigmarec")
 
@@ -185,16 +186,6 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
     return pd.DataFrame(rows)
 
 
-def _generation_choice(run_dir: Path, cfg: SigmaConfig) -> tuple[float, int, str]:
-    m = read_manifest(run_dir / "generation")
-    sigma = (m or {}).get("summary", {}).get("sigma", {})
-    if "tau" in sigma:
-        return float(sigma["tau"]["adaptive"]), int(sigma.get("k_prefixes",
-                                                              cfg.generation.k_prefixes)), \
-            "chosen on validation by the generation stage"
-    return cfg.generation.tau, cfg.generation.k_prefixes, "config (no generation stage)"
-
-
 def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: CatalogOverlay,
                  prompts: pd.DataFrame, batch_size: int, n: int
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -210,7 +201,8 @@ def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: 
     vocab, item_prefix = load_vocab(ctx)
     model = load_sigma_model(run_dir / "training" / "model", cfg.backbone,
                              load_item_features(ctx), item_prefix)
-    tau, k, how = _generation_choice(run_dir, cfg)
+    choice = generation_choice(run_dir, cfg)
+    tau, k, how = choice.tau, choice.k_prefixes, choice.source
     decoder = SigmaDecoder(model, k, cfg.generation.m_per_prefix,
                            index_backend=cfg.tokenization.index.backend)
     n_base = model.n_items
@@ -224,10 +216,11 @@ def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: 
                                    (len(examples), model.n_items))
     (full, old), seconds = decode_split(decoder, examples, n, batch_size, [None, trained_only],
                                         "sigma coldstart")
-    lists = {"sigma": fuse(full, "adaptive", tau, n)[0],
-             "sigma (trained items only)": fuse(old, "adaptive", tau, n)[0]}
-    return lists, {"tau": tau, "k_prefixes": k, "tau_k_from": how, "decode_s": round(seconds, 1),
-                   "apply_overlay_s": round(apply_s, 3)}
+    a = choice.copy_scale
+    lists = {"sigma": fuse(full, "adaptive", tau, n, a)[0],
+             "sigma (trained items only)": fuse(old, "adaptive", tau, n, a)[0]}
+    return lists, {"tau": tau, "k_prefixes": k, "copy_scale": a, "tau_k_from": how,
+                   "decode_s": round(seconds, 1), "apply_overlay_s": round(apply_s, 3)}
 
 
 def _baseline_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData,

@@ -250,7 +250,7 @@ class Recomputer:
         if entries is not None:
             for (u, t), e in zip(pairs, entries, strict=True):
                 self.kv.put(u, t, e)
-        items, scores = fuse(cands, "adaptive", rt.tau, n)
+        items, scores = fuse(cands, "adaptive", rt.tau, n, rt.copy_scale)
         out = []
         for b in range(len(pairs)):
             keep = (items[b] >= 0) & np.isfinite(scores[b])

@@ -145,6 +145,7 @@ class _State:
     decoder: SigmaDecoder
     tau: float
     k_prefixes: int
+    copy_scale: float
     resources: TaskResources
     tasks: dict[str, Task]
     baselines: dict[str, Recommender]
@@ -174,17 +175,31 @@ def _category_index(items: pd.DataFrame) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
 
 
-def _generation_choice(run_dir: Path, cfg: SigmaConfig) -> tuple[float, int]:
-    """(tau, K) of adaptive fusion as the generation stage chose them on validation."""
+@dataclass(frozen=True)
+class FusionChoice:
+    """Adaptive fusion's settings as the generation stage chose them on validation (or the
+    config's, for a run without a generation stage; ``source`` says which)."""
+
+    tau: float
+    k_prefixes: int
+    copy_scale: float
+    source: str
+
+
+def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
+    """(tau, K, copy scale) of adaptive fusion, from the run's generation manifest."""
     manifest = read_manifest(run_dir / "generation")
     sigma = (manifest or {}).get("summary", {}).get("sigma", {})
     if "tau" in sigma:
-        return float(sigma["tau"]["adaptive"]), int(sigma.get("k_prefixes",
-                                                              cfg.generation.k_prefixes))
+        return FusionChoice(float(sigma["tau"]["adaptive"]),
+                            int(sigma.get("k_prefixes", cfg.generation.k_prefixes)),
+                            float(sigma.get("copy_scale", {}).get("adaptive", 1.0)),
+                            "chosen on validation by the generation stage")
     log.warning("serving: %s has no generation manifest; SIGMA uses generation.tau (%s) and "
                 "k_prefixes (%d) from the config, not values chosen on validation",
                 run_dir / "generation", cfg.generation.tau, cfg.generation.k_prefixes)
-    return cfg.generation.tau, cfg.generation.k_prefixes
+    return FusionChoice(cfg.generation.tau, cfg.generation.k_prefixes, 1.0,
+                        "config (no generation stage)")
 
 
 def _published(run_dir: Path) -> tuple[str, tuple[str, ...]]:
@@ -255,7 +270,8 @@ class Runtime:
         else:
             model = load_sigma_model(model_dir, cfg.backbone, parts.item_features,
                                      parts.item_prefix)
-        tau, k_used = _generation_choice(run_dir, cfg)
+        choice = generation_choice(run_dir, cfg)
+        tau, k_used = choice.tau, choice.k_prefixes
         decoder = SigmaDecoder(model, k_used, cfg.generation.m_per_prefix,
                                index_backend=cfg.tokenization.index.backend)
         res = build_resources(data, cfg.tasks)
@@ -268,7 +284,8 @@ class Runtime:
         items = data.items
         st = _State(
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
-            tau=tau, k_prefixes=k_used, resources=res, tasks=tasks, baselines=baselines,
+            tau=tau, k_prefixes=k_used, copy_scale=choice.copy_scale, resources=res,
+            tasks=tasks, baselines=baselines,
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
@@ -278,8 +295,9 @@ class Runtime:
             profile_columns=[c for c in data.users.columns if c not in ("user_idx", "user_id")],
         )
         log.info("serving: loaded %s in %.1fs (%d items, %d users, %d tasks, baselines %s, "
-                 "K %d, tau %.3g)", run_dir, time.perf_counter() - t0, data.n_items,
-                 data.n_users, len(tasks), sorted(baselines), k_used, tau)
+                 "K %d, tau %.3g, copy scale %g)", run_dir, time.perf_counter() - t0,
+                 data.n_items, data.n_users, len(tasks), sorted(baselines), k_used, tau,
+                 choice.copy_scale)
         return st
 
     @staticmethod
@@ -330,6 +348,10 @@ class Runtime:
     @property
     def tau(self) -> float:
         return self._state.tau
+
+    @property
+    def copy_scale(self) -> float:
+        return self._state.copy_scale
 
     @property
     def k_prefixes(self) -> int:
@@ -574,7 +596,7 @@ class Runtime:
                               for m in masks])
         with torch.no_grad():
             cands = st.decoder.candidates(st.decoder.batch(self._examples(resolved)), n, allow)
-        items, scores = fuse(cands, "adaptive", st.tau, n)
+        items, scores = fuse(cands, "adaptive", st.tau, n, st.copy_scale)
         return [(items[b, :r.k], scores[b, :r.k]) for b, r in enumerate(resolved)]
 
     def _rank_baseline(self, name: str, resolved: Sequence[Resolved]
