@@ -13,15 +13,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sigmarec.config import load_config
+from sigmarec.data.processed import ProcessedData
 from sigmarec.generation.fusion import fuse, truncate
-from sigmarec.generation.stage import GenerationStage, load_candidates
+from sigmarec.generation.stage import GenerationStage, fill_lists, load_candidates
 from sigmarec.metrics import accuracy_metrics
 
 
-def per_task(df: pd.DataFrame, items) -> pd.Series:
+def per_task(df: pd.DataFrame, items: np.ndarray, popular: np.ndarray) -> pd.Series:
+    # Lists are filled from popularity as the stage writes them.
+    items = fill_lists(items, popular)[0]
     hr = accuracy_metrics(items[:, :10], list(df["targets"]), [10])["HR@10"]
     return pd.Series(hr).groupby(df["task"].to_numpy()).mean()
 
@@ -32,6 +36,8 @@ def main(run: Path, grids: list[str]) -> None:
     gen = run / "generation"
     plain = {s: load_candidates(gen / f"candidates_{s}.npz") for s in inst}
     rule = {s: load_candidates(gen / f"candidates_rule_{s}.npz") for s in inst}
+    counts = ProcessedData.load(run / "data").train_item_counts
+    popular = np.argsort(-counts, kind="stable")
     n, stage, cols = 50, GenerationStage(), {}
     for grid in grids:
         scales = [float(x) for x in grid.split(",") if x.strip()]
@@ -43,9 +49,9 @@ def main(run: Path, grids: list[str]) -> None:
         name = grid or "1"
         cols[f"sigma [{name}] x{chosen['adaptive']:g}"] = per_task(
             inst["test"], fuse(cands["test"], "adaptive", taus["adaptive"], n,
-                               chosen["adaptive"])[0])
+                               chosen["adaptive"])[0], popular)
         cols[f"sigma+rule [{name}] x{scale_r:g}"] = per_task(
-            inst["test"], fuse(rule["test"], "adaptive", tau_r, n, scale_r)[0])
+            inst["test"], fuse(rule["test"], "adaptive", tau_r, n, scale_r)[0], popular)
     table = pd.DataFrame(cols)
     table.loc["MEAN"] = table.mean()
     print(table.round(3).to_string())
