@@ -48,3 +48,15 @@ def test_plan_can_share_the_first_seeds_upstream(tmp_path: Path) -> None:
     paper = plan(base, tmp_path, [0], ["paper_objective"], [], [0])[1]["cfg"]
     assert (paper.model.dense_weight, paper.model.multi_positive, paper.tasks.frequent_items,
             paper.tasks.align_samples, paper.model.prefix_init) == (0.0, False, 0, 0, "shared")
+
+
+@pytest.mark.parametrize("profile", ["tiny", "default", "full"])
+def test_every_ablation_is_a_valid_config_of_every_profile(tmp_path: Path, profile: str) -> None:
+    from sigmarec.experiment import ABLATIONS
+
+    runs = plan(load_config(profile), tmp_path, [0], sorted(ABLATIONS), [], [0])
+    by = {r["variant"]: r["cfg"] for r in runs}
+    assert set(by) == {"main", *ABLATIONS}
+    assert not by["no_repeat"].model.repeat_aware and not by["no_repeat"].model.repeat_counts
+    assert by["no_counts"].model.repeat_aware and not by["no_counts"].model.repeat_counts
+    assert by["no_copy_scale"].generation.copy_scale_grid == []

@@ -9,9 +9,10 @@ Every variant is a config overlay, never a code path of its own:
   embeddings feed the semantic IDs and ProjFuse).
 * ``two_level``: ``tokenization.prefix_levels = 2``.
 * ``no_dense``, ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
-  ``no_repeat`` (the copy prior), ``batch_negatives`` (sampled instead of whole-catalogue
-  InfoNCE): one part of the sample-efficient SFT objective off; ``paper_objective``: all of it
-  off.
+  ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``batch_negatives``
+  (sampled instead of whole-catalogue InfoNCE): one part of the sample-efficient SFT objective
+  off; ``no_copy_scale``: the copy term at its trained weight in fusion; ``paper_objective``: all
+  of it off.
 
 An ablation run shares the main run's data, baselines and grounding stages (linked, not
 recomputed: its config does not change them) and retrains from tokenization on. The run list
@@ -41,11 +42,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_frequent": {"tasks": {"frequent_items": 0}},
     "no_align": {"tasks": {"align_samples": 0}},
     "shared_prefix_init": {"model": {"prefix_init": "shared"}},
-    "no_repeat": {"model": {"repeat_aware": False}},
+    "no_repeat": {"model": {"repeat_aware": False, "repeat_counts": False}},
+    "no_counts": {"model": {"repeat_counts": False}},
+    "no_copy_scale": {"generation": {"copy_scale_grid": []}},
     "batch_negatives": {"model": {"infonce_negatives": "batch"}},
     "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
                                   "prefix_init": "shared", "repeat_aware": False,
-                                  "infonce_negatives": "batch"},
+                                  "repeat_counts": False, "infonce_negatives": "batch"},
+                        "generation": {"copy_scale_grid": []},
                         "tasks": {"frequent_items": 0, "align_samples": 0}},
 }
 SHARED_STAGES = ("data", "baselines", "grounding")
@@ -82,8 +86,8 @@ def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
         runs.append(main)
         for name in ablations if s in ablation_seeds else []:
             # Only SIGMA is retrained; the baselines are not re-ranked (the main run has them).
-            cfg = _overlay(base, {"seed": s, **ABLATIONS[name], "gr": {"enabled": []},
-                                  "generation": {"baselines": [], "variants": ["adaptive"]}})
+            cfg = _overlay(_overlay(base, {"seed": s, "gr": {"enabled": []}, "generation": {
+                "baselines": [], "variants": ["adaptive"]}}), ABLATIONS[name])
             runs.append({"dir": out / f"seed{s}" / name, "seed": s, "variant": name,
                          "cfg": cfg, "share_from": out / f"seed{s}" / "main"})
     return runs
