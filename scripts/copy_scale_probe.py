@@ -1,6 +1,6 @@
 """Re-sort a finished generation stage's candidates under several copy-scale grids.
 
-    python scripts/copy_scale_probe.py RUN_DIR [GRID ...]      e.g.  runs/default "" "1.5,2,3"
+    python scripts/copy_scale_probe.py RUN_DIR [GRID ...]      e.g.  runs/default "" "1.5,2,3,4,6,8"
 
 For each grid (comma-separated scales; "" = only 1, the copy term as trained) this makes the
 generation stage's own validation choices (K, then tau jointly with the copy scale, for SIGMA
@@ -58,4 +58,4 @@ def main(run: Path, grids: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] or ["", "1.5,2,3"])
+    main(Path(sys.argv[1]), sys.argv[2:] or ["", "1.5,2,3,4,6,8"])
