@@ -58,4 +58,4 @@ def main(run: Path, grids: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] or ["", "1.5,2,3,4,6,8"])
+    main(Path(sys.argv[1]), sys.argv[2:] or ["", "1.5,2,3"])
