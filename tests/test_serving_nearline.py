@@ -237,10 +237,11 @@ def test_kv_reuse_equals_a_from_scratch_forward(served):
 def test_kv_reuse_with_a_repeat_aware_model(served):
     """The copy term of a repeat-aware model reads the whole prompt's items: still exact."""
     _, _, rt = served
-    from sigmarec.model.repeat import RepeatGate
+    from sigmarec.model.repeat import RepeatGate, n_gates
 
     model = copy.deepcopy(rt._state.model)
-    model.repeat = RepeatGate(model.hidden, 1.0)
+    # The tiny profile's model also reads purchase counts (six gates): their update is exact too.
+    model.repeat = RepeatGate(model.hidden, 1.0, n_gates(model.cfg.repeat_counts))
     torch.nn.init.normal_(model.repeat.proj.weight, std=0.5)
     decoder = copy.copy(rt._state.decoder)
     decoder.model = model
