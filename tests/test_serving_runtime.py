@@ -58,6 +58,35 @@ def test_same_prompt_gives_the_generation_stage_ranking(served):
         np.testing.assert_allclose([x.score for x in got], want["scores"][:10], atol=1e-5)
 
 
+def test_filtered_requests_use_the_pair_sigma_rule_chose(served):
+    """A request with a filter is fused at the tau and copy scale that sigma+rule chose on its
+    rule-filtered validation lists: with the task's rule as the filter, the runtime's list is
+    the generation stage's sigma+rule list."""
+    from sigmarec.tasks.rules import instance_allow_masks
+
+    cfg, run_dir, rt = served
+    inst = pd.read_parquet(run_dir / "tasks" / "test.parquet")
+    gen = pd.read_parquet(run_dir / "generation" / "rankings" / "sigma+rule_test.parquet")
+    gen = gen.set_index("instance_id")
+    rows = inst[inst["task"].isin(["Category", "Query", "Season"])].groupby("task").head(2)
+    masks = instance_allow_masks(rt.data, rows, rt._state.tasks)
+    resolved = [Resolved(user_idx=int(r.user_idx),
+                         history=rt.data.history(int(r.user_idx), int(r.hist_len)),
+                         profile=r.profile, task=r.task, params=json.loads(r.params),
+                         instruction=r.instruction, k=10, model="sigma", allow=m)
+                for r, m in zip(rows.itertuples(), masks, strict=True)]
+    choice = rt._state.fusion
+    assert choice.tau_filtered is not None and choice.copy_scale_filtered is not None
+    for r, m, got in zip(rows.itertuples(), masks, rt.rank(resolved), strict=True):
+        # The stage fills a list whose rule admits fewer than 10 items from popularity; the
+        # runtime returns the admitted ones only.
+        n = min(10, int(m.sum()))
+        want = gen.loc[r.instance_id]
+        assert len(got) == n
+        assert [rt.item_idx(x.item_id) for x in got] == list(want["items"][:n]), r.task
+        np.testing.assert_allclose([x.score for x in got], want["scores"][:n], atol=1e-5)
+
+
 def test_known_user_gets_the_whole_history_and_profile(served):
     cfg, _, rt = served
     u = 3

@@ -42,7 +42,6 @@ import torch
 from sigmarec.config import SigmaConfig
 from sigmarec.core.atomic import atomic_path
 from sigmarec.errors import ConfigError, DataError, SigmaError
-from sigmarec.generation.fusion import fuse
 from sigmarec.serving.events import EVENT_COLUMNS, events_dir, load_events
 from sigmarec.serving.kv_cache import (
     KVCacheStore,
@@ -250,7 +249,7 @@ class Recomputer:
         if entries is not None:
             for (u, t), e in zip(pairs, entries, strict=True):
                 self.kv.put(u, t, e)
-        items, scores = fuse(cands, "adaptive", rt.tau, n, rt.copy_scale)
+        items, scores = rt.fuse(cands, np.array([m is not None for m in masks]), n)
         out = []
         for b in range(len(pairs)):
             keep = (items[b] >= 0) & np.isfinite(scores[b])

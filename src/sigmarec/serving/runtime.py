@@ -53,7 +53,7 @@ from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import fuse
+from sigmarec.generation.fusion import Candidates, fuse
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel, load_sigma_model
@@ -146,6 +146,7 @@ class _State:
     tau: float
     k_prefixes: int
     copy_scale: float
+    fusion: FusionChoice
     resources: TaskResources
     tasks: dict[str, Task]
     baselines: dict[str, Recommender]
@@ -184,6 +185,21 @@ class FusionChoice:
     k_prefixes: int
     copy_scale: float
     source: str
+    # For requests with a filter: the pair sigma+rule chose on rule-filtered validation lists.
+    tau_filtered: float | None = None
+    copy_scale_filtered: float | None = None
+
+    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Adaptive fusion of a batch: rows with a filter (``filtered`` (B,) bool) at the
+        filtered pair, the others at the unfiltered one."""
+        items, scores = fuse(cands, "adaptive", self.tau, n, self.copy_scale)
+        if filtered.any() and self.tau_filtered is not None:
+            f_items, f_scores = fuse(cands, "adaptive", self.tau_filtered, n,
+                                     self.copy_scale_filtered or 1.0)
+            items = np.where(filtered[:, None], f_items, items)
+            scores = np.where(filtered[:, None], f_scores, scores)
+        return items, scores
 
 
 def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
@@ -191,10 +207,14 @@ def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
     manifest = read_manifest(run_dir / "generation")
     sigma = (manifest or {}).get("summary", {}).get("sigma", {})
     if "tau" in sigma:
+        scales = sigma.get("copy_scale", {})
+        rule_tau = sigma["tau"].get("rule")
         return FusionChoice(float(sigma["tau"]["adaptive"]),
                             int(sigma.get("k_prefixes", cfg.generation.k_prefixes)),
-                            float(sigma.get("copy_scale", {}).get("adaptive", 1.0)),
-                            "chosen on validation by the generation stage")
+                            float(scales.get("adaptive", 1.0)),
+                            "chosen on validation by the generation stage",
+                            None if rule_tau is None else float(rule_tau),
+                            float(scales.get("rule", 1.0)))
     log.warning("serving: %s has no generation manifest; SIGMA uses generation.tau (%s) and "
                 "k_prefixes (%d) from the config, not values chosen on validation",
                 run_dir / "generation", cfg.generation.tau, cfg.generation.k_prefixes)
@@ -284,7 +304,8 @@ class Runtime:
         items = data.items
         st = _State(
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
-            tau=tau, k_prefixes=k_used, copy_scale=choice.copy_scale, resources=res,
+            tau=tau, k_prefixes=k_used, copy_scale=choice.copy_scale, fusion=choice,
+            resources=res,
             tasks=tasks, baselines=baselines,
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
@@ -352,6 +373,11 @@ class Runtime:
     @property
     def copy_scale(self) -> float:
         return self._state.copy_scale
+
+    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """SIGMA's step 3 for a decoded batch, at the settings chosen on validation."""
+        return self._state.fusion.fuse(cands, filtered, n)
 
     @property
     def k_prefixes(self) -> int:
@@ -596,7 +622,7 @@ class Runtime:
                               for m in masks])
         with torch.no_grad():
             cands = st.decoder.candidates(st.decoder.batch(self._examples(resolved)), n, allow)
-        items, scores = fuse(cands, "adaptive", st.tau, n, st.copy_scale)
+        items, scores = self.fuse(cands, np.array([m is not None for m in masks]), n)
         return [(items[b, :r.k], scores[b, :r.k]) for b, r in enumerate(resolved)]
 
     def _rank_baseline(self, name: str, resolved: Sequence[Resolved]
