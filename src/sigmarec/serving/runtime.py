@@ -143,10 +143,7 @@ class _State:
     vocab: HybridVocab
     model: SigmaModel
     decoder: SigmaDecoder
-    tau: float
-    k_prefixes: int
-    copy_scale: float
-    fusion: FusionChoice
+    fusion: FusionChoice  # tau, K and copy scale chosen on validation
     resources: TaskResources
     tasks: dict[str, Task]
     baselines: dict[str, Recommender]
@@ -304,8 +301,7 @@ class Runtime:
         items = data.items
         st = _State(
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
-            tau=tau, k_prefixes=k_used, copy_scale=choice.copy_scale, fusion=choice,
-            resources=res,
+            fusion=choice, resources=res,
             tasks=tasks, baselines=baselines,
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
@@ -368,11 +364,11 @@ class Runtime:
 
     @property
     def tau(self) -> float:
-        return self._state.tau
+        return self._state.fusion.tau
 
     @property
     def copy_scale(self) -> float:
-        return self._state.copy_scale
+        return self._state.fusion.copy_scale
 
     def fuse(self, cands: Candidates, filtered: np.ndarray, n: int
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -381,7 +377,7 @@ class Runtime:
 
     @property
     def k_prefixes(self) -> int:
-        return self._state.k_prefixes
+        return self._state.fusion.k_prefixes
 
     @property
     def item_ids(self) -> np.ndarray:
