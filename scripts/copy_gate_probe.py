@@ -15,9 +15,10 @@ import pandas as pd
 import torch
 
 from sigmarec.config import load_config
+from sigmarec.data.processed import ProcessedData
 from sigmarec.model.sigma import load_sigma_model
 from sigmarec.training.diagnostics import decode_diagnostics
-from sigmarec.training.stage import load_item_features, load_vocab, to_examples
+from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
 
 KEYS = ("valid_prefix_ntp", "prefix_hit@10", "valid_hr10", "in_prefix_hit@10",
         "valid_hr10_JustForYou")
@@ -47,7 +48,8 @@ def main(run: Path, offsets: list[str]) -> None:
     keep = np.concatenate([rng.choice(ix, min(per, len(ix)), replace=False)
                            for _, ix in sorted(groups.items())])
     sub = valid.iloc[np.sort(keep)]
-    examples = to_examples(sub, model, vocab, item_prefix, with_target=False)
+    matcher = text_matcher(model.cfg, ProcessedData.load(run / "data").items)
+    examples = to_examples(sub, model, vocab, item_prefix, with_target=False, matcher=matcher)
     targets = [np.asarray(t) for t in sub["targets"]]
     base = model.repeat.proj.bias.detach().clone()
     print("learned gate biases (softplus):", torch.nn.functional.softplus(base).tolist())

@@ -227,12 +227,17 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     scores, found = decoder.index.search(overlay.item_vectors[:3], overlay.prefix[:3], 1)
     assert found[:, 0].tolist() == ids[:3].tolist()
     # And the three-step decoder can return only new items when a filter asks for them.
-    from sigmarec.training.stage import to_examples
+    from sigmarec.serving.items import extend_items
+    from sigmarec.training.stage import text_matcher, to_examples
 
     prompt = pd.DataFrame([{"targets": np.array([0]), "history": np.array([1, 2, n]),
                             "frequent": np.array([], dtype=np.int64), "instruction": "anything",
                             "profile": "unknown", "params": "{}"}])
-    ex = to_examples(prompt, model, model.vocab, model.item_prefix.numpy(), with_target=False)
+    # The text match runs over the extended catalogue: added items can be named too.
+    matcher = text_matcher(model.cfg, extend_items(ProcessedData.load(run_dir / "data"),
+                                                   overlay).items)
+    ex = to_examples(prompt, model, model.vocab, model.item_prefix.numpy(), with_target=False,
+                     matcher=matcher)
     allow = np.arange(model.n_items) >= n
     items, _ = decoder.recommend(ex, 5, allow_mask=allow)
     assert (items[0] >= n).all()

@@ -183,7 +183,8 @@ def _prompts(rt: Runtime, users: list[int], extra: dict[int, list[int]] | None =
         "instruction": [instruction or r.instruction for r in base],
         "targets": [np.zeros(1, dtype=np.int64)] * len(users)})
     st = rt._state
-    return to_examples(df, st.model, st.vocab, st.parts.item_prefix, with_target=False)
+    return to_examples(df, st.model, st.vocab, st.parts.item_prefix, with_target=False,
+                       matcher=st.matcher)
 
 
 def _step2(model, cache, k=6):
@@ -240,8 +241,10 @@ def test_kv_reuse_with_a_repeat_aware_model(served):
     from sigmarec.model.repeat import RepeatGate, n_gates
 
     model = copy.deepcopy(rt._state.model)
-    # The tiny profile's model also reads purchase counts (six gates): their update is exact too.
-    model.repeat = RepeatGate(model.hidden, 1.0, n_gates(model.cfg.repeat_counts))
+    # The tiny profile's model also reads purchase counts and text matches (eight gates): their
+    # update is exact too.
+    model.repeat = RepeatGate(model.hidden, 1.0, n_gates(model.cfg.repeat_counts,
+                                                         model.cfg.text_match))
     torch.nn.init.normal_(model.repeat.proj.weight, std=0.5)
     decoder = copy.copy(rt._state.decoder)
     decoder.model = model

@@ -55,7 +55,8 @@ def test_same_prompt_gives_the_generation_stage_ranking(served):
     for r, got in zip(rows.itertuples(), rt.rank(resolved), strict=True):
         want = gen.loc[r.instance_id]
         assert [rt.item_idx(x.item_id) for x in got] == list(want["items"][:10]), r.task
-        np.testing.assert_allclose([x.score for x in got], want["scores"][:10], atol=1e-5)
+        np.testing.assert_allclose([x.score for x in got], want["scores"][:10], rtol=1e-6,
+                                   atol=5e-5)  # fp32: other batch, other padding
 
 
 def test_filtered_requests_use_the_pair_sigma_rule_chose(served):
@@ -84,7 +85,8 @@ def test_filtered_requests_use_the_pair_sigma_rule_chose(served):
         want = gen.loc[r.instance_id]
         assert len(got) == n
         assert [rt.item_idx(x.item_id) for x in got] == list(want["items"][:n]), r.task
-        np.testing.assert_allclose([x.score for x in got], want["scores"][:n], atol=1e-5)
+        np.testing.assert_allclose([x.score for x in got], want["scores"][:n], rtol=1e-6,
+                                   atol=5e-5)  # fp32: other batch, other padding
 
 
 def test_known_user_gets_the_whole_history_and_profile(served):

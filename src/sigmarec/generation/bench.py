@@ -82,10 +82,11 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
                    ) -> pd.DataFrame:
     """The benchmark table (one row per method) for a run whose training stage has finished."""
     from sigmarec.core.stage import StageContext
+    from sigmarec.data.processed import ProcessedData
     from sigmarec.generation.decode import SigmaDecoder
     from sigmarec.generation.fusion import fuse
     from sigmarec.model.sigma import load_sigma_model, prompt_args
-    from sigmarec.training.stage import load_item_features, load_vocab, to_examples
+    from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
 
     run_dir = Path(run_dir)
     ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
@@ -102,7 +103,8 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
     g = cfg.generation
     k, n = g.k_prefixes, cfg.eval.top_n
     decoder = SigmaDecoder(model, k, g.m_per_prefix, index_backend=cfg.tokenization.index.backend)
-    sigma_ex = to_examples(inst, model, vocab, item_prefix, with_target=False)
+    matcher = text_matcher(model.cfg, ProcessedData.load(run_dir / "data").items)
+    sigma_ex = to_examples(inst, model, vocab, item_prefix, with_target=False, matcher=matcher)
     n = len(sigma_ex)
     rows: list[dict[str, Any]] = []
 

@@ -197,15 +197,12 @@ class SigmaDecoder:
                            cos: np.ndarray, items: np.ndarray, allow_mask: np.ndarray | None
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Repeat-aware models: scores are cosine plus the copy term, which only the prompt's
-        own items (and, with purchase counts, the household's counted items) have. The search
-        returned the top-M by cosine; adding every eligible such item of each kept prefix,
-        scored with its copy term, and keeping the top M of the union is exact (any other
-        item's score is its cosine, below the M found). Returns (scores, items, the copy term
+        own items (and the household's counted items, the instruction's matched items) have.
+        The search returned the top-M by cosine; adding every eligible such item of each kept
+        prefix, scored with its copy term, and keeping the top M of the union is exact (any
+        other item's score is its cosine, below the M found). Returns (scores, items, the copy term
         of each score)."""
-        extra = cache.slots.items
-        if cache.slots.count_items is not None:
-            extra = torch.cat([extra, cache.slots.count_items], dim=1)
-        extra = extra.cpu().numpy()  # (B, J)
+        extra = cache.slots.listed_items().cpu().numpy()  # (B, J)
         b, j = extra.shape
         ok = extra >= 0
         if allow_mask is not None:

@@ -50,7 +50,9 @@ class _Copy:
         n_ctx = int(ex.n_context or 0)
         seq = torch.tensor([False] * n_ctx + [True] * (len(ex.item_ids) - n_ctx), device=dev)
         counts = [torch.tensor([list(ex.count_items or ())], dtype=torch.long, device=dev),
-                  torch.tensor([list(ex.count_values or ())], dtype=torch.float32, device=dev)]
+                  torch.tensor([list(ex.count_values or ())], dtype=torch.float32, device=dev),
+                  torch.tensor([list(ex.match_items or ())], dtype=torch.long, device=dev),
+                  torch.tensor([list(ex.match_values or ())], dtype=torch.float32, device=dev)]
         self.slots = model.prompt_slots(ids, torch.ones_like(ids), torch.tensor(
             list(ex.item_ids), dtype=torch.long, device=dev), seq, *counts)
         self.gates = model.repeat(_last_hidden(model, ex, []))[None]

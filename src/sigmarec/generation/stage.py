@@ -35,7 +35,7 @@ from sigmarec.metrics import accuracy_metrics, beyond_metrics, category_codes, h
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.sigma import load_sigma_model
 from sigmarec.tasks.rules import instance_allow_masks, load_tasks
-from sigmarec.training.stage import load_item_features, load_vocab, to_examples
+from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
 
 log = logging.getLogger("sigmarec")
 
@@ -201,10 +201,11 @@ class GenerationStage(Stage):
         decoder = SigmaDecoder(model, gcfg.k_prefixes, gcfg.m_per_prefix,
                                index_backend=cfg.tokenization.index.backend)
         cands, seconds, rule = {}, {}, {}
+        matcher = text_matcher(model.cfg, data.items)
         for split, df in inst.items():
             if df.empty:
                 continue
-            ex = to_examples(df, model, vocab, item_prefix, with_target=False)
+            ex = to_examples(df, model, vocab, item_prefix, with_target=False, matcher=matcher)
             allow = None
             if gcfg.exclude_seen:
                 allow = np.ones((len(df), data.n_items), dtype=bool)

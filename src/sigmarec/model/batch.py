@@ -39,6 +39,10 @@ class SFTExample:
     # prompt): the copy prior's count channel (``model.repeat_counts``).
     count_items: tuple[int, ...] = ()
     count_values: tuple[int, ...] = ()
+    # The catalogue items the instruction's words match and their cosine (0, 1]: the copy
+    # prior's text-match channel (``model.text_match``, :mod:`sigmarec.tasks.text_match`).
+    match_items: tuple[int, ...] = ()
+    match_values: tuple[float, ...] = ()
 
 
 _REQUIRED = object()
@@ -119,6 +123,18 @@ class HardNegativeSampler:
         return out
 
 
+def _pad_weighted(items: list[list[int]], values: list[list[float]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (item, value) lists as (B, W) tensors, items -1 and values 0 padded (W >= 1)."""
+    width = max(1, max(len(c) for c in items))
+    out_i = torch.full((len(items), width), -1, dtype=torch.long)
+    out_v = torch.zeros((len(items), width), dtype=torch.float32)
+    for r, (ci, cv) in enumerate(zip(items, values, strict=True)):
+        out_i[r, :len(ci)] = torch.tensor(ci, dtype=torch.long)
+        out_v[r, :len(cv)] = torch.tensor(cv, dtype=torch.float32)
+    return out_i, out_v
+
+
 class SigmaCollator:
     """Pads examples (left), appends ``<prefix tokens><q>`` labels and samples hard negatives.
 
@@ -128,7 +144,8 @@ class SigmaCollator:
     the purchase sequence (not the context section), and with labels ``target_item``,
     ``target_prefix`` (B,), ``hard_negatives`` (B, k) with -1 for "none" and ``positives``
     (B, P) every positive of the row (the target first), -1 padded. ``count_items`` (B, H)
-    (-1 padded) and ``count_values`` (B, H) are the examples' purchase counts (H >= 1).
+    (-1 padded) and ``count_values`` (B, H) are the examples' purchase counts (H >= 1), and
+    ``match_items`` / ``match_values`` (B, M) their text matches, padded the same way.
     """
 
     def __init__(
@@ -177,6 +194,8 @@ class SigmaCollator:
         targets, prefixes, positives = [], [], []
         c_items: list[list[int]] = []
         c_values: list[list[float]] = []
+        m_items: list[list[int]] = []
+        m_values: list[list[float]] = []
         for i, ex in enumerate(examples):
             ids = [int(t) for t in _field(ex, "input_ids")]
             ex_items = [int(t) for t in _field(ex, "item_ids")]
@@ -219,6 +238,16 @@ class SigmaCollator:
                 raise ValueError(f"example {i}: count_values must be positive purchase counts")
             c_items.append(ci)
             c_values.append(cv)
+            mi = [int(x) for x in (_field(ex, "match_items", ()) or ())]
+            mv = [float(x) for x in (_field(ex, "match_values", ()) or ())]
+            if len(mi) != len(mv):
+                raise ValueError(f"example {i}: {len(mi)} match_items but {len(mv)} match_values")
+            if mi and not (min(mi) >= 0 and max(mi) < len(self.item_prefix)):
+                raise ValueError(f"example {i}: match_items outside 0..{len(self.item_prefix) - 1}")
+            if mv and not (min(mv) > 0 and max(mv) <= 1 + 1e-6):
+                raise ValueError(f"example {i}: match_values must be cosines in (0, 1]")
+            m_items.append(mi)
+            m_values.append(mv)
             rows.append(ids)
             items.extend(ex_items)
             seq.extend([False] * n_ctx + [True] * (len(ex_items) - n_ctx))
@@ -229,13 +258,8 @@ class SigmaCollator:
             "item_ids": torch.tensor(items, dtype=torch.long),
             "sequence_mask": torch.tensor(seq, dtype=torch.bool),
         }
-        width = max(1, max(len(c) for c in c_items))
-        cnt_i = torch.full((len(rows), width), -1, dtype=torch.long)
-        cnt_v = torch.zeros((len(rows), width), dtype=torch.float32)
-        for r, (ci, cv) in enumerate(zip(c_items, c_values, strict=True)):
-            cnt_i[r, :len(ci)] = torch.tensor(ci, dtype=torch.long)
-            cnt_v[r, :len(cv)] = torch.tensor(cv, dtype=torch.float32)
-        batch["count_items"], batch["count_values"] = cnt_i, cnt_v
+        batch["count_items"], batch["count_values"] = _pad_weighted(c_items, c_values)
+        batch["match_items"], batch["match_values"] = _pad_weighted(m_items, m_values)
         if with_labels:
             tgt = np.asarray(targets, dtype=np.int64)
             rng = rng if rng is not None else np.random.default_rng(0)

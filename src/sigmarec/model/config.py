@@ -76,6 +76,20 @@ class ModelConfig(_Strict):
         "count of each item over its whole history before the cut (the tasks' count_items "
         "columns, tasks.count_items most bought), which the prompt does not show",
     )
+    text_match: bool = Field(
+        False, description="repeat-aware models: a further copy channel, the catalogue items "
+        "whose text the instruction's words match (TF-IDF cosine over title, category path and "
+        "brand, fitted on the catalogue; sigmarec.tasks.text_match): how a Category or Query "
+        "instruction reaches the scores",
+    )
+    text_match_items: int = Field(200, ge=1, description="text match: the best-matching items "
+                                  "kept per instruction")
+    text_match_min: float = Field(0.1, gt=0, le=1, description="text match: the least cosine "
+                                  "an item must reach to be kept")
+    text_match_scale: float = Field(
+        20.0, gt=0, description="text match: the channel reads cosine x scale, as the count "
+        "channel reads purchase counts (log1p of it), so a full match weighs like ~20 purchases",
+    )
     shared_prefix_decode: bool = Field(
         True, description="generation: run the K continuations of a prompt in one row under a "
         "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",
@@ -88,5 +102,8 @@ class ModelConfig(_Strict):
     def _counts_need_copy(self) -> ModelConfig:
         if self.repeat_counts and not self.repeat_aware:
             raise ValueError("model.repeat_counts is a channel of the copy prior: it needs "
+                             "model.repeat_aware=true")
+        if self.text_match and not self.repeat_aware:
+            raise ValueError("model.text_match is a channel of the copy prior: it needs "
                              "model.repeat_aware=true")
         return self

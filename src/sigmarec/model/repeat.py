@@ -17,10 +17,16 @@ repeat-aware recommenders (RepeatNet, ReCANet) do, the scores get an explicit co
   while the repurchase baseline reads them all. ``n_cnt(c)`` sums the counts of the items under
   code ``c`` (the history-frequency estimate of the prefix), ``m_cnt(i)`` is the item's count.
 
-The four gates (six with counts) are ``softplus`` of a linear map of the hidden state at the end
-of the prompt (the token before the first label token): the instruction can switch copying off
-(a task that asks for something new) or up (buy again). The linear map starts at zero and the
-bias at ``repeat_init``: the copy term is on from the first step, and learned from there.
+* with ``model.text_match``, a further channel in both: the catalogue items whose text the
+  instruction's words match (:mod:`sigmarec.tasks.text_match`), each with its cosine times
+  ``model.text_match_scale``; ``n_txt(c)`` sums them per code. It is how a Category or Query
+  instruction reaches the scores: the LLM alone did not learn it at this budget.
+
+The four gates (two more per extra channel) are ``softplus`` of a linear map of the hidden
+state at the end of the prompt (the token before the first label token): the instruction can
+switch copying off (a task that asks for something new) or up (buy again). The linear map
+starts at zero and the bias at ``repeat_init``: the copy term is on from the first step, and
+learned from there.
 """
 
 from __future__ import annotations
@@ -35,10 +41,10 @@ from torch.nn import functional as F
 N_GATES = 4  # prefix-seq, prefix-ctx, item-seq, item-ctx (without purchase counts)
 
 
-def n_gates(counts: bool) -> int:
-    """Gates per row: one per channel (sequence, context[, purchase counts]) for the prefix
-    logits and one per channel for the item scores."""
-    return 2 * (3 if counts else 2)
+def n_gates(counts: bool, match: bool = False) -> int:
+    """Gates per row: one per channel (sequence, context[, purchase counts][, text match]) for
+    the prefix logits and one per channel for the item scores."""
+    return 2 * (2 + int(counts) + int(match))
 
 
 @dataclass
@@ -46,26 +52,45 @@ class PromptSlots:
     """The item placeholders of a batch of prompts as a table: ``items`` (R, J) item ids in
     prompt order (-1 = padding), ``seq`` (R, J) True for the purchase sequence, False for the
     context section; with purchase counts, ``count_items`` (R, H) (-1 = padding) and
-    ``count_values`` (R, H) the household's purchase count of each."""
+    ``count_values`` (R, H) the household's purchase count of each; with the text match,
+    ``match_items`` (R, M) (-1 = padding) and ``match_values`` (R, M) their scaled match."""
 
     items: torch.Tensor
     seq: torch.Tensor
     count_items: torch.Tensor | None = None
     count_values: torch.Tensor | None = None
+    match_items: torch.Tensor | None = None
+    match_values: torch.Tensor | None = None
+
+    def weighted(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The channels after sequence and context, in gate order: (items, values) tables."""
+        out = []
+        if self.count_items is not None:
+            out.append((self.count_items, self.count_values))
+        if self.match_items is not None:
+            out.append((self.match_items, self.match_values))
+        return out
+
+    def listed_items(self) -> torch.Tensor:
+        """(R, J + H + M) every item the table names (placeholders, counted, matched)."""
+        return torch.cat([self.items, *(i for i, _ in self.weighted())], dim=1)
 
     @property
     def channels(self) -> int:
-        return 2 if self.count_items is None else 3
+        return 2 + len(self.weighted())
 
     def with_items(self, items: torch.Tensor) -> PromptSlots:
         """The same table with another placeholder-item table (e.g. column ids)."""
-        return PromptSlots(items, self.seq, self.count_items, self.count_values)
+        return PromptSlots(items, self.seq, self.count_items, self.count_values,
+                           self.match_items, self.match_values)
 
     @classmethod
     def from_batch(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    item_ids: torch.Tensor, sequence_mask: torch.Tensor | None,
                    item_token_id: int, count_items: torch.Tensor | None = None,
-                   count_values: torch.Tensor | None = None) -> PromptSlots:
+                   count_values: torch.Tensor | None = None,
+                   match_items: torch.Tensor | None = None,
+                   match_values: torch.Tensor | None = None) -> PromptSlots:
         slots = ((input_ids == item_token_id) & attention_mask.bool()).nonzero()  # row-major
         rows = slots[:, 0]
         b = input_ids.shape[0]
@@ -78,21 +103,26 @@ class PromptSlots:
         mark = (torch.ones_like(rows, dtype=torch.bool) if sequence_mask is None
                 else sequence_mask.view(-1).to(seq.device).bool())
         seq[rows, rank] = mark
-        if count_items is not None:
-            if count_values is None or count_values.shape != count_items.shape \
-                    or count_items.shape[0] != b:
-                raise ValueError(f"count_items {tuple(count_items.shape)} and count_values "
-                                 f"{None if count_values is None else tuple(count_values.shape)}"
+        weighted = []
+        for name, it, val in (("count", count_items, count_values),
+                              ("match", match_items, match_values)):
+            if it is None:
+                weighted += [None, None]
+                continue
+            if val is None or val.shape != it.shape or it.shape[0] != b:
+                raise ValueError(f"{name}_items {tuple(it.shape)} and {name}_values "
+                                 f"{None if val is None else tuple(val.shape)}"
                                  f" must both be (B={b}, H)")
-            count_items = count_items.to(items.device).long()
-            count_values = count_values.to(items.device).float()
-        return cls(items, seq, count_items, count_values)
+            weighted += [it.to(items.device).long(), val.to(items.device).float()]
+        return cls(items, seq, *weighted)
 
     def rows(self, idx: torch.Tensor) -> PromptSlots:
-        if self.count_items is None:
-            return PromptSlots(self.items[idx], self.seq[idx])
-        return PromptSlots(self.items[idx], self.seq[idx], self.count_items[idx],
-                           self.count_values[idx])
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return PromptSlots(self.items[idx], self.seq[idx], pick(self.count_items),
+                           pick(self.count_values), pick(self.match_items),
+                           pick(self.match_values))
 
     def ranks(self) -> torch.Tensor:
         """(N,) rank of each placeholder in its row, in row-major order (matches item_ids)."""
@@ -134,13 +164,12 @@ def prefix_counts(slots: PromptSlots, item_codes: torch.Tensor, level: int, n_co
     out[:, 0].scatter_add_(1, code, (ok & seq).float())
     if not seq_only:
         out[:, 1].scatter_add_(1, code, (ok & ~seq).float())
-        if slots.count_items is not None:
-            c_ok = slots.count_items >= 0
-            c_codes = item_codes[slots.count_items.clamp(min=0)]
+        for ch, (w_items, w_values) in enumerate(slots.weighted(), start=2):
+            c_ok = w_items >= 0
+            c_codes = item_codes[w_items.clamp(min=0)]
             if level:
                 c_ok = c_ok & (c_codes[:, :, :level] == partial[:, None, :level]).all(-1)
-            out[:, 2].scatter_add_(1, c_codes[:, :, level],
-                                   torch.where(c_ok, slots.count_values, 0.0))
+            out[:, ch].scatter_add_(1, c_codes[:, :, level], torch.where(c_ok, w_values, 0.0))
     return out
 
 
@@ -155,10 +184,9 @@ def item_counts(slots: PromptSlots, items: torch.Tensor, before: torch.Tensor | 
     seq = slots.seq[:, None, :]
     ctx = torch.zeros_like(same) if seq_only else same & ~seq
     chans = [(same & seq).sum(-1).float(), ctx.sum(-1).float()]
-    if slots.count_items is not None:
-        hit = (slots.count_items[:, None, :] == items[:, :, None]) & (
-            slots.count_items >= 0)[:, None, :]  # (R, X, H)
-        cnt = (hit * slots.count_values[:, None, :]).sum(-1)
+    for w_items, w_values in slots.weighted():
+        hit = (w_items[:, None, :] == items[:, :, None]) & (w_items >= 0)[:, None, :]  # (R,X,H)
+        cnt = (hit * w_values[:, None, :]).sum(-1)
         chans.append(torch.zeros_like(cnt) if seq_only else cnt)
     return torch.stack(chans, dim=-1)
 
@@ -169,8 +197,9 @@ def column_counts(slots: PromptSlots, n_cols: int, before: torch.Tensor | None =
     ``slots.items`` already holds column ids (the item ids for a whole-catalogue softmax, or
     the batch's distinct-item index); the same counts as :func:`item_counts` with
     ``items = arange(n_cols)``, by scatter instead of a (R, n_cols, J) comparison. The
-    purchase-count channel reads ``slots.count_items`` as column ids too: it is only filled
-    when the columns are the catalogue's item ids (or with ``seq_only``, when it is 0)."""
+    purchase-count and text-match channels read their items as column ids too: they are only
+    filled when the columns are the catalogue's item ids (or with ``seq_only``, when they are
+    0)."""
     ok = slots.items >= 0
     if before is not None:
         ok = ok & (torch.arange(ok.shape[1], device=ok.device)[None, :] < before[:, None])
@@ -179,17 +208,17 @@ def column_counts(slots: PromptSlots, n_cols: int, before: torch.Tensor | None =
     out[:, 0].scatter_add_(1, idx, (ok & slots.seq).float())
     if not seq_only:
         out[:, 1].scatter_add_(1, idx, (ok & ~slots.seq).float())
-        if slots.count_items is not None:
-            c_ok = slots.count_items >= 0
-            out[:, 2].scatter_add_(1, slots.count_items.clamp(min=0),
-                                   torch.where(c_ok, slots.count_values, 0.0))
+        for ch, (w_items, w_values) in enumerate(slots.weighted(), start=2):
+            out[:, ch].scatter_add_(1, w_items.clamp(min=0),
+                                    torch.where(w_items >= 0, w_values, 0.0))
     return out.transpose(1, 2)
 
 
 def _split(gates: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     if gates.shape[1] != 2 * channels:
         raise ValueError(f"{gates.shape[1]} copy gates for {channels} count channels: the "
-                         "model's model.repeat_counts and the prompts' purchase counts disagree")
+                         "model's model.repeat_counts / model.text_match and the prompts' "
+                         "purchase counts / text matches disagree")
     return gates[:, :channels], gates[:, channels:]
 
 

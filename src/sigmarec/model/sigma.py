@@ -82,7 +82,7 @@ class PromptCache:
 
 
 PROMPT_FIELDS = ("input_ids", "attention_mask", "item_ids", "sequence_mask", "count_items",
-                 "count_values")
+                 "count_values", "match_items", "match_values")
 
 
 def prompt_args(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,7 +200,8 @@ class SigmaModel(nn.Module):
         self.register_buffer("item_prefix", prefix, persistent=False)
         self.register_buffer("item_codes", _codes_tensor(prefix, self.codebook_sizes),
                              persistent=False)
-        self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(cfg.repeat_counts)) \
+        self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(cfg.repeat_counts,
+                                                                      cfg.text_match)) \
             if cfg.repeat_aware else None
         self.fuse = ProjFuse({s: int(feats[s].shape[1]) for s in self.sources}, self.hidden,
                              target_norm, dropout=cfg.fuse_dropout)
@@ -358,9 +359,12 @@ class SigmaModel(nn.Module):
     def prompt_slots(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      item_ids: torch.Tensor, sequence_mask: torch.Tensor | None,
                      count_items: torch.Tensor | None = None,
-                     count_values: torch.Tensor | None = None) -> PromptSlots:
-        """The copy prior's item table of a collated batch; purchase counts are read only by a
-        model trained with them (``cfg.repeat_counts``), which cannot score without them."""
+                     count_values: torch.Tensor | None = None,
+                     match_items: torch.Tensor | None = None,
+                     match_values: torch.Tensor | None = None) -> PromptSlots:
+        """The copy prior's item table of a collated batch; purchase counts and text matches
+        are read only by a model trained with them (``cfg.repeat_counts``,
+        ``cfg.text_match``), which cannot score without them."""
         if self.cfg.repeat_counts:
             if count_items is None or count_values is None:
                 raise ValueError("this model scores with purchase counts (model.repeat_counts) "
@@ -368,8 +372,18 @@ class SigmaModel(nn.Module):
                                  "prompts with tasks.count_items > 0")
         else:
             count_items = count_values = None
+        if self.cfg.text_match:
+            if match_items is None or match_values is None:
+                raise ValueError("this model scores with the instruction's text match "
+                                 "(model.text_match) but the batch has no match_items / "
+                                 "match_values: build the examples with to_examples(..., "
+                                 "matcher=...)")
+            match_values = match_values * self.cfg.text_match_scale
+        else:
+            match_items = match_values = None
         return PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
-                                      self.item_token_id, count_items, count_values)
+                                      self.item_token_id, count_items, count_values,
+                                      match_items, match_values)
 
     def copy_bias(self, gates: torch.Tensor | None, slots: PromptSlots | None, level: int,
                   partial: torch.Tensor | None = None, before: torch.Tensor | None = None,
@@ -407,6 +421,8 @@ class SigmaModel(nn.Module):
         sequence_mask: torch.Tensor | None = None,
         count_items: torch.Tensor | None = None,
         count_values: torch.Tensor | None = None,
+        match_items: torch.Tensor | None = None,
+        match_values: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses of a collated batch (labels appended), or the hidden states without labels.
 
@@ -416,7 +432,8 @@ class SigmaModel(nn.Module):
         ``cfg.dense_weight > 0`` each of them is also a next-item target (NTP of its prefix from
         the token before it, InfoNCE at its last prefix token against the batch's items).
         ``count_items`` / ``count_values`` (B, H) are the households' purchase counts (the
-        collator's), read by a model with ``cfg.repeat_counts``.
+        collator's), read by a model with ``cfg.repeat_counts``; ``match_items`` /
+        ``match_values`` (B, M) the instructions' text matches, read with ``cfg.text_match``.
         """
         n_hist = item_ids.numel()
         parts = [item_ids.view(-1)]
@@ -449,7 +466,7 @@ class SigmaModel(nn.Module):
         slots = gates = None
         if self.repeat is not None:
             slots = self.prompt_slots(input_ids, attention_mask, item_ids, sequence_mask,
-                                      count_items, count_values)
+                                      count_items, count_values, match_items, match_values)
             # Read where the answer starts: the token before the first label token.
             gates = self.repeat(h[:, t - 2 - n_levels])
         with _no_autocast(h.device.type):
@@ -634,7 +651,8 @@ class SigmaModel(nn.Module):
     def prefix_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor,
         sequence_mask: torch.Tensor | None = None, count_items: torch.Tensor | None = None,
-        count_values: torch.Tensor | None = None,
+        count_values: torch.Tensor | None = None, match_items: torch.Tensor | None = None,
+        match_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PromptCache]:
         """Generation step 1: log-probs over the first-level prefix tokens after each prompt.
 
@@ -642,7 +660,8 @@ class SigmaModel(nn.Module):
         (B, codes of level 1) log-probs (for a one-level prefix: over all flat prefixes) and a
         :class:`PromptCache` for :meth:`query_vectors`. ``sequence_mask`` (the collator's) tells
         a repeat-aware model the purchase sequence from the context section (None: all
-        sequence); ``count_items`` / ``count_values`` are the purchase counts (see forward).
+        sequence); ``count_items`` ... ``match_values`` are the purchase counts and text
+        matches (see forward).
         """
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: the last column must be real tokens")
@@ -654,14 +673,16 @@ class SigmaModel(nn.Module):
             h, kv = self._decode(embeds, attention_mask, pos, use_cache=True)
             cache = self.prompt_cache(h[:, -1], kv, attention_mask, pos[:, -1] + 1, input_ids,
                                       attention_mask, item_ids, sequence_mask, count_items,
-                                      count_values)
+                                      count_values, match_items, match_values)
         return cache.logprobs, cache
 
     def prompt_cache(self, h_last: torch.Tensor, kv: Any, cache_mask: torch.Tensor,
                      next_position: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, item_ids: torch.Tensor,
                      sequence_mask: torch.Tensor | None, count_items: torch.Tensor | None = None,
-                     count_values: torch.Tensor | None = None) -> PromptCache:
+                     count_values: torch.Tensor | None = None,
+                     match_items: torch.Tensor | None = None,
+                     match_values: torch.Tensor | None = None) -> PromptCache:
         """The end of step 1 once the backbone has read the prompts (all of them, or only a
         new suffix over a reused KV cache, as the nearline job does): the level-1 prefix
         log-probs from the last hidden state, with a repeat-aware model's copy term, whose
@@ -670,7 +691,7 @@ class SigmaModel(nn.Module):
         slots = gates = None
         if self.repeat is not None:
             slots = self.prompt_slots(input_ids, attention_mask, item_ids, sequence_mask,
-                                      count_items, count_values)
+                                      count_items, count_values, match_items, match_values)
             gates = self.repeat(h_last)
         logp = F.log_softmax(self.level_logits(h_last, 0, copy=self.copy_bias(gates, slots, 0)),
                              dim=-1)

@@ -64,8 +64,9 @@ from sigmarec.tasks.registry import build_tasks, get_task_class, match_instructi
 from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.sft_data import item_description, prefix_tokens, prompt_columns
 from sigmarec.tasks.text import profile_text
+from sigmarec.tasks.text_match import InstructionMatcher
 from sigmarec.tokenization.hybrid import HybridVocab
-from sigmarec.training.stage import load_item_features, load_vocab, to_examples
+from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
 
 log = logging.getLogger("sigmarec")
 
@@ -153,6 +154,7 @@ class _State:
     item_ids: np.ndarray  # (n_items,) str
     categories: dict[str, np.ndarray]  # normalised category key -> item indices
     profile_columns: list[str]
+    matcher: InstructionMatcher | None = None  # the text-match channel's, over this catalogue
 
 
 def _category_key(text: str) -> str:
@@ -302,7 +304,7 @@ class Runtime:
         st = _State(
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
             fusion=choice, resources=res,
-            tasks=tasks, baselines=baselines,
+            tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items),
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
@@ -571,7 +573,8 @@ class Runtime:
             # to_examples reads a target even for prompt-only examples; nothing uses it.
             "targets": [np.zeros(1, dtype=np.int64)] * len(resolved),
         })
-        return to_examples(rows, st.model, st.vocab, st.parts.item_prefix, with_target=False)
+        return to_examples(rows, st.model, st.vocab, st.parts.item_prefix, with_target=False,
+                           matcher=st.matcher)
 
     def prompt_examples(self, requests: Sequence[RecRequest]) -> list[SFTExample]:
         """The tokenised prompt of each request, as the generation stage builds them."""

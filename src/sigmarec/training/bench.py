@@ -27,7 +27,8 @@ from sigmarec.training.precision import detect_caps, resolve_precision
 def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int = 6
               ) -> pd.DataFrame:
     """One row per precision: resolved precision, s/step, tokens/s and the ratio to fp32."""
-    from sigmarec.training.stage import load_item_features, load_vocab, to_examples
+    from sigmarec.data.processed import ProcessedData
+    from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
 
     ctx = StageContext(config=cfg, run_dir=Path(run_dir), out=Path(run_dir) / "training",
                        scratch=Path(run_dir) / "training", inputs={
@@ -42,7 +43,8 @@ def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int
         torch.manual_seed(cfg.seed)
         model, _ = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
         if examples is None:
-            examples = to_examples(train_df, model, vocab, item_prefix)
+            matcher = text_matcher(cfg.model, ProcessedData.load(Path(run_dir) / "data").items)
+            examples = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
         tcfg = cfg.training.model_copy(update={
             "steps": steps, "mixed_precision": prec, "eval_at_end": False,
             "warmup_ratio": 0.0, "time_budget_s": None})

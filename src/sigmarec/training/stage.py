@@ -13,10 +13,13 @@ import pandas as pd
 
 from sigmarec.core.atomic import write_json
 from sigmarec.core.stage import Stage, StageContext
+from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
 from sigmarec.model.batch import SFTExample
+from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
 from sigmarec.tasks.sft_data import render_prompt
+from sigmarec.tasks.text_match import InstructionMatcher
 from sigmarec.tokenization.hybrid import HybridVocab
 from sigmarec.training.diagnostics import (
     decode_diagnostics,
@@ -81,12 +84,31 @@ def _counts(row: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
             tuple(int(v) for v in np.asarray(values, dtype=np.int64)))
 
 
+def text_matcher(cfg: ModelConfig, items: pd.DataFrame) -> InstructionMatcher | None:
+    """The instruction matcher a model with ``cfg.text_match`` reads, fitted on ``items`` (the
+    catalogue the model ranks); None without the channel."""
+    if not cfg.text_match:
+        return None
+    return InstructionMatcher.from_items(items, cfg.text_match_items, cfg.text_match_min)
+
+
 def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
-                item_prefix: np.ndarray, with_target: bool = True) -> list[SFTExample]:
-    """Render and tokenise samples (one row each) into the model's examples."""
+                item_prefix: np.ndarray, with_target: bool = True,
+                matcher: InstructionMatcher | None = None) -> list[SFTExample]:
+    """Render and tokenise samples (one row each) into the model's examples; with ``matcher``
+    (:func:`text_matcher`; required by a model with ``model.text_match``), each example also
+    gets its instruction's text matches."""
     out = []
     tok = model.tokenizer
-    for row in samples.itertuples(index=False):
+    if matcher is None and model.cfg.text_match:
+        raise ValueError("this model reads the instruction's text match (model.text_match): "
+                         "pass to_examples(..., matcher=text_matcher(cfg.model, items))")
+    if matcher is not None and matcher.n_items != len(item_prefix):
+        raise ValueError(f"the text matcher was fitted on {matcher.n_items} items but the "
+                         f"catalogue has {len(item_prefix)}")
+    matches = (matcher.match(samples["instruction"].astype(str).tolist())
+               if matcher is not None else [((), ())] * len(samples))
+    for row, (m_items, m_values) in zip(samples.itertuples(index=False), matches, strict=True):
         rp = render_prompt(row, None, vocab, item_prefix, tok)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
         target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
@@ -94,13 +116,17 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
         c_items, c_values = _counts(row)
         out.append(SFTExample(input_ids=ids, item_ids=list(rp.history), target_item=target,
                               target_prefix=int(item_prefix[target]), n_context=rp.n_context,
-                              positives=positives, count_items=c_items, count_values=c_values))
+                              positives=positives, count_items=c_items, count_values=c_values,
+                              match_items=tuple(int(i) for i in m_items),
+                              match_values=tuple(float(v) for v in m_values)))
     return out
 
 
 class TrainingStage(Stage):
     name: ClassVar[str] = "training"
-    requires: ClassVar[tuple[str, ...]] = ("baselines", "grounding", "tokenization", "tasks")
+    # data: the catalogue's item texts, for a model with the text-match channel.
+    requires: ClassVar[tuple[str, ...]] = ("data", "baselines", "grounding", "tokenization",
+                                           "tasks")
     config_sections: ClassVar[tuple[str, ...]] = ("backbone", "model", "training")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -116,7 +142,8 @@ class TrainingStage(Stage):
         valid_df = pd.read_parquet(ctx.input("tasks") / "valid.parquet")
         if train_df.empty:
             raise StageError(f"{ctx.input('tasks')}/train.parquet holds no SFT samples")
-        train_ex = to_examples(train_df, model, vocab, item_prefix)
+        matcher = text_matcher(cfg.model, ProcessedData.load(ctx.input("data")).items)
+        train_ex = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
         rng = np.random.default_rng(cfg.seed)
         # Stratified by task: every task gets the same share of the validation subset, so the
         # per-task quick HR is not left to a handful of instances.
@@ -126,7 +153,8 @@ class TrainingStage(Stage):
         keep = np.concatenate([rng.choice(ix, min(per, len(ix)), replace=False)
                                for _, ix in sorted(groups.items())]) if groups else np.zeros(0)
         vsub = valid_df.iloc[np.sort(keep.astype(np.int64))]
-        valid_ex = to_examples(vsub, model, vocab, item_prefix, with_target=False)
+        valid_ex = to_examples(vsub, model, vocab, item_prefix, with_target=False,
+                               matcher=matcher)
         valid_targets = [np.asarray(t) for t in vsub["targets"]]
         lengths = [len(e.input_ids) for e in train_ex]
         log.info("training: %d SFT samples (prompt tokens median %d, max %d), %d validation",
