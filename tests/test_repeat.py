@@ -318,6 +318,18 @@ def test_count_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
         model.repeat.proj.bias[2].fill_(0.7)  # the count gates away from the others
         model.repeat.proj.bias[5].fill_(1.3)
     ex, b = _count_batch(model)
+    assert_losses_match_reference(model, ex, b)
+
+
+def assert_losses_match_reference(model, ex, b) -> None:
+    """The label NTP, the catalogue InfoNCE and the dense InfoNCE of a copy-prior model with
+    purchase counts (and, with ``model.cfg.text_match``, text matches) against a per-row
+    written-out computation: gates (prefix channels, then item channels) read at the token
+    before the label; each channel adds ``gate x log1p(count)`` per code on the prefix logits
+    and ``tau x gate x log1p(count)`` per item; dense positions see only the sequence items
+    before them, never the counts (which summarise the whole history up to the cut, this
+    position's own item included) or the matches (the instruction comes after the history)."""
+    scale = model.cfg.text_match_scale
     with torch.no_grad():
         out = model(**b)
         h = _hidden(model, b)
@@ -329,32 +341,34 @@ def test_count_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
         for r, e in enumerate(ex):
             state = h[r, t - 3]
             g = F.softplus(model.repeat.proj(state.float()))
-            assert g.shape == (6,)
+            n_ch = 4 if model.cfg.text_match else 3
+            assert g.shape == (2 * n_ch,)
             seq, ctx = list(e.item_ids[e.n_context:]), list(e.item_ids[: e.n_context])
-            count = dict(zip(e.count_items, e.count_values, strict=True))
+            weights = [{i: float(seq.count(i)) for i in seq}, {i: float(ctx.count(i)) for i in ctx},
+                       dict(zip(e.count_items, e.count_values, strict=True))]
+            if model.cfg.text_match:
+                weights.append({i: scale * c for i, c in zip(e.match_items, e.match_values,
+                                                                strict=True)})
             logits = model.level_logits(state[None], 0)[0]
             for code in range(4):
-                n_seq = sum(int(model.item_prefix[i]) == code for i in seq)
-                n_ctx = sum(int(model.item_prefix[i]) == code for i in ctx)
-                n_cnt = sum(c for i, c in count.items() if int(model.item_prefix[i]) == code)
-                logits[code] += (g[0] * math.log1p(n_seq) + g[1] * math.log1p(n_ctx)
-                                 + g[2] * math.log1p(n_cnt))
+                for ch, w in enumerate(weights):
+                    n = sum(c for i, c in w.items() if int(model.item_prefix[i]) == code)
+                    logits[code] += g[ch] * math.log1p(n)
             ntp.append(-logits.log_softmax(-1)[e.target_prefix])
             q = model.query_from_hidden(h[r, t - 1][None])[0]
-            copy = torch.tensor([temp * (g[3] * math.log1p(seq.count(i)) + g[4] * math.log1p(
-                ctx.count(i)) + g[5] * math.log1p(count.get(i, 0))) for i in range(N_ITEMS)])
+            copy = torch.tensor([temp * sum(g[n_ch + ch] * math.log1p(w.get(i, 0.0))
+                                            for ch, w in enumerate(weights))
+                                 for i in range(N_ITEMS)])
             sims = (q @ v.T + copy) / temp
             sims[[p for p in e.positives if p != e.target_item]] = -torch.inf
             nce.append(-sims.log_softmax(-1)[e.target_item])
-            # Dense positions: only the sequence items before them, never the counts (which
-            # summarise the whole history up to the cut, this position's own item included).
             cols = [c for c in range(t) if b["input_ids"][r, c] == model.item_token_id
                     and b["attention_mask"][r, c]]
             for j, c in enumerate(cols[e.n_context:], start=e.n_context):
                 gd = F.softplus(model.repeat.proj(h[r, c - 2].float()))
                 before = list(e.item_ids[e.n_context:j])
                 qd = model.query_from_hidden(h[r, c - 1][None])[0]
-                bias = torch.tensor([temp * gd[3] * math.log1p(before.count(i))
+                bias = torch.tensor([temp * gd[n_ch] * math.log1p(before.count(i))
                                      for i in range(N_ITEMS)])
                 dense.append(-((qd @ v.T + bias) / temp).log_softmax(-1)[e.item_ids[j]])
     assert out["l_ntp"].item() == pytest.approx(_mean(ntp), rel=1e-5)

@@ -10,7 +10,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import dataclasses
-import math
 
 import numpy as np
 import pandas as pd
@@ -20,8 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_model import N_ITEMS
 from test_objective import _batch, _example
-from test_repeat import COUNTS, _hidden, _mean, _randomised, _top1_after_training
-from torch.nn import functional as F
+from test_repeat import COUNTS, _randomised, _top1_after_training, assert_losses_match_reference
 
 from sigmarec.errors import SigmaError
 from sigmarec.generation.decode import SigmaDecoder
@@ -132,53 +130,8 @@ def test_match_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
     with torch.no_grad():
         model.repeat.proj.bias[3].fill_(0.8)  # the match gates away from the others
         model.repeat.proj.bias[7].fill_(1.6)
-    scale = model.cfg.text_match_scale
     ex, b = _match_batch(model)
-    with torch.no_grad():
-        out = model(**b)
-        h = _hidden(model, b)
-        v = model.item_vectors()
-    t = b["input_ids"].shape[1]
-    temp = model.cfg.temperature
-    ntp, nce, dense = [], [], []
-    with torch.no_grad():
-        for r, e in enumerate(ex):
-            state = h[r, t - 3]
-            g = F.softplus(model.repeat.proj(state.float()))
-            assert g.shape == (8,)
-            seq, ctx = list(e.item_ids[e.n_context:]), list(e.item_ids[: e.n_context])
-            count = dict(zip(e.count_items, e.count_values, strict=True))
-            match = {i: scale * c for i, c in zip(e.match_items, e.match_values, strict=True)}
-            logits = model.level_logits(state[None], 0)[0]
-            for code in range(4):
-                def on(d, code=code):
-                    return sum(c for i, c in d.items() if int(model.item_prefix[i]) == code)
-
-                n_seq = sum(int(model.item_prefix[i]) == code for i in seq)
-                n_ctx = sum(int(model.item_prefix[i]) == code for i in ctx)
-                logits[code] += (g[0] * math.log1p(n_seq) + g[1] * math.log1p(n_ctx)
-                                 + g[2] * math.log1p(on(count)) + g[3] * math.log1p(on(match)))
-            ntp.append(-logits.log_softmax(-1)[e.target_prefix])
-            q = model.query_from_hidden(h[r, t - 1][None])[0]
-            copy = torch.tensor([temp * (
-                g[4] * math.log1p(seq.count(i)) + g[5] * math.log1p(ctx.count(i))
-                + g[6] * math.log1p(count.get(i, 0)) + g[7] * math.log1p(match.get(i, 0.0)))
-                for i in range(N_ITEMS)])
-            sims = (q @ v.T + copy) / temp
-            sims[[p for p in e.positives if p != e.target_item]] = -torch.inf
-            nce.append(-sims.log_softmax(-1)[e.target_item])
-            cols = [c for c in range(t) if b["input_ids"][r, c] == model.item_token_id
-                    and b["attention_mask"][r, c]]
-            for j, c in enumerate(cols[e.n_context:], start=e.n_context):
-                gd = F.softplus(model.repeat.proj(h[r, c - 2].float()))
-                before = list(e.item_ids[e.n_context:j])
-                qd = model.query_from_hidden(h[r, c - 1][None])[0]
-                bias = torch.tensor([temp * gd[4] * math.log1p(before.count(i))
-                                     for i in range(N_ITEMS)])
-                dense.append(-((qd @ v.T + bias) / temp).log_softmax(-1)[e.item_ids[j]])
-    assert out["l_ntp"].item() == pytest.approx(_mean(ntp), rel=1e-5)
-    assert out["l_infonce"].item() == pytest.approx(_mean(nce), rel=1e-4)
-    assert out["l_infonce_dense"].item() == pytest.approx(_mean(dense), rel=1e-4)
+    assert_losses_match_reference(model, ex, b)
 
 
 @pytest.mark.parametrize("sizes", [[4], [2, 2]])

@@ -13,7 +13,7 @@ attention mask, so left padding does not shift the real tokens' positions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,20 @@ class SigmaCollator:
             self.query_token_id
         ]
 
+    def _weighted(self, ex: Any, i: int, name: str, valid: Callable[[float], bool],
+                  what: str) -> tuple[list[int], list[float]]:
+        """Example ``i``'s ``{name}_items`` / ``{name}_values`` lists, checked."""
+        items = [int(x) for x in (_field(ex, f"{name}_items", ()) or ())]
+        values = [float(x) for x in (_field(ex, f"{name}_values", ()) or ())]
+        if len(items) != len(values):
+            raise ValueError(f"example {i}: {len(items)} {name}_items but {len(values)} "
+                             f"{name}_values")
+        if items and not (min(items) >= 0 and max(items) < len(self.item_prefix)):
+            raise ValueError(f"example {i}: {name}_items outside 0..{len(self.item_prefix) - 1}")
+        if not all(valid(v) for v in values):
+            raise ValueError(f"example {i}: {name}_values must be {what}")
+        return items, values
+
     def __call__(
         self,
         examples: Sequence[Any],
@@ -228,24 +242,12 @@ class SigmaCollator:
             n_ctx = int(_field(ex, "n_context", 0) or 0)
             if not 0 <= n_ctx <= len(ex_items):
                 raise ValueError(f"example {i}: n_context {n_ctx} outside 0..{len(ex_items)}")
-            ci = [int(x) for x in (_field(ex, "count_items", ()) or ())]
-            cv = [float(x) for x in (_field(ex, "count_values", ()) or ())]
-            if len(ci) != len(cv):
-                raise ValueError(f"example {i}: {len(ci)} count_items but {len(cv)} count_values")
-            if ci and not (min(ci) >= 0 and max(ci) < len(self.item_prefix)):
-                raise ValueError(f"example {i}: count_items outside 0..{len(self.item_prefix) - 1}")
-            if cv and min(cv) <= 0:
-                raise ValueError(f"example {i}: count_values must be positive purchase counts")
+            ci, cv = self._weighted(ex, i, "count", lambda v: v > 0,
+                                    "positive purchase counts")
             c_items.append(ci)
             c_values.append(cv)
-            mi = [int(x) for x in (_field(ex, "match_items", ()) or ())]
-            mv = [float(x) for x in (_field(ex, "match_values", ()) or ())]
-            if len(mi) != len(mv):
-                raise ValueError(f"example {i}: {len(mi)} match_items but {len(mv)} match_values")
-            if mi and not (min(mi) >= 0 and max(mi) < len(self.item_prefix)):
-                raise ValueError(f"example {i}: match_items outside 0..{len(self.item_prefix) - 1}")
-            if mv and not (min(mv) > 0 and max(mv) <= 1 + 1e-6):
-                raise ValueError(f"example {i}: match_values must be cosines in (0, 1]")
+            mi, mv = self._weighted(ex, i, "match", lambda v: 0 < v <= 1 + 1e-6,
+                                    "cosines in (0, 1]")
             m_items.append(mi)
             m_values.append(mv)
             rows.append(ids)

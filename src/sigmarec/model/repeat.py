@@ -131,7 +131,7 @@ class PromptSlots:
 
 
 class RepeatGate(nn.Module):
-    """hidden -> the four softplus gates (see the module docstring)."""
+    """hidden -> the softplus gates, two per channel (see the module docstring)."""
 
     def __init__(self, hidden: int, init: float, gates: int = N_GATES) -> None:
         super().__init__()
