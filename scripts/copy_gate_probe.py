@@ -18,7 +18,7 @@ from sigmarec.config import load_config
 from sigmarec.data.processed import ProcessedData
 from sigmarec.model.sigma import load_sigma_model
 from sigmarec.training.diagnostics import decode_diagnostics
-from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
+from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
 
 KEYS = ("valid_prefix_ntp", "prefix_hit@10", "valid_hr10", "in_prefix_hit@10",
         "valid_hr10_JustForYou")
@@ -48,7 +48,8 @@ def main(run: Path, offsets: list[str]) -> None:
     keep = np.concatenate([rng.choice(ix, min(per, len(ix)), replace=False)
                            for _, ix in sorted(groups.items())])
     sub = valid.iloc[np.sort(keep)]
-    matcher = text_matcher(model.cfg, ProcessedData.load(run / "data").items)
+    data = ProcessedData.load(run / "data")
+    matcher = data_matcher(model.cfg, data, cfg.tasks)
     examples = to_examples(sub, model, vocab, item_prefix, with_target=False, matcher=matcher)
     targets = [np.asarray(t) for t in sub["targets"]]
     base = model.repeat.proj.bias.detach().clone()

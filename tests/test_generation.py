@@ -188,3 +188,62 @@ def test_union_prefixes_points_every_slot_at_its_prefix(a: list, b: list) -> Non
         real = union[r][union[r] >= 0]
         assert len(set(real)) == len(real)  # each prefix continued once
         assert set(real) == {int(x) for p in beams for x in p[r] if x >= 0}
+
+
+# ------------------------------------------------------------------------ fusion per task
+def _random_cands(b: int, k: int, m: int, seed: int) -> Candidates:
+    rng = np.random.default_rng(seed)
+    logp = np.log(rng.dirichlet(np.ones(k), size=b))
+    items = rng.permutation(b * k * m).reshape(b, k, m) % 97
+    cos = rng.uniform(-1, 1, size=(b, k, m))
+    copy = np.where(rng.random((b, k, m)) < 0.3, rng.uniform(0, 2, size=(b, k, m)), 0.0)
+    return Candidates(np.tile(np.arange(k), (b, 1)), logp, items, cos + copy, k, copy)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(["A", "B", "C"]), min_size=1, max_size=12), st.integers(0, 99))
+def test_fusion_by_group_equals_fusing_each_group_alone(groups, seed) -> None:
+    from sigmarec.generation.fusion import fuse_by_group, take_rows
+
+    c = _random_cands(len(groups), 3, 4, seed)
+    settings_ = {"A": (0.01, 0.0), "B": (0.2, 2.0)}  # "C" has none: the default
+    default = (0.05, 1.0)
+    items, scores = fuse_by_group(c, np.array(groups), settings_, default, 6)
+    for g in set(groups):
+        idx = np.flatnonzero(np.array(groups) == g)
+        tau, scale = settings_.get(g, default)
+        want_i, want_s = fuse(take_rows(c, idx), "adaptive", tau, 6, scale)
+        np.testing.assert_array_equal(items[idx], want_i)
+        np.testing.assert_array_equal(scores[idx], want_s)
+    with pytest.raises(ValueError, match="one entry per request"):
+        fuse_by_group(c, np.array(groups + ["A"]), settings_, default, 6)
+
+
+def test_per_task_choice_takes_each_tasks_own_best_and_keeps_the_global_for_small_tasks():
+    import pandas as pd
+
+    from sigmarec.generation.config import GenerationConfig
+    from sigmarec.generation.stage import GenerationStage
+
+    # Two prefixes of six items, equal cosines; prefix 0 is likelier and item 11 (prefix 1)
+    # alone has a copy term. Copy scale 0: prefix 0's six, then items 6-9 make the top 10;
+    # scale 5: item 11 first, and item 9 falls to rank 11.
+    b = 60
+    logp = np.log(np.tile([0.6, 0.4], (b, 1)))
+    items = np.tile(np.arange(12).reshape(1, 2, 6), (b, 1, 1))
+    copy = np.zeros((b, 2, 6))
+    copy[:, 1, 5] = 3.0
+    c = Candidates(np.tile(np.arange(2), (b, 1)), logp, items, copy.copy(), 2, copy)
+    tasks = ["Wants0"] * 30 + ["Wants1"] * 25 + ["Small"] * 5
+    targets = [np.array([9])] * 30 + [np.array([11])] * 25 + [np.array([11])] * 5
+    df = pd.DataFrame({"task": tasks, "targets": targets})
+    gcfg = GenerationConfig(per_task_min_valid=20)
+    out = GenerationStage()._choose_per_task(gcfg, df, c, [0.1], [0.0, 5.0], (0.1, 1.0), 12,
+                                             "test")
+    assert out["Wants0"] == [0.1, 0.0]
+    # Scale 5 and the single choice (scale 1) both rank item 11 first: a tie keeps the latter.
+    assert out["Wants1"] == [0.1, 1.0]
+    out = GenerationStage()._choose_per_task(gcfg, df, c, [0.1], [0.0, 5.0], (0.1, 0.0), 12,
+                                             "test")
+    assert out["Wants0"] == [0.1, 0.0] and out["Wants1"] == [0.1, 5.0]
+    assert "Small" not in out  # too few validation instances: the global choice

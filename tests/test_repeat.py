@@ -189,10 +189,13 @@ def test_gates_survive_save_and_load(tmp_path: Path) -> None:
     assert again.cfg.repeat_aware
 
 
-def _top1_after_training(model_cfg, samples, hit) -> float:
-    """Share of 40 held-out samples whose top-1 item is a ``hit``, after 40 steps on 32."""
+def _top1_after_training(model_cfg, samples, hit, prepare=None) -> float:
+    """Share of 40 held-out samples whose top-1 item is a ``hit``, after 40 steps on 32
+    (``prepare(model)`` runs on the fresh model first)."""
     torch.manual_seed(0)
     model = make_model(**model_cfg, fuse_dropout=0.0, lora_dropout=0.0)
+    if prepare is not None:
+        prepare(model)
     train = samples(model, 32)
     cfg = TrainingConfig(steps=40, per_device_batch_size=8, lr=3e-3, new_params_lr=1e-2,
                          warmup_ratio=0.0, hard_negatives=0, eval_at_end=False,
@@ -323,7 +326,8 @@ def test_count_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
 
 def assert_losses_match_reference(model, ex, b) -> None:
     """The label NTP, the catalogue InfoNCE and the dense InfoNCE of a copy-prior model with
-    purchase counts (and, with ``model.cfg.text_match``, text matches) against a per-row
+    purchase counts (and, with ``model.cfg.text_match``, text matches; with
+    ``model.cfg.repeat_rarity``, the counted items' rarities) against a per-row
     written-out computation: gates (prefix channels, then item channels) read at the token
     before the label; each channel adds ``gate x log1p(count)`` per code on the prefix logits
     and ``tau x gate x log1p(count)`` per item; dense positions see only the sequence items
@@ -341,7 +345,7 @@ def assert_losses_match_reference(model, ex, b) -> None:
         for r, e in enumerate(ex):
             state = h[r, t - 3]
             g = F.softplus(model.repeat.proj(state.float()))
-            n_ch = 4 if model.cfg.text_match else 3
+            n_ch = 3 + int(model.cfg.text_match) + int(model.cfg.repeat_rarity)
             assert g.shape == (2 * n_ch,)
             seq, ctx = list(e.item_ids[e.n_context:]), list(e.item_ids[: e.n_context])
             weights = [{i: float(seq.count(i)) for i in seq}, {i: float(ctx.count(i)) for i in ctx},
@@ -349,6 +353,9 @@ def assert_losses_match_reference(model, ex, b) -> None:
             if model.cfg.text_match:
                 weights.append({i: scale * c for i, c in zip(e.match_items, e.match_values,
                                                                 strict=True)})
+            if model.cfg.repeat_rarity:
+                weights.append({i: model.cfg.rarity_scale * float(model.item_rarity[i])
+                                for i in e.count_items})
             logits = model.level_logits(state[None], 0)[0]
             for code in range(4):
                 for ch, w in enumerate(weights):

@@ -228,14 +228,14 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     assert found[:, 0].tolist() == ids[:3].tolist()
     # And the three-step decoder can return only new items when a filter asks for them.
     from sigmarec.serving.items import extend_items
-    from sigmarec.training.stage import text_matcher, to_examples
+    from sigmarec.training.stage import data_matcher, to_examples
 
     prompt = pd.DataFrame([{"targets": np.array([0]), "history": np.array([1, 2, n]),
                             "frequent": np.array([], dtype=np.int64), "instruction": "anything",
                             "profile": "unknown", "params": "{}"}])
     # The text match runs over the extended catalogue: added items can be named too.
-    matcher = text_matcher(model.cfg, extend_items(ProcessedData.load(run_dir / "data"),
-                                                   overlay).items)
+    data = ProcessedData.load(run_dir / "data")
+    matcher = data_matcher(model.cfg, data, cfg.tasks, extend_items(data, overlay).items)
     ex = to_examples(prompt, model, model.vocab, model.item_prefix.numpy(), with_target=False,
                      matcher=matcher)
     allow = np.arange(model.n_items) >= n

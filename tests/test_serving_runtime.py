@@ -59,6 +59,21 @@ def test_same_prompt_gives_the_generation_stage_ranking(served):
                                    atol=5e-5)  # fp32: other batch, other padding
 
 
+def test_fusion_settings_per_task_are_the_stages(served):
+    """The runtime fuses each request at the (tau, copy scale) the generation stage chose for
+    its task on validation (the two ranking tests around this one check the lists)."""
+    from sigmarec.core.stage import read_manifest
+
+    _, run_dir, rt = served
+    per = read_manifest(run_dir / "generation")["summary"]["sigma"]["per_task"]
+    choice = rt._state.fusion
+    assert per.get("adaptive"), "the tiny run chose nothing per task"
+    assert choice.per_task == {t: tuple(v) for t, v in per["adaptive"].items()}
+    assert choice.per_task_filtered == {t: tuple(v) for t, v in per.get("rule", {}).items()}
+    with pytest.raises(ValueError, match="tasks for a batch"):
+        choice.fuse(None, np.zeros(2, dtype=bool), 5, ["JustForYou"])
+
+
 def test_filtered_requests_use_the_pair_sigma_rule_chose(served):
     """A request with a filter is fused at the tau and copy scale that sigma+rule chose on its
     rule-filtered validation lists: with the task's rule as the filter, the runtime's list is

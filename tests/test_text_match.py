@@ -24,7 +24,12 @@ from test_repeat import COUNTS, _randomised, _top1_after_training, assert_losses
 from sigmarec.errors import SigmaError
 from sigmarec.generation.decode import SigmaDecoder
 from sigmarec.generation.reference import reference_recommend
-from sigmarec.tasks.text_match import InstructionMatcher, item_match_texts, template_words
+from sigmarec.tasks.text_match import (
+    InstructionMatcher,
+    item_match_texts,
+    season_tags,
+    template_words,
+)
 
 torch.set_num_threads(1)
 
@@ -78,6 +83,78 @@ def test_matches_are_sorted_capped_and_above_the_floor(words, top, floor) -> Non
     assert np.all(values >= floor - 1e-6) and np.all(values <= 1 + 1e-6)
     assert np.all(np.diff(values) <= 1e-7)
     assert np.all((items >= 0) & (items < len(ITEMS)))
+
+
+def _seasons(n_items: int = len(ITEMS)):
+    from types import SimpleNamespace
+
+    members = np.zeros((2, n_items), dtype=bool)
+    members[0, [3, 4]] = True  # ice cream, frozen pizza: summer
+    members[1, [4, 6]] = True  # frozen pizza, kids cereal: fall
+    return SimpleNamespace(n_items=n_items, season_names=["summer", "fall"],
+                           season_items=members)
+
+
+def test_season_tags_let_a_season_request_match_the_seasons_items() -> None:
+    tags = season_tags(_seasons(), len(ITEMS) + 2)
+    assert tags[:7] == ["", "", "", "summer", "summer fall", "", "fall"] and tags[7:] == ["", ""]
+    with pytest.raises(SigmaError, match="season tags for 3 items"):
+        season_tags(_seasons(), 3)
+    plain = InstructionMatcher.from_items(ITEMS, top=5, min_score=0.05)
+    tagged = InstructionMatcher.from_items(ITEMS, top=5, min_score=0.05, tags=tags[:7])
+    request = ["It is summer. What seasonal item will this household buy?"]
+    assert len(plain.match(request)[0][0]) == 0
+    assert sorted(tagged.match(request)[0][0].tolist()) == [3, 4]
+    # Tags add to the text; they do not replace it.
+    assert tagged.match(["potato chips"])[0][0][0] == 0
+    with pytest.raises(SigmaError, match="2 item tags for 7 items"):
+        item_match_texts(ITEMS, ["a", "b"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["chips", "potato", "cream", "sour", "pizza", "frozen",
+                                 "kids", "cereal", "ice"]), min_size=1, max_size=5),
+       st.integers(1, 7), st.sets(st.integers(0, 6)))
+def test_bought_first_keeps_the_households_matches_then_the_best_others(words, top,
+                                                                      bought) -> None:
+    m = InstructionMatcher.from_items(ITEMS, top=top, min_score=0.01)
+    request = [" ".join(words)]
+    everything = InstructionMatcher.from_items(ITEMS, top=len(ITEMS), min_score=0.01)
+    ((all_items, all_values),) = everything.match(request)
+    ((items, values),) = m.match(request, prefer=[sorted(bought)])
+    score = dict(zip(all_items.tolist(), all_values.tolist(), strict=True))
+    mine = [i for i in all_items.tolist() if i in bought]
+    others = [i for i in all_items.tolist() if i not in bought]
+    # The household's matches first (best first), then the best others, up to top.
+    assert items.tolist() == (mine + others)[:top]
+    assert values.tolist() == pytest.approx([score[i] for i in items.tolist()])
+    with pytest.raises(SigmaError, match="preferred-item lists"):
+        m.match(request, prefer=[[], []])
+
+
+def test_to_examples_keeps_the_households_matches_and_needs_tags_resources() -> None:
+    from sigmarec.training.stage import text_matcher, to_examples
+
+    model = _randomised(repeat_counts=True, text_match=True, text_match_bought_first=True,
+                        text_match_items=1)
+    items = pd.DataFrame({"title": ["CHIPS ALPHA"] + ["CHIPS"] * (N_ITEMS - 1)})
+    matcher = text_matcher(model.cfg, items)
+    rows = pd.DataFrame({"instruction": ["chips", "chips"], "targets": [np.array([1])] * 2,
+                         "history": [np.array([2, 3])] * 2, "n_context": [0, 0],
+                         "count_items": [np.array([9, 4]), np.array([], dtype=np.int64)],
+                         "count_values": [np.array([3, 1]), np.array([], dtype=np.int64)]})
+    prefix = model.item_prefix.numpy()
+    from sigmarec.tokenization.hybrid import HybridVocab
+
+    exs = to_examples(rows, model, HybridVocab(model.codebook_sizes), prefix, with_target=False,
+                      matcher=matcher)
+    # One item kept: the household's best match (9 and 4 match equally: the lower id), and for
+    # a household without purchases the best match overall (the lowest id of cosine 1).
+    assert exs[0].match_items == (4,) and exs[1].match_items == (1,)
+    tagged = model.cfg.model_copy(update={"text_match_tags": True})
+    with pytest.raises(ValueError, match="text_match_tags"):
+        text_matcher(tagged, items)
+    assert text_matcher(tagged, items, _seasons(N_ITEMS)) is not None
 
 
 # ------------------------------------------------------------------------ the model's channel

@@ -86,7 +86,7 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
     from sigmarec.generation.decode import SigmaDecoder
     from sigmarec.generation.fusion import fuse
     from sigmarec.model.sigma import load_sigma_model, prompt_args
-    from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
+    from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
 
     run_dir = Path(run_dir)
     ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
@@ -103,7 +103,8 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
     g = cfg.generation
     k, n = g.k_prefixes, cfg.eval.top_n
     decoder = SigmaDecoder(model, k, g.m_per_prefix, index_backend=cfg.tokenization.index.backend)
-    matcher = text_matcher(model.cfg, ProcessedData.load(run_dir / "data").items)
+    data = ProcessedData.load(run_dir / "data")
+    matcher = data_matcher(model.cfg, data, cfg.tasks)
     sigma_ex = to_examples(inst, model, vocab, item_prefix, with_target=False, matcher=matcher)
     n = len(sigma_ex)
     rows: list[dict[str, Any]] = []

@@ -69,6 +69,16 @@ class GenerationConfig(_Strict):
         "business filter inside the subset search (model 'sigma+rule', adaptive fusion at a tau "
         "chosen on the rule-filtered validation lists); beside the baselines' '+rule' rows",
     )
+    fusion_per_task: bool = Field(
+        True, description="adaptive fusion's tau and copy scale chosen per task on validation "
+        "HR@10 (a request's task is known: the instruction's), for sigma and sigma+rule; the "
+        "single choice for all tasks is still written as sigma_global (and sigma_global+rule) "
+        "to compare in the same run",
+    )
+    per_task_min_valid: int = Field(
+        30, ge=1, description="fusion_per_task: a task with fewer validation instances keeps "
+        "the choice made over all tasks",
+    )
     baselines: list[str] | None = Field(
         None, description="baselines re-ranked on the task instances; None = baselines.enabled"
     )

@@ -17,6 +17,7 @@ only, so every value is a re-sort of the same steps 1-2.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,12 @@ class Candidates:
             raise ValueError(f"copy_scale must be >= 0, got {copy_scale}")
         return self.cosine + (copy_scale - 1.0) * np.where(np.isfinite(self.cosine),
                                                            self.copy, 0.0)
+
+
+def take_rows(c: Candidates, idx: np.ndarray) -> Candidates:
+    """The candidates of the requests ``idx`` only (same K, M and spread)."""
+    return Candidates(c.prefixes[idx], c.prefix_logp[idx], c.items[idx], c.cosine[idx],
+                      c.k_for_spread, None if c.copy is None else c.copy[idx])
 
 
 def truncate(c: Candidates, k: int) -> Candidates:
@@ -132,3 +139,22 @@ def fuse(c: Candidates, mode: Fusion, tau: float, n: int, copy_scale: float = 1.
         top_i = np.pad(top_i, ((0, 0), (0, pad)), constant_values=-1)
         top_s = np.pad(top_s, ((0, 0), (0, pad)), constant_values=-np.inf)
     return top_i, top_s
+
+
+def fuse_by_group(c: Candidates, groups: np.ndarray,
+                  settings: Mapping[str, tuple[float, float]], default: tuple[float, float],
+                  n: int, mode: Fusion = "adaptive") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fuse` with each request at its group's (tau, copy scale) (e.g. per task, chosen
+    on validation), ``default`` for groups without one. Rows are independent in :func:`fuse`,
+    so this equals fusing each group alone."""
+    groups = np.asarray(groups)
+    if groups.shape != (c.items.shape[0],):
+        raise ValueError(f"groups must have one entry per request ({c.items.shape[0]}), got "
+                         f"shape {groups.shape}")
+    per_row = [settings.get(g, default) for g in groups.tolist()]
+    items = np.full((len(per_row), n), -1, dtype=np.int64)
+    scores = np.full((len(per_row), n), -np.inf)
+    for setting in dict.fromkeys(per_row):
+        idx = np.flatnonzero([s == setting for s in per_row])
+        items[idx], scores[idx] = fuse(take_rows(c, idx), mode, setting[0], n, setting[1])
+    return items, scores

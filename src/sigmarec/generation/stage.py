@@ -3,7 +3,9 @@
 * SIGMA: the three-step decoder over the trained model. Steps 1-2 run once per instance; each
   fusion mode (``generation.variants``) and each tau of ``tau_grid`` is then only a re-sort of
   the same candidates, so the APF ablation and the accuracy/diversity curve cost seconds. tau is
-  chosen per mode on validation HR@10 (averaged over tasks); test is only reported.
+  chosen per mode on validation HR@10 (averaged over tasks); with ``fusion_per_task``, adaptive
+  fusion then gets a (tau, copy scale) per task on that task's validation HR@10 (``sigma``;
+  the single choice stays as ``sigma_global``); test is only reported.
 * The classical baselines, re-ranked on the same task instances (they ignore the instruction),
   and with each instance's checkable rule as a filter ("<name>+rule": admitted items first,
   then the rest, so lists stay full).
@@ -30,12 +32,12 @@ from sigmarec.core.stage import Stage, StageContext
 from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import Candidates, fuse, prefix_spread, truncate
+from sigmarec.generation.fusion import Candidates, fuse, fuse_by_group, prefix_spread, truncate
 from sigmarec.metrics import accuracy_metrics, beyond_metrics, category_codes, head_mask
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.sigma import load_sigma_model
 from sigmarec.tasks.rules import instance_allow_masks, load_tasks
-from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
+from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
 
 log = logging.getLogger("sigmarec")
 
@@ -201,7 +203,7 @@ class GenerationStage(Stage):
         decoder = SigmaDecoder(model, gcfg.k_prefixes, gcfg.m_per_prefix,
                                index_backend=cfg.tokenization.index.backend)
         cands, seconds, rule = {}, {}, {}
-        matcher = text_matcher(model.cfg, data.items)
+        matcher = data_matcher(model.cfg, data, cfg.tasks)
         for split, df in inst.items():
             if df.empty:
                 continue
@@ -242,32 +244,94 @@ class GenerationStage(Stage):
             taus["rule"], scales["rule"] = self._choose_rule_tau(gcfg, inst, rule,
                                                                  taus["adaptive"], n)
         scale = scales["adaptive"]
-        out: dict[str, Any] = {"tau": taus, "copy_scale": scales, "k_prefixes": k_used,
+        per_task: dict[str, dict[str, list[float]]] = {}
+        if gcfg.fusion_per_task and gcfg.select_tau and "valid" in cands:
+            c = cands["valid"]
+            per_task["adaptive"] = self._choose_per_task(
+                gcfg, inst["valid"], c, adaptive_taus(c, gcfg.tau_grid, gcfg.tau),
+                copy_scales(gcfg, c), (taus["adaptive"], scale), n, "sigma")
+            if "valid" in rule:
+                c = rule["valid"]
+                per_task["rule"] = self._choose_per_task(
+                    gcfg, inst["valid"], c,
+                    sorted({*adaptive_taus(c, gcfg.tau_grid, taus["adaptive"]),
+                            taus["adaptive"]}),
+                    copy_scales(gcfg, c), (taus["rule"], scales["rule"]), n, "sigma+rule")
+
+        def lists(c: Candidates, df: pd.DataFrame, which: str, default: tuple[float, float]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+            chosen = {t: (v[0], v[1]) for t, v in per_task.get(which, {}).items()}
+            return fuse_by_group(c, df["task"].to_numpy(), chosen, default, n)
+
+        out: dict[str, Any] = {"tau": taus, "copy_scale": scales, "per_task": per_task,
+                               "k_prefixes": k_used,
                                "seconds": {s: round(v, 2) for s, v in seconds.items()},
                                "users_per_s": {s: round(len(inst[s]) / max(v, 1e-9), 2)
                                                for s, v in seconds.items()}}
         filled_total = 0
+        final: dict[str, np.ndarray] = {}
         for mode in dict.fromkeys(["adaptive", *gcfg.variants]):
             name = "sigma" if mode == "adaptive" else f"sigma_{mode}"
             for split, c in cands.items():
                 items, scores = fuse(c, mode, taus.get(mode, gcfg.tau), n,
                                      scale if mode == "adaptive" else 1.0)
+                if mode == "adaptive" and "adaptive" in per_task:
+                    # The single choice stays as its own model: per-task against global in
+                    # the same run.
+                    write_parquet(ctx.out / "rankings" / f"sigma_global_{split}.parquet",
+                                  rankings_frame(inst[split], fill_lists(items, popularity)[0],
+                                                 scores))
+                    items, scores = lists(c, inst[split], "adaptive", (taus[mode], scale))
+                if mode == "adaptive":
+                    final[split] = items
                 items, filled = fill_lists(items, popularity)
                 filled_total += filled
                 write_parquet(ctx.out / "rankings" / f"{name}_{split}.parquet",
                               rankings_frame(inst[split], items, scores))
         out["filled_from_popularity"] = filled_total
         for split, c in rule.items():
-            items, scores = fuse(c, "adaptive", taus["rule"], n, scales["rule"])
+            default = (taus["rule"], scales["rule"])
+            items, scores = fuse(c, "adaptive", default[0], n, default[1])
+            if "rule" in per_task:
+                write_parquet(ctx.out / "rankings" / f"sigma_global+rule_{split}.parquet",
+                              rankings_frame(inst[split], fill_lists(items, popularity)[0],
+                                             scores))
+                items, scores = lists(c, inst[split], "rule", default)
             # Lists stay full as the baselines' '+rule' lists do: admitted items first, then
             # the most popular others.
             items, _ = fill_lists(items, popularity)
             write_parquet(ctx.out / "rankings" / f"sigma+rule_{split}.parquet",
                           rankings_frame(inst[split], items, scores))
-        out["diagnostics"] = self._diagnostics(ctx, model, inst, cands, taus, scale, n)
+        out["diagnostics"] = self._diagnostics(ctx, model, inst, cands, final)
         self._tau_curve(ctx, data, inst, cands, taus, scale, n)
-        out["prefix_usage"] = self._prefix_usage(ctx, model, inst, cands, taus, scale, n)
-        self._examples(ctx, data, inst, cands, taus, scale, n)
+        out["prefix_usage"] = self._prefix_usage(ctx, model, cands, final)
+        self._examples(ctx, data, inst, final)
+        return out
+
+    def _choose_per_task(self, gcfg: Any, df: pd.DataFrame, c: Candidates, taus: list[float],
+                         scales: list[float], default: tuple[float, float], n: int,
+                         label: str) -> dict[str, list[float]]:
+        """{task: [tau, copy scale]} of adaptive fusion by each task's own validation HR@10,
+        over the grid the single choice searched; a task with fewer than
+        ``per_task_min_valid`` instances keeps ``default`` (the single choice), as do ties."""
+        tasks = df["task"].to_numpy()
+        targets = list(df["targets"])
+        hits = {(t, a): np.asarray(accuracy_metrics(fuse(c, "adaptive", t, n, a)[0][:, :10],
+                                                    targets, [10])["HR@10"], dtype=float)
+                for t in taus for a in scales}
+        hits.setdefault(default, np.asarray(accuracy_metrics(
+            fuse(c, "adaptive", default[0], n, default[1])[0][:, :10], targets,
+            [10])["HR@10"], dtype=float))
+        out: dict[str, list[float]] = {}
+        for task in sorted(set(tasks.tolist())):
+            rows = tasks == task
+            if rows.sum() < gcfg.per_task_min_valid:
+                continue
+            best = max(hits, key=lambda ta: (round(float(hits[ta][rows].mean()), 6),
+                                             ta == default))
+            out[task] = [float(best[0]), float(best[1])]
+        log.info("generation: %s, (tau, copy scale) per task by validation HR@10 %s "
+                 "(all tasks: %s)", label, out, default)
         return out
 
     def _choose_k(self, gcfg: Any, inst: dict[str, pd.DataFrame],
@@ -364,7 +428,7 @@ class GenerationStage(Stage):
         pd.DataFrame(rows).to_csv(ctx.out / "tau_curve.csv", index=False)
 
     def _diagnostics(self, ctx: StageContext, model: Any, inst: dict[str, pd.DataFrame],
-                     cands: dict[str, Candidates], taus: dict[str, float], scale: float, n: int
+                     cands: dict[str, Candidates], final: dict[str, np.ndarray]
                      ) -> dict[str, Any]:
         """Where the HR@10 of SIGMA is lost, per task: the target's prefix is not among the K
         (prefix miss), it is but the target is not among that prefix's M candidates
@@ -373,7 +437,7 @@ class GenerationStage(Stage):
         out: dict[str, Any] = {}
         for split, c in cands.items():
             df = inst[split]
-            top = fuse(c, "adaptive", taus["adaptive"], n, scale)[0][:, :10]
+            top = final[split][:, :10]
             rows = []
             for r, tgt in enumerate(df["targets"]):
                 tgt = np.asarray(tgt, dtype=np.int64)
@@ -398,13 +462,12 @@ class GenerationStage(Stage):
         return {s: {t: v for t, v in r.items() if t in ("JustForYou", "_prefixes_in_top10_lists")}
                 for s, r in out.items()}
 
-    def _prefix_usage(self, ctx: StageContext, model: Any, inst: dict[str, pd.DataFrame],
-                      cands: dict[str, Candidates], taus: dict[str, float], scale: float, n: int
-                      ) -> dict[str, Any]:
+    def _prefix_usage(self, ctx: StageContext, model: Any, cands: dict[str, Candidates],
+                      final: dict[str, np.ndarray]) -> dict[str, Any]:
         """How many prefixes a top-10 draws from, and how much of the prefix space is used."""
         if "test" not in cands:
             return {}
-        items = fuse(cands["test"], "adaptive", taus["adaptive"], n, scale)[0][:, :10]
+        items = final["test"][:, :10]
         prefix_of = model.item_prefix.cpu().numpy()
         per_list = [len(np.unique(prefix_of[r[r >= 0]])) for r in items]
         used = np.unique(prefix_of[items[items >= 0]])
@@ -419,14 +482,13 @@ class GenerationStage(Stage):
         return {k: v for k, v in out.items() if not isinstance(v, list)}
 
     def _examples(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
-                  cands: dict[str, Candidates], taus: dict[str, float], scale: float,
-                  n: int) -> None:
+                  final: dict[str, np.ndarray]) -> None:
         per = ctx.config.generation.examples
-        if "test" not in cands or per == 0:
+        if "test" not in final or per == 0:
             write_json(ctx.out / "examples.json", [])
             return
         df = inst["test"]
-        items = fuse(cands["test"], "adaptive", taus["adaptive"], n, scale)[0]
+        items = final["test"]
         text = data.items["title"].fillna("").astype(str) + " | " + \
             data.items["category_path"].fillna("").astype(str)
         out = []

@@ -90,6 +90,25 @@ class ModelConfig(_Strict):
         20.0, gt=0, description="text match: the channel reads cosine x scale, as the count "
         "channel reads purchase counts (log1p of it), so a full match weighs like ~20 purchases",
     )
+    text_match_tags: bool = Field(
+        False, description="text match: each item's text also carries, as words, the seasons "
+        "whose training-window purchase rate it rises in (the tasks' season lift, from training "
+        "data alone), so a request that names a season matches the season's items",
+    )
+    text_match_bought_first: bool = Field(
+        False, description="text match: of an instruction's matches above text_match_min, the "
+        "household's own purchases (its purchase counts) are kept first, then the best others, "
+        "up to text_match_items (a broad category or a season matches thousands of items; the "
+        "cosine order alone keeps 200 of them that say nothing of the household)",
+    )
+    repeat_rarity: bool = Field(
+        False, description="repeat-aware models with purchase counts: a further copy channel "
+        "over the same purchased items, each weighted by its rarity (the share of the catalogue "
+        "at least as often bought in training) x rarity_scale, so an instruction can ask for "
+        "the household's niche purchases rather than its staples",
+    )
+    rarity_scale: float = Field(20.0, gt=0, description="rarity channel: the channel reads "
+                                "rarity x scale (log1p of it), as the text match reads cosines")
     shared_prefix_decode: bool = Field(
         True, description="generation: run the K continuations of a prompt in one row under a "
         "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",
@@ -106,4 +125,10 @@ class ModelConfig(_Strict):
         if self.text_match and not self.repeat_aware:
             raise ValueError("model.text_match is a channel of the copy prior: it needs "
                              "model.repeat_aware=true")
+        if (self.text_match_tags or self.text_match_bought_first) and not self.text_match:
+            raise ValueError("model.text_match_tags / text_match_bought_first refine the text "
+                             "match: they need model.text_match=true")
+        if self.repeat_rarity and not self.repeat_counts:
+            raise ValueError("model.repeat_rarity weighs the purchase-count channel's items: it "
+                             "needs model.repeat_counts=true")
         return self

@@ -22,6 +22,11 @@ repeat-aware recommenders (RepeatNet, ReCANet) do, the scores get an explicit co
   ``model.text_match_scale``; ``n_txt(c)`` sums them per code. It is how a Category or Query
   instruction reaches the scores: the LLM alone did not learn it at this budget.
 
+* with ``model.repeat_rarity``, a further channel over the purchase-count channel's items, each
+  valued by its rarity (the share of the catalogue bought at least as often in training) times
+  ``model.rarity_scale``: how a request for something niche can prefer the household's rare
+  purchases (a long-tail request) where the count channel prefers its staples.
+
 The four gates (two more per extra channel) are ``softplus`` of a linear map of the hidden
 state at the end of the prompt (the token before the first label token): the instruction can
 switch copying off (a task that asks for something new) or up (buy again). The linear map
@@ -41,10 +46,10 @@ from torch.nn import functional as F
 N_GATES = 4  # prefix-seq, prefix-ctx, item-seq, item-ctx (without purchase counts)
 
 
-def n_gates(counts: bool, match: bool = False) -> int:
-    """Gates per row: one per channel (sequence, context[, purchase counts][, text match]) for
-    the prefix logits and one per channel for the item scores."""
-    return 2 * (2 + int(counts) + int(match))
+def n_gates(counts: bool, match: bool = False, rarity: bool = False) -> int:
+    """Gates per row: one per channel (sequence, context[, purchase counts][, text match]
+    [, rarity]) for the prefix logits and one per channel for the item scores."""
+    return 2 * (2 + int(counts) + int(match) + int(rarity))
 
 
 @dataclass
@@ -53,7 +58,8 @@ class PromptSlots:
     prompt order (-1 = padding), ``seq`` (R, J) True for the purchase sequence, False for the
     context section; with purchase counts, ``count_items`` (R, H) (-1 = padding) and
     ``count_values`` (R, H) the household's purchase count of each; with the text match,
-    ``match_items`` (R, M) (-1 = padding) and ``match_values`` (R, M) their scaled match."""
+    ``match_items`` (R, M) (-1 = padding) and ``match_values`` (R, M) their scaled match;
+    with rarity, ``rarity_items`` (R, H) and ``rarity_values`` (R, H) their scaled rarity."""
 
     items: torch.Tensor
     seq: torch.Tensor
@@ -61,6 +67,8 @@ class PromptSlots:
     count_values: torch.Tensor | None = None
     match_items: torch.Tensor | None = None
     match_values: torch.Tensor | None = None
+    rarity_items: torch.Tensor | None = None
+    rarity_values: torch.Tensor | None = None
 
     def weighted(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The channels after sequence and context, in gate order: (items, values) tables."""
@@ -69,11 +77,15 @@ class PromptSlots:
             out.append((self.count_items, self.count_values))
         if self.match_items is not None:
             out.append((self.match_items, self.match_values))
+        if self.rarity_items is not None:
+            out.append((self.rarity_items, self.rarity_values))
         return out
 
     def listed_items(self) -> torch.Tensor:
-        """(R, J + H + M) every item the table names (placeholders, counted, matched)."""
-        return torch.cat([self.items, *(i for i, _ in self.weighted())], dim=1)
+        """(R, J + ...) every item the table names (placeholders, counted, matched, ...)."""
+        # The rarity channel lists the counted items again (SigmaModel.prompt_slots).
+        named = [self.count_items, self.match_items]
+        return torch.cat([self.items, *(i for i in named if i is not None)], dim=1)
 
     @property
     def channels(self) -> int:
@@ -82,7 +94,8 @@ class PromptSlots:
     def with_items(self, items: torch.Tensor) -> PromptSlots:
         """The same table with another placeholder-item table (e.g. column ids)."""
         return PromptSlots(items, self.seq, self.count_items, self.count_values,
-                           self.match_items, self.match_values)
+                           self.match_items, self.match_values, self.rarity_items,
+                           self.rarity_values)
 
     @classmethod
     def from_batch(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -90,7 +103,9 @@ class PromptSlots:
                    item_token_id: int, count_items: torch.Tensor | None = None,
                    count_values: torch.Tensor | None = None,
                    match_items: torch.Tensor | None = None,
-                   match_values: torch.Tensor | None = None) -> PromptSlots:
+                   match_values: torch.Tensor | None = None,
+                   rarity_items: torch.Tensor | None = None,
+                   rarity_values: torch.Tensor | None = None) -> PromptSlots:
         slots = ((input_ids == item_token_id) & attention_mask.bool()).nonzero()  # row-major
         rows = slots[:, 0]
         b = input_ids.shape[0]
@@ -105,7 +120,8 @@ class PromptSlots:
         seq[rows, rank] = mark
         weighted = []
         for name, it, val in (("count", count_items, count_values),
-                              ("match", match_items, match_values)):
+                              ("match", match_items, match_values),
+                              ("rarity", rarity_items, rarity_values)):
             if it is None:
                 weighted += [None, None]
                 continue
@@ -122,7 +138,8 @@ class PromptSlots:
 
         return PromptSlots(self.items[idx], self.seq[idx], pick(self.count_items),
                            pick(self.count_values), pick(self.match_items),
-                           pick(self.match_values))
+                           pick(self.match_values), pick(self.rarity_items),
+                           pick(self.rarity_values))
 
     def ranks(self) -> torch.Tensor:
         """(N,) rank of each placeholder in its row, in row-major order (matches item_ids)."""
@@ -217,8 +234,8 @@ def column_counts(slots: PromptSlots, n_cols: int, before: torch.Tensor | None =
 def _split(gates: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     if gates.shape[1] != 2 * channels:
         raise ValueError(f"{gates.shape[1]} copy gates for {channels} count channels: the "
-                         "model's model.repeat_counts / model.text_match and the prompts' "
-                         "purchase counts / text matches disagree")
+                         "model's model.repeat_counts / text_match / repeat_rarity and the "
+                         "prompts' purchase counts / text matches disagree")
     return gates[:, :channels], gates[:, channels:]
 
 

@@ -200,9 +200,11 @@ class SigmaModel(nn.Module):
         self.register_buffer("item_prefix", prefix, persistent=False)
         self.register_buffer("item_codes", _codes_tensor(prefix, self.codebook_sizes),
                              persistent=False)
-        self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(cfg.repeat_counts,
-                                                                      cfg.text_match)) \
-            if cfg.repeat_aware else None
+        self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(
+            cfg.repeat_counts, cfg.text_match, cfg.repeat_rarity)) if cfg.repeat_aware else None
+        # The rarity channel's per-item value (set_item_rarity, from the training counts):
+        # persistent, so a saved model scores with the rarities it was trained on.
+        self.register_buffer("item_rarity", torch.zeros(self.n_items))
         self.fuse = ProjFuse({s: int(feats[s].shape[1]) for s in self.sources}, self.hidden,
                              target_norm, dropout=cfg.fuse_dropout)
         self.head = _Head(self.hidden, cfg.head)
@@ -381,9 +383,29 @@ class SigmaModel(nn.Module):
             match_values = match_values * self.cfg.text_match_scale
         else:
             match_items = match_values = None
+        rarity_items = rarity_values = None
+        if self.cfg.repeat_rarity:
+            rarity_items = count_items
+            known = (count_items >= 0) & (count_items < self.n_items)
+            rarity = self.item_rarity.to(count_items.device)[
+                count_items.clamp(0, self.n_items - 1)]
+            rarity_values = torch.where(known, rarity, 0.0) * self.cfg.rarity_scale
         return PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
                                       self.item_token_id, count_items, count_values,
-                                      match_items, match_values)
+                                      match_items, match_values, rarity_items, rarity_values)
+
+    def set_item_rarity(self, train_counts: np.ndarray) -> None:
+        """The rarity channel's values from each item's training purchase count: the share of
+        the catalogue bought at least as often (about 0 for the best-seller, 1 for an item
+        never bought), the same popularity order a long-tail quantile cuts."""
+        counts = np.asarray(train_counts, dtype=np.float64)
+        if counts.shape != (self.n_items,):
+            raise ValueError(f"train_counts must have shape ({self.n_items},), got "
+                             f"{counts.shape}")
+        order = np.sort(counts)
+        at_least = len(counts) - np.searchsorted(order, counts, side="left")
+        rarity = at_least / max(len(counts), 1)
+        self.item_rarity.copy_(torch.as_tensor(rarity, dtype=torch.float32))
 
     def copy_bias(self, gates: torch.Tensor | None, slots: PromptSlots | None, level: int,
                   partial: torch.Tensor | None = None, before: torch.Tensor | None = None,
@@ -840,6 +862,8 @@ class SigmaModel(nn.Module):
         gathered one of an FSDP model)."""
         full = self.state_dict() if state is None else state
         keep = set(self.trainable_names()) | {k for k in full if k.startswith("fuse.")}
+        if self.cfg.repeat_rarity:
+            keep.add("item_rarity")
         return {k: v.detach().to("cpu", copy=True).contiguous()
                 for k, v in full.items() if k in keep}
 
@@ -848,7 +872,9 @@ class SigmaModel(nn.Module):
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise ValueError(f"weights for unknown parameters: {unknown[:3]}")
-        missing = sorted(set(self.trainable_names()) - set(state))
+        needed = set(self.trainable_names()) | ({"item_rarity"} if self.cfg.repeat_rarity
+                                                 else set())
+        missing = sorted(needed - set(state))
         if missing:
             raise ValueError(f"weights missing for trainable parameters: {missing[:3]}")
         self.load_state_dict(dict(state), strict=False)

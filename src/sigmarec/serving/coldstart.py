@@ -193,7 +193,7 @@ def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: 
     from sigmarec.generation.fusion import fuse
     from sigmarec.generation.stage import decode_split
     from sigmarec.model.sigma import load_sigma_model
-    from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
+    from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
 
     ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
                        inputs={s: run_dir / s for s in ("data", "baselines", "grounding",
@@ -209,7 +209,7 @@ def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: 
     t0 = time.perf_counter()
     add_to_loaded(overlay, model, decoder)
     apply_s = time.perf_counter() - t0
-    matcher = text_matcher(model.cfg, extend_items(data, overlay).items)
+    matcher = data_matcher(model.cfg, data, cfg.tasks, extend_items(data, overlay).items)
     examples = to_examples(prompts, model, vocab, model.item_prefix.cpu().numpy(),
                            with_target=False, matcher=matcher)
     # decode_split takes one mask row per example

@@ -73,7 +73,7 @@ log = logging.getLogger("sigmarec")
 PAUSE_ENV = "SIGMAREC_ITEMS_ADD_PAUSE"
 # Per-item buffers of SigmaModel that extend_model knows how to grow; any other buffer with one
 # row per item means the model changed and extend_model must learn it (it refuses, loudly).
-_ITEM_BUFFERS = ("item_prefix", "item_codes")
+_ITEM_BUFFERS = ("item_prefix", "item_codes", "item_rarity")
 
 
 # ------------------------------------------------------------------------------- reading
@@ -507,6 +507,9 @@ def extend_model(model: SigmaModel, features: Mapping[str, np.ndarray],
     model.item_prefix = torch.cat([model.item_prefix, p])
     if hasattr(model, "item_codes"):
         model.item_codes = torch.cat([model.item_codes, _flat_to_codes(p, model.codebook_sizes)])
+    # Never bought in training: the rarest (the rarity channel's value of an unsold item).
+    model.item_rarity = torch.cat([model.item_rarity,
+                                   torch.ones(n_new, dtype=model.item_rarity.dtype, device=dev)])
     model.n_items = n_old + n_new
     return np.arange(n_old, n_old + n_new)
 

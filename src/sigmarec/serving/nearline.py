@@ -249,7 +249,8 @@ class Recomputer:
         if entries is not None:
             for (u, t), e in zip(pairs, entries, strict=True):
                 self.kv.put(u, t, e)
-        items, scores = rt.fuse(cands, np.array([m is not None for m in masks]), n)
+        items, scores = rt.fuse(cands, np.array([m is not None for m in masks]), n,
+                                [r.task for r in resolved])
         out = []
         for b in range(len(pairs)):
             keep = (items[b] >= 0) & np.isfinite(scores[b])

@@ -53,7 +53,7 @@ from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import Candidates, fuse
+from sigmarec.generation.fusion import Candidates, fuse_by_group
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel, load_sigma_model
@@ -187,15 +187,26 @@ class FusionChoice:
     # For requests with a filter: the pair sigma+rule chose on rule-filtered validation lists.
     tau_filtered: float | None = None
     copy_scale_filtered: float | None = None
+    # generation.fusion_per_task: {task: (tau, copy scale)}, unfiltered and filtered; a task
+    # without an entry uses the pair above.
+    per_task: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    per_task_filtered: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
-    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int,
+             tasks: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Adaptive fusion of a batch: rows with a filter (``filtered`` (B,) bool) at the
-        filtered pair, the others at the unfiltered one."""
-        items, scores = fuse(cands, "adaptive", self.tau, n, self.copy_scale)
+        filtered pair, the others at the unfiltered one; with ``tasks`` (one per row), at
+        the pair chosen for the row's task where there is one."""
+        groups = np.array(["" for _ in range(len(filtered))] if tasks is None else
+                          [str(t) for t in tasks], dtype=object)
+        if len(groups) != len(filtered):
+            raise ValueError(f"{len(groups)} tasks for a batch of {len(filtered)}")
+        items, scores = fuse_by_group(cands, groups, self.per_task,
+                                      (self.tau, self.copy_scale), n)
         if filtered.any() and self.tau_filtered is not None:
-            f_items, f_scores = fuse(cands, "adaptive", self.tau_filtered, n,
-                                     self.copy_scale_filtered or 1.0)
+            f_items, f_scores = fuse_by_group(
+                cands, groups, self.per_task_filtered,
+                (self.tau_filtered, self.copy_scale_filtered or 1.0), n)
             items = np.where(filtered[:, None], f_items, items)
             scores = np.where(filtered[:, None], f_scores, scores)
         return items, scores
@@ -208,12 +219,17 @@ def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
     if "tau" in sigma:
         scales = sigma.get("copy_scale", {})
         rule_tau = sigma["tau"].get("rule")
+        per = sigma.get("per_task", {})
+
+        def pairs(which: str) -> dict[str, tuple[float, float]]:
+            return {t: (float(v[0]), float(v[1])) for t, v in per.get(which, {}).items()}
+
         return FusionChoice(float(sigma["tau"]["adaptive"]),
                             int(sigma.get("k_prefixes", cfg.generation.k_prefixes)),
                             float(scales.get("adaptive", 1.0)),
                             "chosen on validation by the generation stage",
                             None if rule_tau is None else float(rule_tau),
-                            float(scales.get("rule", 1.0)))
+                            float(scales.get("rule", 1.0)), pairs("adaptive"), pairs("rule"))
     log.warning("serving: %s has no generation manifest; SIGMA uses generation.tau (%s) and "
                 "k_prefixes (%d) from the config, not values chosen on validation",
                 run_dir / "generation", cfg.generation.tau, cfg.generation.k_prefixes)
@@ -304,7 +320,7 @@ class Runtime:
         st = _State(
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
             fusion=choice, resources=res,
-            tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items),
+            tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items, res),
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
@@ -372,10 +388,11 @@ class Runtime:
     def copy_scale(self) -> float:
         return self._state.fusion.copy_scale
 
-    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """SIGMA's step 3 for a decoded batch, at the settings chosen on validation."""
-        return self._state.fusion.fuse(cands, filtered, n)
+    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int,
+             tasks: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SIGMA's step 3 for a decoded batch, at the settings chosen on validation (per
+        task, given each row's ``tasks``)."""
+        return self._state.fusion.fuse(cands, filtered, n, tasks)
 
     @property
     def k_prefixes(self) -> int:
@@ -621,7 +638,8 @@ class Runtime:
                               for m in masks])
         with torch.no_grad():
             cands = st.decoder.candidates(st.decoder.batch(self._examples(resolved)), n, allow)
-        items, scores = self.fuse(cands, np.array([m is not None for m in masks]), n)
+        items, scores = self.fuse(cands, np.array([m is not None for m in masks]), n,
+                                  [r.task for r in resolved])
         return [(items[b, :r.k], scores[b, :r.k]) for b, r in enumerate(resolved)]
 
     def _rank_baseline(self, name: str, resolved: Sequence[Resolved]

@@ -10,6 +10,16 @@ The model reads the best-matching items like the purchase counts (``model.text_m
 gates it learns from the prompt's hidden state: a task whose words name no product (JustForYou,
 Season) is free to ignore it.
 
+Two refinements (``model.text_match_tags``, ``model.text_match_bought_first``):
+
+* an item's text may carry derived attributes as words (:func:`season_tags`: the seasons whose
+  training-window purchase rate the item rises in), so "It is winter: what seasonal item ..."
+  matches the winter items, though no title says "winter". They come from training data only,
+  like the tasks' own season sets (the rule a Season target satisfies).
+* :meth:`InstructionMatcher.match` can keep the household's own purchases among the matches
+  first: a broad category matches thousands of items, and the best 200 by cosine (short titles)
+  need not hold one the household buys.
+
 scikit-learn's ``TfidfVectorizer`` does the weighting and the English stop words; words that no
 item text holds have no column and drop out, and so do the task templates' own words
 (:func:`template_words`).
@@ -26,6 +36,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
 
 from sigmarec.errors import SigmaError
 from sigmarec.tasks.definitions import TASK_CLASSES
+from sigmarec.tasks.resources import TaskResources
 from sigmarec.tasks.sft_data import ALIGN_ITEM_TEMPLATES
 from sigmarec.tasks.text import clean_words
 
@@ -46,11 +57,30 @@ def template_words() -> frozenset[str]:
     return frozenset(words)
 
 
-def item_match_texts(items: pd.DataFrame) -> list[str]:
+def season_tags(res: TaskResources, n_items: int | None = None) -> list[str]:
+    """Per item, the names of the seasons whose item set (training-window lift, the Season
+    task's rule) holds it, as words; items past the resources' catalogue (added after
+    training, never bought in it) get none."""
+    n = res.n_items if n_items is None else int(n_items)
+    if n < res.n_items:
+        raise SigmaError(f"season tags for {n} items, but the task resources know "
+                         f"{res.n_items}")
+    words = [" ".join(clean_words(name)) for name in res.season_names]
+    out = [""] * n
+    for s, members in enumerate(res.season_items):
+        for i in np.flatnonzero(members):
+            out[i] = f"{out[i]} {words[s]}".strip()
+    return out
+
+
+def item_match_texts(items: pd.DataFrame, tags: Sequence[str] | None = None) -> list[str]:
     """Each item's matchable text: title, the category path without its top level (a
-    department name such as "grocery" is in nearly every request and names nothing), brand;
-    abbreviations expanded as the tasks write their queries."""
+    department name such as "grocery" is in nearly every request and names nothing), brand,
+    and ``tags`` (one string per item, e.g. :func:`season_tags`); abbreviations expanded as
+    the tasks write their queries."""
     n = len(items)
+    if tags is not None and len(tags) != n:
+        raise SigmaError(f"text match: {len(tags)} item tags for {n} items")
 
     def col(name: str) -> pd.Series:
         if name not in items.columns:
@@ -62,6 +92,8 @@ def item_match_texts(items: pd.DataFrame) -> list[str]:
         return " ".join(parts[1:] if len(parts) > 1 else parts)
 
     texts = col("title") + " " + col("category_path").map(below_top) + " " + col("brand")
+    if tags is not None:
+        texts = texts + " " + pd.Series(list(tags), index=items.index).astype(str)
     return [" ".join(clean_words(t)) for t in texts.tolist()]
 
 
@@ -83,14 +115,22 @@ class InstructionMatcher:
         self.matrix = self.vectorizer.fit_transform(list(texts)).T.tocsr()  # (V, N)
 
     @classmethod
-    def from_items(cls, items: pd.DataFrame, top: int, min_score: float) -> InstructionMatcher:
-        return cls(item_match_texts(items), top, min_score)
+    def from_items(cls, items: pd.DataFrame, top: int, min_score: float,
+                   tags: Sequence[str] | None = None) -> InstructionMatcher:
+        return cls(item_match_texts(items, tags), top, min_score)
 
-    def match(self, instructions: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per instruction: (items int64, cosines float32), best first (ties to the lower id),
-        at most ``top``, each cosine >= ``min_score``."""
+    def match(self, instructions: Sequence[str],
+              prefer: Sequence[Sequence[int]] | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per instruction: (items int64, cosines float32), at most ``top``, each cosine >=
+        ``min_score``; best first (ties to the lower id), except that with ``prefer`` (one
+        list of item ids per instruction: the household's purchases) those of them that
+        match come first, best first among themselves."""
         if not len(instructions):
             return []
+        if prefer is not None and len(prefer) != len(instructions):
+            raise SigmaError(f"text match: {len(prefer)} preferred-item lists for "
+                             f"{len(instructions)} instructions")
         q = self.vectorizer.transform([" ".join(clean_words(str(t))) for t in instructions])
         sims = (q @ self.matrix).tocsr()  # (B, N), sparse: only items sharing a word
         out = []
@@ -99,6 +139,8 @@ class InstructionMatcher:
             idx, val = sims.indices[lo:hi], sims.data[lo:hi]
             keep = val >= self.min_score
             idx, val = idx[keep], val[keep]
-            order = np.lexsort((idx, -val))[: self.top]
+            first = (np.isin(idx, np.asarray(prefer[r], dtype=np.int64)) if prefer is not None
+                     else np.zeros(len(idx), dtype=bool))
+            order = np.lexsort((idx, -val, ~first))[: self.top]
             out.append((idx[order].astype(np.int64), val[order].astype(np.float32)))
         return out

@@ -28,7 +28,7 @@ def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int
               ) -> pd.DataFrame:
     """One row per precision: resolved precision, s/step, tokens/s and the ratio to fp32."""
     from sigmarec.data.processed import ProcessedData
-    from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
+    from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
 
     ctx = StageContext(config=cfg, run_dir=Path(run_dir), out=Path(run_dir) / "training",
                        scratch=Path(run_dir) / "training", inputs={
@@ -42,8 +42,11 @@ def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int
     for prec in precisions:
         torch.manual_seed(cfg.seed)
         model, _ = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
+        data = ProcessedData.load(Path(run_dir) / "data")
+        if cfg.model.repeat_rarity:
+            model.set_item_rarity(data.train_item_counts)
         if examples is None:
-            matcher = text_matcher(cfg.model, ProcessedData.load(Path(run_dir) / "data").items)
+            matcher = data_matcher(cfg.model, data, cfg.tasks)
             examples = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
         tcfg = cfg.training.model_copy(update={
             "steps": steps, "mixed_precision": prec, "eval_at_end": False,

@@ -18,8 +18,10 @@ from sigmarec.errors import StageError
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
+from sigmarec.tasks.config import TasksConfig
+from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.sft_data import render_prompt
-from sigmarec.tasks.text_match import InstructionMatcher
+from sigmarec.tasks.text_match import InstructionMatcher, season_tags
 from sigmarec.tokenization.hybrid import HybridVocab
 from sigmarec.training.diagnostics import (
     decode_diagnostics,
@@ -84,12 +86,30 @@ def _counts(row: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
             tuple(int(v) for v in np.asarray(values, dtype=np.int64)))
 
 
-def text_matcher(cfg: ModelConfig, items: pd.DataFrame) -> InstructionMatcher | None:
+def text_matcher(cfg: ModelConfig, items: pd.DataFrame,
+                 resources: TaskResources | None = None) -> InstructionMatcher | None:
     """The instruction matcher a model with ``cfg.text_match`` reads, fitted on ``items`` (the
-    catalogue the model ranks); None without the channel."""
+    catalogue the model ranks; with ``cfg.text_match_tags`` also on the seasons of
+    ``resources``, the task resources of the training data); None without the channel."""
     if not cfg.text_match:
         return None
-    return InstructionMatcher.from_items(items, cfg.text_match_items, cfg.text_match_min)
+    tags = None
+    if cfg.text_match_tags:
+        if resources is None:
+            raise ValueError("this model's text match carries season tags "
+                             "(model.text_match_tags): pass text_matcher(cfg.model, items, "
+                             "build_resources(data, cfg.tasks))")
+        tags = season_tags(resources, len(items))
+    return InstructionMatcher.from_items(items, cfg.text_match_items, cfg.text_match_min, tags)
+
+
+def data_matcher(cfg: ModelConfig, data: ProcessedData, tasks: TasksConfig,
+                 items: pd.DataFrame | None = None) -> InstructionMatcher | None:
+    """:func:`text_matcher` over ``data``'s catalogue (or ``items``, a served catalogue that
+    extends it), with the season tags of ``data``'s training window where the model reads
+    them (``tasks``: the run's task config, which defines the seasons)."""
+    res = build_resources(data, tasks) if cfg.text_match and cfg.text_match_tags else None
+    return text_matcher(cfg, data.items if items is None else items, res)
 
 
 def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
@@ -106,14 +126,16 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
     if matcher is not None and matcher.n_items != len(item_prefix):
         raise ValueError(f"the text matcher was fitted on {matcher.n_items} items but the "
                          f"catalogue has {len(item_prefix)}")
-    matches = (matcher.match(samples["instruction"].astype(str).tolist())
+    counts = [_counts(row) for row in samples.itertuples(index=False)]
+    prefer = [c for c, _ in counts] if model.cfg.text_match_bought_first else None
+    matches = (matcher.match(samples["instruction"].astype(str).tolist(), prefer)
                if matcher is not None else [((), ())] * len(samples))
-    for row, (m_items, m_values) in zip(samples.itertuples(index=False), matches, strict=True):
+    for row, (c_items, c_values), (m_items, m_values) in zip(
+            samples.itertuples(index=False), counts, matches, strict=True):
         rp = render_prompt(row, None, vocab, item_prefix, tok)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
         target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
         positives = tuple(int(t) for t in np.asarray(row.targets)) if with_target else ()
-        c_items, c_values = _counts(row)
         out.append(SFTExample(input_ids=ids, item_ids=list(rp.history), target_item=target,
                               target_prefix=int(item_prefix[target]), n_context=rp.n_context,
                               positives=positives, count_items=c_items, count_values=c_values,
@@ -142,7 +164,10 @@ class TrainingStage(Stage):
         valid_df = pd.read_parquet(ctx.input("tasks") / "valid.parquet")
         if train_df.empty:
             raise StageError(f"{ctx.input('tasks')}/train.parquet holds no SFT samples")
-        matcher = text_matcher(cfg.model, ProcessedData.load(ctx.input("data")).items)
+        data = ProcessedData.load(ctx.input("data"))
+        if cfg.model.repeat_rarity:
+            model.set_item_rarity(data.train_item_counts)
+        matcher = data_matcher(cfg.model, data, cfg.tasks)
         train_ex = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
         rng = np.random.default_rng(cfg.seed)
         # Stratified by task: every task gets the same share of the validation subset, so the
