@@ -75,8 +75,12 @@ def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
     taus = manifest["summary"]["sigma"]["tau"]
     assert set(taus) == {"adaptive", "fixed", "rule"} and taus["rule"] > 0
     scales = manifest["summary"]["sigma"]["copy_scale"]
-    assert set(scales) == {"adaptive", "rule"}
-    assert {scales["adaptive"], scales["rule"]} <= {1.0, *cfg.generation.copy_scale_grid}
+    assert set(scales) == {"adaptive", "fixed", "rule"}
+    assert set(scales.values()) <= {1.0, *cfg.generation.copy_scale_grid}
+    # Fusion per task: sigma is fused at each task's pair; the single choice stays beside it.
+    assert {"sigma_global", "sigma_global+rule"} <= models
+    per = manifest["summary"]["sigma"]["per_task"]
+    assert set(per["adaptive"]) <= {t for t in tasks["test"]["sigma"] if t not in ("ALL", "MEAN")}
     # SIGMA with the rule as a business filter, beside the baselines' '+rule' rows; on
     # validation too, where its own tau is chosen.
     assert "sigma+rule" in models and "sigma+rule" in tasks.get("valid", {})

@@ -153,8 +153,9 @@ def test_items_added_for_serving_are_the_rarest() -> None:
 
 def test_the_rarity_channel_learns_to_pick_the_niche_purchase() -> None:
     """Targets are always the household's one niche purchase (an item of the catalogue's least
-    bought quarter) among three staples (its most bought quarter), which the prompt never shows and whose purchase count
-    says nothing (counts are shuffled): only the rarity channel tells it from the others."""
+    bought quarter) among three staples (its most bought quarter), which the prompt never
+    shows and whose purchase count says nothing (counts are shuffled): only the rarity channel
+    tells it from the others."""
     rng = np.random.default_rng(5)
     counts = rng.permutation(np.arange(N_ITEMS) * 3)  # distinct training counts
     niche = np.flatnonzero(counts < np.quantile(counts, 0.25))

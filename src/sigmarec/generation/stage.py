@@ -274,7 +274,7 @@ class GenerationStage(Stage):
             name = "sigma" if mode == "adaptive" else f"sigma_{mode}"
             for split, c in cands.items():
                 items, scores = fuse(c, mode, taus.get(mode, gcfg.tau), n,
-                                     scale if mode == "adaptive" else 1.0)
+                                     scales.get(mode, 1.0))
                 if mode == "adaptive" and "adaptive" in per_task:
                     # The single choice stays as its own model: per-task against global in
                     # the same run.
@@ -303,7 +303,7 @@ class GenerationStage(Stage):
             write_parquet(ctx.out / "rankings" / f"sigma+rule_{split}.parquet",
                           rankings_frame(inst[split], items, scores))
         out["diagnostics"] = self._diagnostics(ctx, model, inst, cands, final)
-        self._tau_curve(ctx, data, inst, cands, taus, scale, n)
+        self._tau_curve(ctx, data, inst, cands, taus, scales, n)
         out["prefix_usage"] = self._prefix_usage(ctx, model, cands, final)
         self._examples(ctx, data, inst, final)
         return out
@@ -375,17 +375,18 @@ class GenerationStage(Stage):
     def _choose_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
                     cands: dict[str, Candidates], n: int
                     ) -> tuple[dict[str, float], dict[str, float]]:
-        """tau per fusion mode and, for adaptive fusion, the copy scale (jointly), by
-        validation HR@10; the other modes keep the copy term as trained."""
+        """tau and the copy scale (jointly) per fusion mode, adaptive and fixed, by validation
+        HR@10: the APF ablation (adaptive against a fixed tau) tunes the same knobs on both
+        sides. ``off`` keeps the copy term as trained."""
         taus = {m: gcfg.tau for m in ("adaptive", "fixed")}
-        scales = {"adaptive": 1.0}
+        scales = {"adaptive": 1.0, "fixed": 1.0}
         if not gcfg.select_tau or "valid" not in cands:
             return taus, scales
         c = cands["valid"]
         grids = {"fixed": list(gcfg.tau_grid),
                  "adaptive": adaptive_taus(c, gcfg.tau_grid, gcfg.tau)}
         for mode in ("adaptive", "fixed"):
-            alphas = copy_scales(gcfg, c) if mode == "adaptive" else [1.0]
+            alphas = copy_scales(gcfg, c)
             scores = {(t, a): task_hr(inst["valid"], fuse(c, mode, t, n, a)[0])
                       for t in grids[mode] for a in alphas}
             # Ties go to the middle of the grid rather than to an extreme, then to the
@@ -393,17 +394,17 @@ class GenerationStage(Stage):
             mid = grids[mode][len(grids[mode]) // 2]
             taus[mode], scale = max(scores, key=lambda ta: (
                 round(scores[ta], 6), -abs(np.log(ta[0] / mid)), ta[1] == 1.0))
-            if mode == "adaptive":
-                scales["adaptive"] = scale
+            scales[mode] = scale
             log.info("generation: %s fusion, validation HR@10 by (tau, copy scale) %s -> %s",
                      mode, {f"{t:.3g},{a:g}": round(v, 4) for (t, a), v in scores.items()},
                      (taus[mode], scale))
         return taus, scales
 
     def _tau_curve(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
-                   cands: dict[str, Candidates], taus: dict[str, float], scale: float,
-                   n: int) -> None:
-        """Accuracy and diversity of fixed-tau fusion as tau varies, plus the adaptive point."""
+                   cands: dict[str, Candidates], taus: dict[str, float],
+                   scales: dict[str, float], n: int) -> None:
+        """Accuracy and diversity of fixed-tau fusion as tau varies (at its chosen copy scale),
+        plus the adaptive point."""
         ev = ctx.config.eval
         cats = category_codes(data.items["category_path"].tolist(), ev.category_level)
         head = head_mask(data.train_item_counts, ev.long_tail_head_share)
@@ -414,7 +415,7 @@ class GenerationStage(Stage):
             df = inst[split]
             hist = data.histories(df)
             for mode, tau in points:
-                a = scale if mode == "adaptive" else 1.0
+                a = scales.get(mode, 1.0)
                 items = fill_lists(fuse(c, mode, tau, n, a)[0], np.arange(data.n_items))[0]
                 acc = accuracy_metrics(items, list(df["targets"]), [10])
                 bey = beyond_metrics(items, [10], cats, head, hist)
