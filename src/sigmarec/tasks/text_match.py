@@ -8,7 +8,7 @@ between the instruction and each item's text (title, category path below the top
 fitted on the catalogue alone, so nothing of a household or an evaluation period enters it.
 The model reads the best-matching items like the purchase counts (``model.text_match``), with
 gates it learns from the prompt's hidden state: a task whose words name no product (JustForYou,
-Season) is free to ignore it.
+Longtail) is free to ignore it.
 
 Two refinements (``model.text_match_tags``, ``model.text_match_bought_first``):
 
