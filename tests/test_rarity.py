@@ -20,11 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_model import N_ITEMS
 from test_objective import _example
-from test_repeat import COUNTS, _randomised, _top1_after_training, assert_losses_match_reference
-from test_text_match import MATCHES, _match_batch
+from test_repeat import (
+    _randomised,
+    _top1_after_training,
+    assert_decoder_matches_reference,
+    assert_losses_match_reference,
+    decoder_model_and_examples,
+)
+from test_text_match import _count_and_match, _match_batch
 
-from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.reference import reference_recommend
 from sigmarec.model import load_sigma_model
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import WEIGHTS_FILE
@@ -91,32 +95,11 @@ def test_rarity_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
 
 @pytest.mark.parametrize("sizes", [[4], [2, 2]])
 def test_decoder_with_rarity_equals_the_reference(sizes) -> None:
-    prefix = np.random.default_rng(7).permutation(np.arange(N_ITEMS) % int(np.prod(sizes)))
-    from test_model import make_model as base
-
-    model = base(sizes, prefix=prefix, repeat_aware=True, repeat_counts=True, text_match=True,
-                 repeat_rarity=True).eval()
-    model.set_item_rarity(TRAIN_COUNTS)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        model.token_delta.normal_(0, 0.5, generator=g)
-        model.repeat.proj.weight.normal_(0, 0.05, generator=g)
-        model.repeat.proj.bias[9].fill_(4.0)  # rare counted items must reach the lists
-    exs = [_example(model, [3, 4], [1, 2, 3], 5), _example(model, [], [7, 8, 7], 9),
-           _example(model, [12], [10, 11, 12, 13], 1), _example(model, [6, 20, 21], [20, 6], 5)]
-    exs = [dataclasses.replace(e, count_items=ci, count_values=cv, match_items=mi,
-                               match_values=mv)
-           for e, (ci, cv), (mi, mv) in zip(exs, COUNTS, MATCHES, strict=True)]
-    k, m, n = 2, 2, 4
-    dec = SigmaDecoder(model, k, m)
-    for allow in (None, np.arange(N_ITEMS) % 3 != 0):
-        items, scores = dec.recommend(exs, n, fusion="adaptive", tau=0.05, allow_mask=allow)
-        for r, ex in enumerate(exs):
-            ref_items, ref_scores = reference_recommend(model, ex, k, m, n, "adaptive", 0.05,
-                                                        allow)
-            assert items[r].tolist() == ref_items
-            assert np.allclose(scores[r], ref_scores, atol=1e-4)
-
+    # The rarity item gate at 4: rare counted items must reach the lists.
+    model, exs = decoder_model_and_examples(
+        sizes, 9, _count_and_match, prepare=lambda m: m.set_item_rarity(TRAIN_COUNTS),
+        repeat_counts=True, text_match=True, repeat_rarity=True)
+    assert_decoder_matches_reference(model, exs)
 
 def test_rarities_survive_save_and_load_and_are_required(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file

@@ -385,20 +385,38 @@ def assert_losses_match_reference(model, ex, b) -> None:
 
 @pytest.mark.parametrize("sizes", [[4], [2, 2]])
 def test_decoder_with_purchase_counts_equals_the_reference(sizes) -> None:
+    model, exs = decoder_model_and_examples(
+        sizes, 5, lambda i: {"count_items": COUNTS[i][0], "count_values": COUNTS[i][1]},
+        repeat_counts=True)
+    items = assert_decoder_matches_reference(model, exs)
+    counted = {i for ci, _ in COUNTS for i in ci} - {i for e in exs for i in e.item_ids}
+    assert counted & set(items.ravel().tolist()), "no counted-only item was recommended"
+
+
+def decoder_model_and_examples(sizes, gate: int, channels, prepare=None, **cfg):
+    """A randomised copy-prior model over a shuffled ``sizes`` prefix space, the item gate
+    ``gate`` at 4 (so the channel's items must reach the lists), and four examples with
+    ``channels(i)`` (a dict of SFTExample fields for example i) filled in."""
     prefix = np.random.default_rng(7).permutation(np.arange(N_ITEMS) % int(np.prod(sizes)))
     from test_model import make_model as base
 
-    model = base(sizes, prefix=prefix, repeat_aware=True, repeat_counts=True).eval()
+    model = base(sizes, prefix=prefix, repeat_aware=True, **cfg).eval()
+    if prepare is not None:
+        prepare(model)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         model.token_delta.normal_(0, 0.5, generator=g)
         model.repeat.proj.weight.normal_(0, 0.05, generator=g)
-        model.repeat.proj.bias[5].fill_(4.0)  # counted items must reach the lists
+        model.repeat.proj.bias[gate].fill_(4.0)
     exs = [_example(model, [3, 4], [1, 2, 3], 5), _example(model, [], [7, 8, 7], 9),
            _example(model, [12], [10, 11, 12, 13], 1), _example(model, [6, 20, 21], [20, 6], 5)]
-    exs = [dataclasses.replace(e, count_items=ci, count_values=cv)
-           for e, (ci, cv) in zip(exs, COUNTS, strict=True)]
-    k, m, n = 2, 2, 4  # M small: only the copy term brings counted items past the cosine top-M
+    return model, [dataclasses.replace(e, **channels(i)) for i, e in enumerate(exs)]
+
+
+def assert_decoder_matches_reference(model, exs, k: int = 2, m: int = 2, n: int = 4):
+    """The batched decoder's lists and scores equal the exhaustive reference, unfiltered and
+    under a filter; returns the last (filtered) lists. M small: only the copy term brings
+    the channel's items past the cosine top-M."""
     dec = SigmaDecoder(model, k, m)
     for allow in (None, np.arange(N_ITEMS) % 3 != 0):
         items, scores = dec.recommend(exs, n, fusion="adaptive", tau=0.05, allow_mask=allow)
@@ -407,8 +425,7 @@ def test_decoder_with_purchase_counts_equals_the_reference(sizes) -> None:
                                                         allow)
             assert items[r].tolist() == ref_items
             assert np.allclose(scores[r], ref_scores, atol=1e-4)
-    counted = {i for ci, _ in COUNTS for i in ci} - {i for e in exs for i in e.item_ids}
-    assert counted & set(items.ravel().tolist()), "no counted-only item was recommended"
+    return items
 
 
 def test_the_count_channel_learns_repeats_the_prompt_does_not_show() -> None:

@@ -19,11 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_model import N_ITEMS
 from test_objective import _batch, _example
-from test_repeat import COUNTS, _randomised, _top1_after_training, assert_losses_match_reference
+from test_repeat import (
+    COUNTS,
+    _randomised,
+    _top1_after_training,
+    assert_decoder_matches_reference,
+    assert_losses_match_reference,
+    decoder_model_and_examples,
+)
 
 from sigmarec.errors import SigmaError
-from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.reference import reference_recommend
 from sigmarec.tasks.text_match import (
     InstructionMatcher,
     item_match_texts,
@@ -161,6 +166,12 @@ def test_to_examples_keeps_the_households_matches_and_needs_tags_resources() -> 
 MATCHES = [((25, 7), (0.9, 0.4)), ((26, 2, 19), (1.0, 0.6, 0.2)), ((), ()), ((27,), (0.8,))]
 
 
+def _count_and_match(i: int) -> dict:
+    """Example i's purchase counts and text matches, as SFTExample fields."""
+    return {"count_items": COUNTS[i][0], "count_values": COUNTS[i][1],
+            "match_items": MATCHES[i][0], "match_values": MATCHES[i][1]}
+
+
 def _match_batch(model):
     ex, _ = _batch(model)
     ex = [dataclasses.replace(e, count_items=ci, count_values=cv, match_items=mi, match_values=mv)
@@ -213,30 +224,9 @@ def test_match_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
 
 @pytest.mark.parametrize("sizes", [[4], [2, 2]])
 def test_decoder_with_text_matches_equals_the_reference(sizes) -> None:
-    prefix = np.random.default_rng(7).permutation(np.arange(N_ITEMS) % int(np.prod(sizes)))
-    from test_model import make_model as base
-
-    model = base(sizes, prefix=prefix, repeat_aware=True, repeat_counts=True,
-                 text_match=True).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        model.token_delta.normal_(0, 0.5, generator=g)
-        model.repeat.proj.weight.normal_(0, 0.05, generator=g)
-        model.repeat.proj.bias[7].fill_(4.0)  # matched items must reach the lists
-    exs = [_example(model, [3, 4], [1, 2, 3], 5), _example(model, [], [7, 8, 7], 9),
-           _example(model, [12], [10, 11, 12, 13], 1), _example(model, [6, 20, 21], [20, 6], 5)]
-    exs = [dataclasses.replace(e, count_items=ci, count_values=cv, match_items=mi,
-                               match_values=mv)
-           for e, (ci, cv), (mi, mv) in zip(exs, COUNTS, MATCHES, strict=True)]
-    k, m, n = 2, 2, 4  # M small: only the copy term brings matched items past the cosine top-M
-    dec = SigmaDecoder(model, k, m)
-    for allow in (None, np.arange(N_ITEMS) % 3 != 0):
-        items, scores = dec.recommend(exs, n, fusion="adaptive", tau=0.05, allow_mask=allow)
-        for r, ex in enumerate(exs):
-            ref_items, ref_scores = reference_recommend(model, ex, k, m, n, "adaptive", 0.05,
-                                                        allow)
-            assert items[r].tolist() == ref_items
-            assert np.allclose(scores[r], ref_scores, atol=1e-4)
+    model, exs = decoder_model_and_examples(sizes, 7, _count_and_match, repeat_counts=True,
+                                            text_match=True)
+    items = assert_decoder_matches_reference(model, exs)
     listed = {i for e in exs for i in (*e.item_ids, *e.count_items)}
     matched = {i for mi, _ in MATCHES for i in mi} - listed
     assert matched & set(items.ravel().tolist()), "no matched-only item was recommended"
