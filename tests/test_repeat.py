@@ -327,7 +327,8 @@ def test_count_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
 def assert_losses_match_reference(model, ex, b) -> None:
     """The label NTP, the catalogue InfoNCE and the dense InfoNCE of a copy-prior model with
     purchase counts (and, with ``model.cfg.text_match``, text matches; with
-    ``model.cfg.repeat_rarity``, the counted items' rarities) against a per-row
+    ``model.cfg.repeat_rarity``, the counted items' rarities; with ``model.cfg.novelty``, the
+    novelty lists) against a per-row
     written-out computation: gates (prefix channels, then item channels) read at the token
     before the label; each channel adds ``gate x log1p(count)`` per code on the prefix logits
     and ``tau x gate x log1p(count)`` per item; dense positions see only the sequence items
@@ -345,7 +346,8 @@ def assert_losses_match_reference(model, ex, b) -> None:
         for r, e in enumerate(ex):
             state = h[r, t - 3]
             g = F.softplus(model.repeat.proj(state.float()))
-            n_ch = 3 + int(model.cfg.text_match) + int(model.cfg.repeat_rarity)
+            n_ch = (3 + int(model.cfg.text_match) + int(model.cfg.repeat_rarity)
+                    + int(model.cfg.novelty))
             assert g.shape == (2 * n_ch,)
             seq, ctx = list(e.item_ids[e.n_context:]), list(e.item_ids[: e.n_context])
             weights = [{i: float(seq.count(i)) for i in seq}, {i: float(ctx.count(i)) for i in ctx},
@@ -356,6 +358,9 @@ def assert_losses_match_reference(model, ex, b) -> None:
             if model.cfg.repeat_rarity:
                 weights.append({i: model.cfg.rarity_scale * float(model.item_rarity[i])
                                 for i in e.count_items})
+            if model.cfg.novelty:
+                weights.append({i: model.cfg.novelty_scale * v
+                                for i, v in zip(e.novel_items, e.novel_values, strict=True)})
             logits = model.level_logits(state[None], 0)[0]
             for code in range(4):
                 for ch, w in enumerate(weights):

@@ -535,3 +535,34 @@ def test_alignment_samples_come_from_the_catalogue_and_keep_rules(data) -> None:
     pd.testing.assert_frame_equal(
         sft.train[sft.train["task"] != "Align"].drop(columns="sample_id").reset_index(drop=True),
         base.drop(columns="sample_id").reset_index(drop=True))
+
+
+def test_novelty_lists_are_the_best_sellers_the_discover_rule_admits(data, sft) -> None:
+    # The copy prior's novelty list of every prompt row: the most bought training items whose
+    # category the whole history before the cut never shows (the Discover rule, not only the
+    # part the prompt shows), so it reads no evaluation window; catalogue-alignment rows, with
+    # no household, list nothing.
+    cfg = tasks_config()
+    task = sft.tasks["Discover"]
+    counts = sft.resources.train_counts
+    kinds = set()
+    for split in ("train", "valid", "test"):
+        for row in sft.split(split).to_dict("records"):
+            items, values = np.asarray(row["novel_items"]), np.asarray(row["novel_values"])
+            kinds.add((row["task"] == "Align", len(items) > 0))
+            if row["task"] == "Align":
+                assert len(items) == 0 and len(values) == 0
+                continue
+            ok = task.allowed({"level": sft.resources.discover_level}, _cut(data, row))
+            ok &= counts > 0
+            cand = np.flatnonzero(ok)
+            want = cand[np.lexsort((cand, -counts[cand]))][: cfg.novel_items]
+            assert items.tolist() == want.tolist(), (split, row["task"])
+            np.testing.assert_allclose(values, counts[want] / counts[
+                sft.resources.level_codes[sft.resources.discover_level] >= 0].max())
+    assert (False, True) in kinds
+    align = build_sft_data(data, tasks_config(align_samples=20), seed=0).train
+    assert (align["task"] == "Align").any()
+    assert align.loc[align["task"] == "Align", "novel_items"].map(len).eq(0).all()
+    off = build_sft_data(data, tasks_config(novel_items=0), seed=0)
+    assert all(len(v) == 0 for v in off.test["novel_items"])

@@ -9,10 +9,11 @@ Every variant is a config overlay, never a code path of its own:
   embeddings feed the semantic IDs and ProjFuse).
 * ``two_level``: ``tokenization.prefix_levels = 2``.
 * ``no_dense``, ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
-  ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``batch_negatives``
-  (sampled instead of whole-catalogue InfoNCE): one part of the sample-efficient SFT objective
-  off; ``no_copy_scale``: the copy term at its trained weight in fusion; ``paper_objective``: all
-  of it off.
+  ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``no_text_match``,
+  ``no_match_tags``, ``no_bought_first``, ``no_rarity``, ``no_novelty`` (its other channels),
+  ``batch_negatives`` (sampled instead of whole-catalogue InfoNCE): one part of the
+  sample-efficient SFT objective off; ``no_copy_scale``: the copy term at its trained weight
+  in fusion; ``paper_objective``: all of it off.
 
 An ablation run shares the main run's data, baselines and grounding stages (linked, not
 recomputed: its config does not change them) and retrains from tokenization on. The run list
@@ -44,20 +45,23 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "shared_prefix_init": {"model": {"prefix_init": "shared"}},
     "no_repeat": {"model": {"repeat_aware": False, "repeat_counts": False,
                             "text_match": False, "text_match_tags": False,
-                            "text_match_bought_first": False, "repeat_rarity": False}},
+                            "text_match_bought_first": False, "repeat_rarity": False,
+                            "novelty": False}},
     "no_counts": {"model": {"repeat_counts": False, "repeat_rarity": False}},
     "no_text_match": {"model": {"text_match": False, "text_match_tags": False,
                                 "text_match_bought_first": False}},
     "no_match_tags": {"model": {"text_match_tags": False}},
     "no_bought_first": {"model": {"text_match_bought_first": False}},
     "no_rarity": {"model": {"repeat_rarity": False}},
+    "no_novelty": {"model": {"novelty": False}},
     "no_copy_scale": {"generation": {"copy_scale_grid": []}},
     "batch_negatives": {"model": {"infonce_negatives": "batch"}},
     "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
                                   "prefix_init": "shared", "repeat_aware": False,
                                   "repeat_counts": False, "text_match": False,
                                   "text_match_tags": False, "text_match_bought_first": False,
-                                  "repeat_rarity": False, "infonce_negatives": "batch"},
+                                  "repeat_rarity": False, "novelty": False,
+                                  "infonce_negatives": "batch"},
                         "generation": {"copy_scale_grid": []},
                         "tasks": {"frequent_items": 0, "align_samples": 0}},
 }

@@ -52,7 +52,9 @@ class _Copy:
         counts = [torch.tensor([list(ex.count_items or ())], dtype=torch.long, device=dev),
                   torch.tensor([list(ex.count_values or ())], dtype=torch.float32, device=dev),
                   torch.tensor([list(ex.match_items or ())], dtype=torch.long, device=dev),
-                  torch.tensor([list(ex.match_values or ())], dtype=torch.float32, device=dev)]
+                  torch.tensor([list(ex.match_values or ())], dtype=torch.float32, device=dev),
+                  torch.tensor([list(ex.novel_items or ())], dtype=torch.long, device=dev),
+                  torch.tensor([list(ex.novel_values or ())], dtype=torch.float32, device=dev)]
         self.slots = model.prompt_slots(ids, torch.ones_like(ids), torch.tensor(
             list(ex.item_ids), dtype=torch.long, device=dev), seq, *counts)
         self.gates = model.repeat(_last_hidden(model, ex, []))[None]

@@ -43,6 +43,11 @@ class SFTExample:
     # prior's text-match channel (``model.text_match``, :mod:`sigmarec.tasks.text_match`).
     match_items: tuple[int, ...] = ()
     match_values: tuple[float, ...] = ()
+    # The most bought catalogue items of the categories the household never bought and their
+    # popularity over the best-seller's (0, 1]: the novelty channel (``model.novelty``,
+    # :mod:`sigmarec.tasks.novelty`).
+    novel_items: tuple[int, ...] = ()
+    novel_values: tuple[float, ...] = ()
 
 
 _REQUIRED = object()
@@ -145,7 +150,8 @@ class SigmaCollator:
     ``target_prefix`` (B,), ``hard_negatives`` (B, k) with -1 for "none" and ``positives``
     (B, P) every positive of the row (the target first), -1 padded. ``count_items`` (B, H)
     (-1 padded) and ``count_values`` (B, H) are the examples' purchase counts (H >= 1), and
-    ``match_items`` / ``match_values`` (B, M) their text matches, padded the same way.
+    ``match_items`` / ``match_values`` (B, M) their text matches and ``novel_items`` /
+    ``novel_values`` (B, V) their novelty lists, padded the same way.
     """
 
     def __init__(
@@ -210,6 +216,8 @@ class SigmaCollator:
         c_values: list[list[float]] = []
         m_items: list[list[int]] = []
         m_values: list[list[float]] = []
+        v_items: list[list[int]] = []
+        v_values: list[list[float]] = []
         for i, ex in enumerate(examples):
             ids = [int(t) for t in _field(ex, "input_ids")]
             ex_items = [int(t) for t in _field(ex, "item_ids")]
@@ -250,6 +258,10 @@ class SigmaCollator:
                                     "cosines in (0, 1]")
             m_items.append(mi)
             m_values.append(mv)
+            vi, vv = self._weighted(ex, i, "novel", lambda v: 0 < v <= 1 + 1e-6,
+                                    "popularity shares in (0, 1]")
+            v_items.append(vi)
+            v_values.append(vv)
             rows.append(ids)
             items.extend(ex_items)
             seq.extend([False] * n_ctx + [True] * (len(ex_items) - n_ctx))
@@ -262,6 +274,7 @@ class SigmaCollator:
         }
         batch["count_items"], batch["count_values"] = _pad_weighted(c_items, c_values)
         batch["match_items"], batch["match_values"] = _pad_weighted(m_items, m_values)
+        batch["novel_items"], batch["novel_values"] = _pad_weighted(v_items, v_values)
         if with_labels:
             tgt = np.asarray(targets, dtype=np.int64)
             rng = rng if rng is not None else np.random.default_rng(0)

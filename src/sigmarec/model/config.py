@@ -109,6 +109,16 @@ class ModelConfig(_Strict):
     )
     rarity_scale: float = Field(20.0, gt=0, description="rarity channel: the channel reads "
                                 "rarity x scale (log1p of it), as the text match reads cosines")
+    novelty: bool = Field(
+        False, description="repeat-aware models: a further copy channel over the most bought "
+        "catalogue items of the categories the household never bought (tasks.novel_items of "
+        "them, from its whole history before the cut; sigmarec.tasks.novelty), each weighted "
+        "by its popularity over the best-seller's x novelty_scale: how a Discover request "
+        "reaches the scores",
+    )
+    novelty_scale: float = Field(20.0, gt=0, description="novelty channel: the channel reads "
+                                 "popularity x scale (log1p of it), as the text match reads "
+                                 "cosines")
     shared_prefix_decode: bool = Field(
         True, description="generation: run the K continuations of a prompt in one row under a "
         "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",
@@ -131,4 +141,7 @@ class ModelConfig(_Strict):
         if self.repeat_rarity and not self.repeat_counts:
             raise ValueError("model.repeat_rarity weighs the purchase-count channel's items: it "
                              "needs model.repeat_counts=true")
+        if self.novelty and not self.repeat_aware:
+            raise ValueError("model.novelty is a channel of the copy prior: it needs "
+                             "model.repeat_aware=true")
         return self

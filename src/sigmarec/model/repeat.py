@@ -27,6 +27,12 @@ repeat-aware recommenders (RepeatNet, ReCANet) do, the scores get an explicit co
   ``model.rarity_scale``: how a request for something niche can prefer the household's rare
   purchases (a long-tail request) where the count channel prefers its staples.
 
+* with ``model.novelty``, a further channel in both: the most bought catalogue items of the
+  categories the household never bought (:mod:`sigmarec.tasks.novelty`, from its whole history
+  before the cut), each valued by its popularity (over the catalogue's best-seller) times
+  ``model.novelty_scale``: how a Discover request reaches the scores, which every other
+  channel pulls towards what the household already buys.
+
 The four gates (two more per extra channel) are ``softplus`` of a linear map of the hidden
 state at the end of the prompt (the token before the first label token): the instruction can
 switch copying off (a task that asks for something new) or up (buy again). The linear map
@@ -46,10 +52,11 @@ from torch.nn import functional as F
 N_GATES = 4  # prefix-seq, prefix-ctx, item-seq, item-ctx (without purchase counts)
 
 
-def n_gates(counts: bool, match: bool = False, rarity: bool = False) -> int:
+def n_gates(counts: bool, match: bool = False, rarity: bool = False,
+            novelty: bool = False) -> int:
     """Gates per row: one per channel (sequence, context[, purchase counts][, text match]
-    [, rarity]) for the prefix logits and one per channel for the item scores."""
-    return 2 * (2 + int(counts) + int(match) + int(rarity))
+    [, rarity][, novelty]) for the prefix logits and one per channel for the item scores."""
+    return 2 * (2 + int(counts) + int(match) + int(rarity) + int(novelty))
 
 
 @dataclass
@@ -59,7 +66,9 @@ class PromptSlots:
     context section; with purchase counts, ``count_items`` (R, H) (-1 = padding) and
     ``count_values`` (R, H) the household's purchase count of each; with the text match,
     ``match_items`` (R, M) (-1 = padding) and ``match_values`` (R, M) their scaled match;
-    with rarity, ``rarity_items`` (R, H) and ``rarity_values`` (R, H) their scaled rarity."""
+    with rarity, ``rarity_items`` (R, H) and ``rarity_values`` (R, H) their scaled rarity;
+    with novelty, ``novel_items`` (R, V) (-1 = padding) and ``novel_values`` (R, V) their
+    scaled popularity."""
 
     items: torch.Tensor
     seq: torch.Tensor
@@ -69,6 +78,8 @@ class PromptSlots:
     match_values: torch.Tensor | None = None
     rarity_items: torch.Tensor | None = None
     rarity_values: torch.Tensor | None = None
+    novel_items: torch.Tensor | None = None
+    novel_values: torch.Tensor | None = None
 
     def weighted(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The channels after sequence and context, in gate order: (items, values) tables."""
@@ -79,12 +90,14 @@ class PromptSlots:
             out.append((self.match_items, self.match_values))
         if self.rarity_items is not None:
             out.append((self.rarity_items, self.rarity_values))
+        if self.novel_items is not None:
+            out.append((self.novel_items, self.novel_values))
         return out
 
     def listed_items(self) -> torch.Tensor:
         """(R, J + ...) every item the table names (placeholders, counted, matched, ...)."""
         # The rarity channel lists the counted items again (SigmaModel.prompt_slots).
-        named = [self.count_items, self.match_items]
+        named = [self.count_items, self.match_items, self.novel_items]
         return torch.cat([self.items, *(i for i in named if i is not None)], dim=1)
 
     @property
@@ -95,7 +108,7 @@ class PromptSlots:
         """The same table with another placeholder-item table (e.g. column ids)."""
         return PromptSlots(items, self.seq, self.count_items, self.count_values,
                            self.match_items, self.match_values, self.rarity_items,
-                           self.rarity_values)
+                           self.rarity_values, self.novel_items, self.novel_values)
 
     @classmethod
     def from_batch(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -105,7 +118,9 @@ class PromptSlots:
                    match_items: torch.Tensor | None = None,
                    match_values: torch.Tensor | None = None,
                    rarity_items: torch.Tensor | None = None,
-                   rarity_values: torch.Tensor | None = None) -> PromptSlots:
+                   rarity_values: torch.Tensor | None = None,
+                   novel_items: torch.Tensor | None = None,
+                   novel_values: torch.Tensor | None = None) -> PromptSlots:
         slots = ((input_ids == item_token_id) & attention_mask.bool()).nonzero()  # row-major
         rows = slots[:, 0]
         b = input_ids.shape[0]
@@ -121,7 +136,8 @@ class PromptSlots:
         weighted = []
         for name, it, val in (("count", count_items, count_values),
                               ("match", match_items, match_values),
-                              ("rarity", rarity_items, rarity_values)):
+                              ("rarity", rarity_items, rarity_values),
+                              ("novel", novel_items, novel_values)):
             if it is None:
                 weighted += [None, None]
                 continue
@@ -139,7 +155,8 @@ class PromptSlots:
         return PromptSlots(self.items[idx], self.seq[idx], pick(self.count_items),
                            pick(self.count_values), pick(self.match_items),
                            pick(self.match_values), pick(self.rarity_items),
-                           pick(self.rarity_values))
+                           pick(self.rarity_values), pick(self.novel_items),
+                           pick(self.novel_values))
 
     def ranks(self) -> torch.Tensor:
         """(N,) rank of each placeholder in its row, in row-major order (matches item_ids)."""
@@ -234,8 +251,9 @@ def column_counts(slots: PromptSlots, n_cols: int, before: torch.Tensor | None =
 def _split(gates: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     if gates.shape[1] != 2 * channels:
         raise ValueError(f"{gates.shape[1]} copy gates for {channels} count channels: the "
-                         "model's model.repeat_counts / text_match / repeat_rarity and the "
-                         "prompts' purchase counts / text matches disagree")
+                         "model's model.repeat_counts / text_match / repeat_rarity / novelty "
+                         "and the prompts' purchase counts / text matches / novelty lists "
+                         "disagree")
     return gates[:, :channels], gates[:, channels:]
 
 

@@ -82,7 +82,7 @@ class PromptCache:
 
 
 PROMPT_FIELDS = ("input_ids", "attention_mask", "item_ids", "sequence_mask", "count_items",
-                 "count_values", "match_items", "match_values")
+                 "count_values", "match_items", "match_values", "novel_items", "novel_values")
 
 
 def prompt_args(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,7 +201,8 @@ class SigmaModel(nn.Module):
         self.register_buffer("item_codes", _codes_tensor(prefix, self.codebook_sizes),
                              persistent=False)
         self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(
-            cfg.repeat_counts, cfg.text_match, cfg.repeat_rarity)) if cfg.repeat_aware else None
+            cfg.repeat_counts, cfg.text_match, cfg.repeat_rarity, cfg.novelty)
+        ) if cfg.repeat_aware else None
         # The rarity channel's per-item value (set_item_rarity, from the training counts):
         # persistent, so a saved model scores with the rarities it was trained on.
         self.register_buffer("item_rarity", torch.zeros(self.n_items))
@@ -363,10 +364,12 @@ class SigmaModel(nn.Module):
                      count_items: torch.Tensor | None = None,
                      count_values: torch.Tensor | None = None,
                      match_items: torch.Tensor | None = None,
-                     match_values: torch.Tensor | None = None) -> PromptSlots:
-        """The copy prior's item table of a collated batch; purchase counts and text matches
-        are read only by a model trained with them (``cfg.repeat_counts``,
-        ``cfg.text_match``), which cannot score without them."""
+                     match_values: torch.Tensor | None = None,
+                     novel_items: torch.Tensor | None = None,
+                     novel_values: torch.Tensor | None = None) -> PromptSlots:
+        """The copy prior's item table of a collated batch; purchase counts, text matches and
+        novelty lists are read only by a model trained with them (``cfg.repeat_counts``,
+        ``cfg.text_match``, ``cfg.novelty``), which cannot score without them."""
         if self.cfg.repeat_counts:
             if count_items is None or count_values is None:
                 raise ValueError("this model scores with purchase counts (model.repeat_counts) "
@@ -390,9 +393,18 @@ class SigmaModel(nn.Module):
             rarity = self.item_rarity.to(count_items.device)[
                 count_items.clamp(0, self.n_items - 1)]
             rarity_values = torch.where(known, rarity, 0.0) * self.cfg.rarity_scale
+        if self.cfg.novelty:
+            if novel_items is None or novel_values is None:
+                raise ValueError("this model scores with novelty lists (model.novelty) but the "
+                                 "batch has no novel_items / novel_values: build the prompts "
+                                 "with tasks.novel_items > 0 (rerun the tasks stage)")
+            novel_values = novel_values * self.cfg.novelty_scale
+        else:
+            novel_items = novel_values = None
         return PromptSlots.from_batch(input_ids, attention_mask, item_ids, sequence_mask,
                                       self.item_token_id, count_items, count_values,
-                                      match_items, match_values, rarity_items, rarity_values)
+                                      match_items, match_values, rarity_items, rarity_values,
+                                      novel_items, novel_values)
 
     def set_item_rarity(self, train_counts: np.ndarray) -> None:
         """The rarity channel's values from each item's training purchase count: the share of
@@ -445,6 +457,8 @@ class SigmaModel(nn.Module):
         count_values: torch.Tensor | None = None,
         match_items: torch.Tensor | None = None,
         match_values: torch.Tensor | None = None,
+        novel_items: torch.Tensor | None = None,
+        novel_values: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses of a collated batch (labels appended), or the hidden states without labels.
 
@@ -455,7 +469,8 @@ class SigmaModel(nn.Module):
         the token before it, InfoNCE at its last prefix token against the batch's items).
         ``count_items`` / ``count_values`` (B, H) are the households' purchase counts (the
         collator's), read by a model with ``cfg.repeat_counts``; ``match_items`` /
-        ``match_values`` (B, M) the instructions' text matches, read with ``cfg.text_match``.
+        ``match_values`` (B, M) the instructions' text matches, read with ``cfg.text_match``;
+        ``novel_items`` / ``novel_values`` (B, V) the novelty lists, read with ``cfg.novelty``.
         """
         n_hist = item_ids.numel()
         parts = [item_ids.view(-1)]
@@ -488,7 +503,8 @@ class SigmaModel(nn.Module):
         slots = gates = None
         if self.repeat is not None:
             slots = self.prompt_slots(input_ids, attention_mask, item_ids, sequence_mask,
-                                      count_items, count_values, match_items, match_values)
+                                      count_items, count_values, match_items, match_values,
+                                      novel_items, novel_values)
             # Read where the answer starts: the token before the first label token.
             gates = self.repeat(h[:, t - 2 - n_levels])
         with _no_autocast(h.device.type):
@@ -674,7 +690,8 @@ class SigmaModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_ids: torch.Tensor,
         sequence_mask: torch.Tensor | None = None, count_items: torch.Tensor | None = None,
         count_values: torch.Tensor | None = None, match_items: torch.Tensor | None = None,
-        match_values: torch.Tensor | None = None,
+        match_values: torch.Tensor | None = None, novel_items: torch.Tensor | None = None,
+        novel_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PromptCache]:
         """Generation step 1: log-probs over the first-level prefix tokens after each prompt.
 
@@ -682,8 +699,8 @@ class SigmaModel(nn.Module):
         (B, codes of level 1) log-probs (for a one-level prefix: over all flat prefixes) and a
         :class:`PromptCache` for :meth:`query_vectors`. ``sequence_mask`` (the collator's) tells
         a repeat-aware model the purchase sequence from the context section (None: all
-        sequence); ``count_items`` ... ``match_values`` are the purchase counts and text
-        matches (see forward).
+        sequence); ``count_items`` ... ``novel_values`` are the purchase counts, text
+        matches and novelty lists (see forward).
         """
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: the last column must be real tokens")
@@ -695,7 +712,8 @@ class SigmaModel(nn.Module):
             h, kv = self._decode(embeds, attention_mask, pos, use_cache=True)
             cache = self.prompt_cache(h[:, -1], kv, attention_mask, pos[:, -1] + 1, input_ids,
                                       attention_mask, item_ids, sequence_mask, count_items,
-                                      count_values, match_items, match_values)
+                                      count_values, match_items, match_values, novel_items,
+                                      novel_values)
         return cache.logprobs, cache
 
     def prompt_cache(self, h_last: torch.Tensor, kv: Any, cache_mask: torch.Tensor,
@@ -704,7 +722,9 @@ class SigmaModel(nn.Module):
                      sequence_mask: torch.Tensor | None, count_items: torch.Tensor | None = None,
                      count_values: torch.Tensor | None = None,
                      match_items: torch.Tensor | None = None,
-                     match_values: torch.Tensor | None = None) -> PromptCache:
+                     match_values: torch.Tensor | None = None,
+                     novel_items: torch.Tensor | None = None,
+                     novel_values: torch.Tensor | None = None) -> PromptCache:
         """The end of step 1 once the backbone has read the prompts (all of them, or only a
         new suffix over a reused KV cache, as the nearline job does): the level-1 prefix
         log-probs from the last hidden state, with a repeat-aware model's copy term, whose
@@ -713,7 +733,8 @@ class SigmaModel(nn.Module):
         slots = gates = None
         if self.repeat is not None:
             slots = self.prompt_slots(input_ids, attention_mask, item_ids, sequence_mask,
-                                      count_items, count_values, match_items, match_values)
+                                      count_items, count_values, match_items, match_values,
+                                      novel_items, novel_values)
             gates = self.repeat(h_last)
         logp = F.log_softmax(self.level_logits(h_last, 0, copy=self.copy_bias(gates, slots, 0)),
                              dim=-1)

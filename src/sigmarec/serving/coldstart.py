@@ -169,12 +169,13 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
     """JustForYou prompt rows for the instances, as the tasks stage writes its instances."""
     from sigmarec.tasks.registry import build_tasks
     from sigmarec.tasks.resources import build_resources
-    from sigmarec.tasks.sft_data import prompt_columns
+    from sigmarec.tasks.sft_data import novelty_lister, prompt_columns
 
     res = build_resources(data, cfg.tasks)
     task = build_tasks(res, ["JustForYou"])["JustForYou"]
     rng = np.random.default_rng(seed)
     t = cfg.tasks
+    novelty = novelty_lister(res, t)
     rows = []
     for r in inst.itertuples(index=False):
         full = data.history(int(r.user_idx), int(r.hist_len))
@@ -182,7 +183,7 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
                      "targets": np.concatenate([r.targets_old, r.targets_new]),
                      "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
                      "profile": res.profiles[int(r.user_idx)],
-                     **prompt_columns(full, t)})
+                     **prompt_columns(full, t, novelty)})
     return pd.DataFrame(rows)
 
 

@@ -60,9 +60,15 @@ from sigmarec.model.sigma import SigmaModel, load_sigma_model
 from sigmarec.serving.catalog import CatalogOverlay, catalog_dir, load_overlay
 from sigmarec.serving.events import events_dir, load_events
 from sigmarec.tasks.definitions import Cut, Task
+from sigmarec.tasks.novelty import NoveltyLister
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
-from sigmarec.tasks.sft_data import item_description, prefix_tokens, prompt_columns
+from sigmarec.tasks.sft_data import (
+    item_description,
+    novelty_lister,
+    prefix_tokens,
+    prompt_columns,
+)
 from sigmarec.tasks.text import profile_text
 from sigmarec.tasks.text_match import InstructionMatcher
 from sigmarec.tokenization.hybrid import HybridVocab
@@ -155,6 +161,7 @@ class _State:
     categories: dict[str, np.ndarray]  # normalised category key -> item indices
     profile_columns: list[str]
     matcher: InstructionMatcher | None = None  # the text-match channel's, over this catalogue
+    novelty: NoveltyLister | None = None  # the novelty channel's lists (model.novelty)
 
 
 def _category_key(text: str) -> str:
@@ -321,6 +328,7 @@ class Runtime:
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
             fusion=choice, resources=res,
             tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items, res),
+            novelty=novelty_lister(res, cfg.tasks) if model.cfg.novelty else None,
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
@@ -582,7 +590,7 @@ class Runtime:
     def _examples(self, resolved: Sequence[Resolved]) -> list[SFTExample]:
         tc = self.cfg.tasks
         st = self._state
-        cols = [prompt_columns(r.history, tc) for r in resolved]
+        cols = [prompt_columns(r.history, tc, st.novelty) for r in resolved]
         rows = pd.DataFrame({
             **{k: [c[k] for c in cols] for k in (cols[0] if cols else {})},
             "profile": [r.profile for r in resolved],

@@ -91,6 +91,13 @@ class TasksConfig(_Strict):
         "count_values, not shown in the prompt): the household's N most bought items before the "
         "cut with their counts, read by the copy prior with model.repeat_counts; 0 = none"
     )
+    novel_items: int = Field(
+        100, ge=0, description="novelty lists kept beside each prompt (columns novel_items / "
+        "novel_values, not shown in the prompt): the N most bought training items of the "
+        "categories (at discover_level) absent from the household's whole history before the "
+        "cut, read by the copy prior with model.novelty; 0 = none (and none without category "
+        "paths)"
+    )
     min_history: int = Field(1, ge=1, description="fewest items before a cut (training samples)")
     # Mixture: total_samples split by weight over the supported, enabled tasks; samples_per_task
     # fixes the count of the tasks it names (the weights then share out the rest).

@@ -30,6 +30,7 @@ import pandas as pd
 from sigmarec.data.processed import ProcessedData
 from sigmarec.tasks.config import TASK_NAMES, TasksConfig
 from sigmarec.tasks.definitions import SOFT_TOKEN, Cut, RowView, Task
+from sigmarec.tasks.novelty import NoveltyLister
 from sigmarec.tasks.registry import build_tasks, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.text import display_category
@@ -37,11 +38,11 @@ from sigmarec.tasks.text import display_category
 log = logging.getLogger("sigmarec")
 
 TRAIN_COLUMNS = ["sample_id", "split", "task", "user_idx", "hist_len", "history", "frequent",
-                 "count_items", "count_values",
+                 "count_items", "count_values", "novel_items", "novel_values",
                  "target", "targets", "timestamp", "instruction", "params", "profile"]
 EVAL_COLUMNS = ["instance_id", "split", "task", "user_idx", "hist_len", "targets", "timestamp",
                 "instruction", "params", "profile", "history", "frequent", "count_items",
-                "count_values"]
+                "count_values", "novel_items", "novel_values"]
 SYSTEM_PROMPT = ("You are a recommender for a grocery retailer. Read the household's profile, "
                  "what it bought recently and the request, then name the product to show.")
 
@@ -139,14 +140,27 @@ def most_bought(history: np.ndarray, n: int, min_count: int = 2) -> np.ndarray:
     return purchase_counts(history, n, min_count)[0]
 
 
-def prompt_columns(history: np.ndarray, cfg: TasksConfig) -> dict[str, np.ndarray]:
-    """What a prompt row reads from the household's history before the cut: the recent window,
-    the "bought most often" section and the copy prior's purchase counts."""
+def novelty_lister(res: TaskResources, cfg: TasksConfig) -> NoveltyLister | None:
+    """The novelty lists' source for ``cfg`` (None with ``novel_items: 0`` or a catalogue
+    without category paths, whose rows then carry empty lists)."""
+    if cfg.novel_items <= 0 or res.depth == 0:
+        return None
+    return NoveltyLister.from_resources(res, cfg.novel_items)
+
+
+def prompt_columns(history: np.ndarray, cfg: TasksConfig,
+                   novelty: NoveltyLister | None = None) -> dict[str, np.ndarray]:
+    """What a prompt row reads from the household's whole history before the cut: the recent
+    window, the "bought most often" section, the copy prior's purchase counts and, with
+    ``novelty`` (:func:`novelty_lister`), its novelty list."""
     h = np.asarray(history, dtype=np.int64)
     c_items, c_values = purchase_counts(h, cfg.count_items)
+    n_items, n_values = (novelty.list(h) if novelty is not None
+                         else (np.zeros(0, dtype=np.int64), np.zeros(0)))
     return {"history": h[-cfg.history_len:].copy(),
             "frequent": most_bought(h, cfg.frequent_items, cfg.frequent_min_count),
-            "count_items": c_items, "count_values": c_values}
+            "count_items": c_items, "count_values": c_values,
+            "novel_items": n_items, "novel_values": n_values}
 
 
 def _cut(data: ProcessedData, res: TaskResources, bk: Baskets, g: int) -> Cut:
@@ -227,6 +241,7 @@ def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Bask
                    cfg: TasksConfig, n: int, seed: int) -> tuple[list[dict[str, Any]],
                                                                   dict[str, Any]]:
     rows = bk.rows
+    novelty = novelty_lister(res, cfg)
     ok = ((rows.split == "train") & (bk.split[bk.gid] == "train")
           & (rows.hist_len >= cfg.min_history) & task.admit(rows)
           & ~_names_eval_holiday(task, res)[rows.item])
@@ -253,7 +268,7 @@ def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Bask
                                  f"position {cut.hist_len} reaches past the training period")
         out.append({
             "split": "train", "task": task.name, "user_idx": cut.user_idx,
-            "hist_len": cut.hist_len, **prompt_columns(cut.history, cfg),
+            "hist_len": cut.hist_len, **prompt_columns(cut.history, cfg, novelty),
             "target": int(rows.item[r]), "targets": targets, "timestamp": cut.timestamp,
             "instruction": task.instruction(params, held_out=False, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
@@ -331,6 +346,7 @@ def _align_samples(tasks: Mapping[str, Task], data: ProcessedData, res: TaskReso
 def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Baskets,
                     cfg: TasksConfig, split: str, seed: int) -> list[dict[str, Any]]:
     rows = bk.rows
+    novelty = novelty_lister(res, cfg)
     admitted = np.zeros(len(bk.start), dtype=bool)
     ok = task.admit(rows) & (rows.split == split)
     np.logical_or.at(admitted, bk.gid[ok], True)
@@ -361,7 +377,7 @@ def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Bas
             "hist_len": cut.hist_len, "targets": targets, "timestamp": cut.timestamp,
             "instruction": task.instruction(params, held_out=True, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
-            **prompt_columns(cut.history, cfg),
+            **prompt_columns(cut.history, cfg, novelty),
         })
     return out
 
@@ -369,6 +385,7 @@ def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Bas
 def _jfy_instances(task: Task, data: ProcessedData, res: TaskResources, cfg: TasksConfig,
                    split: str, seed: int) -> list[dict[str, Any]]:
     rng = _rng(seed, split, task.name)
+    novelty = novelty_lister(res, cfg)
     out = []
     for r in data.eval_instances(split).to_dict("records"):
         u, h = int(r["user_idx"]), int(r["hist_len"])
@@ -378,7 +395,7 @@ def _jfy_instances(task: Task, data: ProcessedData, res: TaskResources, cfg: Tas
             "user_idx": u, "hist_len": h, "targets": np.asarray(r["targets"], dtype=np.int64),
             "timestamp": pd.Timestamp(r["timestamp"]),
             "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
-            "profile": res.profiles[u], **prompt_columns(full, cfg),
+            "profile": res.profiles[u], **prompt_columns(full, cfg, novelty),
         })
     return out
 

@@ -86,6 +86,20 @@ def _counts(row: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
             tuple(int(v) for v in np.asarray(values, dtype=np.int64)))
 
 
+def _novel(row: Any, required: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A row's novelty list; ``required`` (a model with ``model.novelty``) refuses rows
+    written before the columns existed, which would score every Discover request without it."""
+    items, values = getattr(row, "novel_items", None), getattr(row, "novel_values", None)
+    if items is None or values is None or (isinstance(items, float) and np.isnan(items)):
+        if required:
+            raise ValueError("this model reads novelty lists (model.novelty) but the prompt "
+                             "rows have no novel_items / novel_values columns: rerun the tasks "
+                             "stage (sigma run --force tasks)")
+        return (), ()
+    return (tuple(int(i) for i in np.asarray(items, dtype=np.int64)),
+            tuple(float(v) for v in np.asarray(values, dtype=np.float64)))
+
+
 def text_matcher(cfg: ModelConfig, items: pd.DataFrame,
                  resources: TaskResources | None = None) -> InstructionMatcher | None:
     """The instruction matcher a model with ``cfg.text_match`` reads, fitted on ``items`` (the
@@ -130,8 +144,10 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
     prefer = [c for c, _ in counts] if model.cfg.text_match_bought_first else None
     matches = (matcher.match(samples["instruction"].astype(str).tolist(), prefer)
                if matcher is not None else [((), ())] * len(samples))
+    need_novel = model.cfg.novelty
     for row, (c_items, c_values), (m_items, m_values) in zip(
             samples.itertuples(index=False), counts, matches, strict=True):
+        v_items, v_values = _novel(row, need_novel)
         rp = render_prompt(row, None, vocab, item_prefix, tok)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
         target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
@@ -140,7 +156,8 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
                               target_prefix=int(item_prefix[target]), n_context=rp.n_context,
                               positives=positives, count_items=c_items, count_values=c_values,
                               match_items=tuple(int(i) for i in m_items),
-                              match_values=tuple(float(v) for v in m_values)))
+                              match_values=tuple(float(v) for v in m_values),
+                              novel_items=v_items, novel_values=v_values))
     return out
 
 
