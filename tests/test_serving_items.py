@@ -232,7 +232,10 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
 
     prompt = pd.DataFrame([{"targets": np.array([0]), "history": np.array([1, 2, n]),
                             "frequent": np.array([], dtype=np.int64), "instruction": "anything",
-                            "profile": "unknown", "params": "{}"}])
+                            "profile": "unknown", "params": "{}",
+                            # A novelty model reads the column (empty: nothing listed).
+                            "novel_items": np.array([], dtype=np.int64),
+                            "novel_values": np.array([])}])
     # The text match runs over the extended catalogue: added items can be named too.
     data = ProcessedData.load(run_dir / "data")
     matcher = data_matcher(model.cfg, data, cfg.tasks, extend_items(data, overlay).items)

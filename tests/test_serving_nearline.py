@@ -241,11 +241,12 @@ def test_kv_reuse_with_a_repeat_aware_model(served):
     from sigmarec.model.repeat import RepeatGate, n_gates
 
     model = copy.deepcopy(rt._state.model)
-    # The tiny profile's model also reads purchase counts, text matches and rarities (ten
-    # gates): their update is exact too.
+    # The tiny profile's model also reads purchase counts, text matches, rarities and novelty
+    # lists (twelve gates): their update is exact too.
     model.repeat = RepeatGate(model.hidden, 1.0, n_gates(model.cfg.repeat_counts,
                                                          model.cfg.text_match,
-                                                         model.cfg.repeat_rarity))
+                                                         model.cfg.repeat_rarity,
+                                                         model.cfg.novelty))
     torch.nn.init.normal_(model.repeat.proj.weight, std=0.5)
     decoder = copy.copy(rt._state.decoder)
     decoder.model = model
