@@ -189,9 +189,9 @@ def test_gates_survive_save_and_load(tmp_path: Path) -> None:
     assert again.cfg.repeat_aware
 
 
-def _top1_after_training(model_cfg, samples, hit, prepare=None) -> float:
+def _top1_after_training(model_cfg, samples, hit, prepare=None, **overrides) -> float:
     """Share of 40 held-out samples whose top-1 item is a ``hit``, after 40 steps on 32
-    (``prepare(model)`` runs on the fresh model first)."""
+    (``prepare(model)`` runs on the fresh model first; ``overrides`` go to TrainingConfig)."""
     torch.manual_seed(0)
     model = make_model(**model_cfg, fuse_dropout=0.0, lora_dropout=0.0)
     if prepare is not None:
@@ -200,6 +200,7 @@ def _top1_after_training(model_cfg, samples, hit, prepare=None) -> float:
     cfg = TrainingConfig(steps=40, per_device_batch_size=8, lr=3e-3, new_params_lr=1e-2,
                          warmup_ratio=0.0, hard_negatives=0, eval_at_end=False,
                          mixed_precision="no", restore_best=False)
+    cfg = cfg.model_copy(update=overrides)
     train_sigma(model, train, cfg, seed=0, progress=False)
     model.eval()
     test = samples(model, 40)
@@ -333,7 +334,9 @@ def assert_losses_match_reference(model, ex, b) -> None:
     before the label; each channel adds ``gate x log1p(count)`` per code on the prefix logits
     and ``tau x gate x log1p(count)`` per item; dense positions see only the sequence items
     before them, never the counts (which summarise the whole history up to the cut, this
-    position's own item included) or the matches (the instruction comes after the history)."""
+    position's own item included) or the matches (the instruction comes after the history);
+    with ``model.cfg.task_gates`` the label gates add the row's task offset, the dense ones
+    none (a history position answers no instruction)."""
     scale = model.cfg.text_match_scale
     with torch.no_grad():
         out = model(**b)
@@ -345,7 +348,9 @@ def assert_losses_match_reference(model, ex, b) -> None:
     with torch.no_grad():
         for r, e in enumerate(ex):
             state = h[r, t - 3]
-            g = F.softplus(model.repeat.proj(state.float()))
+            g = F.softplus(model.repeat.proj(state.float()) + (
+                model.repeat.task_bias.weight[e.task_id] if model.cfg.task_gates
+                and e.task_id >= 0 else 0.0))
             n_ch = (3 + int(model.cfg.text_match) + int(model.cfg.repeat_rarity)
                     + int(model.cfg.novelty))
             assert g.shape == (2 * n_ch,)

@@ -235,7 +235,7 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
                             "profile": "unknown", "params": "{}",
                             # A novelty model reads the column (empty: nothing listed).
                             "novel_items": np.array([], dtype=np.int64),
-                            "novel_values": np.array([])}])
+                            "novel_values": np.array([]), "task": "JustForYou"}])
     # The text match runs over the extended catalogue: added items can be named too.
     data = ProcessedData.load(run_dir / "data")
     matcher = data_matcher(model.cfg, data, cfg.tasks, extend_items(data, overlay).items)

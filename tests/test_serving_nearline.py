@@ -176,13 +176,14 @@ def _prompts(rt: Runtime, users: list[int], extra: dict[int, list[int]] | None =
     base = [rt.resolve(RecRequest(user_id=str(rt.data.users["user_id"].iat[u]))) for u in users]
     hist = [np.concatenate([r.history, np.asarray(extra.get(u, []), dtype=np.int64)])
             for u, r in zip(users, base, strict=True)]
-    cols = [prompt_columns(h, tc) for h in hist]
+    st = rt._state
+    cols = [prompt_columns(h, tc, st.novelty) for h in hist]
     df = pd.DataFrame({
         **{k: [c[k] for c in cols] for k in cols[0]},
         "profile": [r.profile for r in base],
         "instruction": [instruction or r.instruction for r in base],
+        "task": [r.task for r in base],
         "targets": [np.zeros(1, dtype=np.int64)] * len(users)})
-    st = rt._state
     return to_examples(df, st.model, st.vocab, st.parts.item_prefix, with_target=False,
                        matcher=st.matcher)
 

@@ -47,7 +47,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_repeat": {"model": {"repeat_aware": False, "repeat_counts": False,
                             "text_match": False, "text_match_tags": False,
                             "text_match_bought_first": False, "repeat_rarity": False,
-                            "novelty": False}},
+                            "novelty": False, "task_gates": False}},
     "no_counts": {"model": {"repeat_counts": False, "repeat_rarity": False}},
     "no_text_match": {"model": {"text_match": False, "text_match_tags": False,
                                 "text_match_bought_first": False}},
@@ -63,7 +63,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                   "repeat_counts": False, "text_match": False,
                                   "text_match_tags": False, "text_match_bought_first": False,
                                   "repeat_rarity": False, "novelty": False,
-                                  "infonce_negatives": "batch"},
+                                  "task_gates": False, "infonce_negatives": "batch"},
                         "generation": {"copy_scale_grid": []},
                         "tasks": {"frequent_items": 0, "align_samples": 0}},
 }

@@ -57,7 +57,9 @@ class _Copy:
                   torch.tensor([list(ex.novel_values or ())], dtype=torch.float32, device=dev)]
         self.slots = model.prompt_slots(ids, torch.ones_like(ids), torch.tensor(
             list(ex.item_ids), dtype=torch.long, device=dev), seq, *counts)
-        self.gates = model.repeat(_last_hidden(model, ex, []))[None]
+        task = (torch.tensor([int(ex.task_id)], device=dev) if model.cfg.task_gates
+                else None)
+        self.gates = model.repeat(_last_hidden(model, ex, [])[None], task)
 
     def prefix(self, level: int, partial: int) -> torch.Tensor | None:
         codes = torch.tensor(flat_to_codes(np.array([partial]), self.model.codebook_sizes[

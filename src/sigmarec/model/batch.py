@@ -20,6 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from sigmarec.tasks.config import TASK_NAMES
+
+# The instruction tasks a copy gate can be offset for (``model.task_gates``), in a fixed order:
+# a saved model's offsets are rows of this table. "Align" is the catalogue-alignment samples.
+GATE_TASKS: tuple[str, ...] = (*TASK_NAMES, "Align")
+
+
+def gate_task_id(task: str) -> int:
+    """The row of ``task`` in :data:`GATE_TASKS` (a ValueError naming the known ones)."""
+    try:
+        return GATE_TASKS.index(str(task))
+    except ValueError:
+        raise ValueError(f"unknown task {task!r} for the copy gates; known: "
+                         f"{', '.join(GATE_TASKS)}") from None
+
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -48,6 +63,9 @@ class SFTExample:
     # :mod:`sigmarec.tasks.novelty`).
     novel_items: tuple[int, ...] = ()
     novel_values: tuple[float, ...] = ()
+    # The instruction's task as a row of GATE_TASKS (-1 = none): the copy gates' per-task
+    # offset (``model.task_gates``).
+    task_id: int = -1
 
 
 _REQUIRED = object()
@@ -151,7 +169,8 @@ class SigmaCollator:
     (B, P) every positive of the row (the target first), -1 padded. ``count_items`` (B, H)
     (-1 padded) and ``count_values`` (B, H) are the examples' purchase counts (H >= 1), and
     ``match_items`` / ``match_values`` (B, M) their text matches and ``novel_items`` /
-    ``novel_values`` (B, V) their novelty lists, padded the same way.
+    ``novel_values`` (B, V) their novelty lists, padded the same way; ``task_ids`` (B,) the
+    rows of :data:`GATE_TASKS` (-1 = none).
     """
 
     def __init__(
@@ -218,6 +237,7 @@ class SigmaCollator:
         m_values: list[list[float]] = []
         v_items: list[list[int]] = []
         v_values: list[list[float]] = []
+        task_ids: list[int] = []
         for i, ex in enumerate(examples):
             ids = [int(t) for t in _field(ex, "input_ids")]
             ex_items = [int(t) for t in _field(ex, "item_ids")]
@@ -262,6 +282,10 @@ class SigmaCollator:
                                     "popularity shares in (0, 1]")
             v_items.append(vi)
             v_values.append(vv)
+            tid = int(_field(ex, "task_id", -1))
+            if not -1 <= tid < len(GATE_TASKS):
+                raise ValueError(f"example {i}: task_id {tid} outside -1..{len(GATE_TASKS) - 1}")
+            task_ids.append(tid)
             rows.append(ids)
             items.extend(ex_items)
             seq.extend([False] * n_ctx + [True] * (len(ex_items) - n_ctx))
@@ -275,6 +299,7 @@ class SigmaCollator:
         batch["count_items"], batch["count_values"] = _pad_weighted(c_items, c_values)
         batch["match_items"], batch["match_values"] = _pad_weighted(m_items, m_values)
         batch["novel_items"], batch["novel_values"] = _pad_weighted(v_items, v_values)
+        batch["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
         if with_labels:
             tgt = np.asarray(targets, dtype=np.int64)
             rng = rng if rng is not None else np.random.default_rng(0)

@@ -119,6 +119,12 @@ class ModelConfig(_Strict):
     novelty_scale: float = Field(20.0, gt=0, description="novelty channel: the channel reads "
                                  "popularity x scale (log1p of it), as the text match reads "
                                  "cosines")
+    task_gates: bool = Field(
+        False, description="repeat-aware models: a learned offset of the copy gates per "
+        "instruction task (the task the tasks stage or the serving runtime resolves from the "
+        "instruction), so each task can read each channel with its own weight; the prompt's last "
+        "hidden state alone did not tell the tasks apart (docs/experiments.md, round 10)",
+    )
     shared_prefix_decode: bool = Field(
         True, description="generation: run the K continuations of a prompt in one row under a "
         "4D mask (no KV copies); False = repeat the cache K times (the plain reference path)",
@@ -141,6 +147,9 @@ class ModelConfig(_Strict):
         if self.repeat_rarity and not self.repeat_counts:
             raise ValueError("model.repeat_rarity weighs the purchase-count channel's items: it "
                              "needs model.repeat_counts=true")
+        if self.task_gates and not self.repeat_aware:
+            raise ValueError("model.task_gates offsets the copy prior's gates: it needs "
+                             "model.repeat_aware=true")
         if self.novelty and not self.repeat_aware:
             raise ValueError("model.novelty is a channel of the copy prior: it needs "
                              "model.repeat_aware=true")

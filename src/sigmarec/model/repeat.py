@@ -165,18 +165,32 @@ class PromptSlots:
 
 
 class RepeatGate(nn.Module):
-    """hidden -> the softplus gates, two per channel (see the module docstring)."""
+    """hidden -> the softplus gates, two per channel (see the module docstring).
 
-    def __init__(self, hidden: int, init: float, gates: int = N_GATES) -> None:
+    With ``n_tasks`` (``model.task_gates``), a learned offset per instruction task is added
+    before the softplus: the prompt's last hidden state barely tells one instruction from
+    another (docs/experiments.md, round 10), so without it every task reads the channels with
+    the same weights. Offsets start at zero; ``task_ids`` -1 (a dense history position, which
+    answers no instruction) adds none."""
+
+    def __init__(self, hidden: int, init: float, gates: int = N_GATES, n_tasks: int = 0) -> None:
         super().__init__()
         self.proj = nn.Linear(hidden, gates)
+        self.task_bias = nn.Embedding(n_tasks, gates) if n_tasks else None
         with torch.no_grad():
             self.proj.weight.zero_()
             # softplus^-1(init): the gates start at ``init``.
             self.proj.bias.fill_(math.log(math.expm1(init)) if init > 0 else -20.0)
+            if self.task_bias is not None:
+                self.task_bias.weight.zero_()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.proj(h.float()))
+    def forward(self, h: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.proj(h.float())
+        if self.task_bias is not None and task_ids is not None:
+            ids = task_ids.to(z.device).long().view(-1)
+            known = (ids >= 0)[:, None]
+            z = z + torch.where(known, self.task_bias(ids.clamp(min=0)), 0.0).view_as(z)
+        return F.softplus(z)
 
 
 def prefix_counts(slots: PromptSlots, item_codes: torch.Tensor, level: int, n_codes: int,

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from sigmarec.backbone.loading import add_special_tokens
 from sigmarec.model.adapt import adapt_backbone, cache_keyword
-from sigmarec.model.batch import SigmaCollator
+from sigmarec.model.batch import GATE_TASKS, SigmaCollator
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.repeat import (
     PromptSlots,
@@ -82,7 +82,8 @@ class PromptCache:
 
 
 PROMPT_FIELDS = ("input_ids", "attention_mask", "item_ids", "sequence_mask", "count_items",
-                 "count_values", "match_items", "match_values", "novel_items", "novel_values")
+                 "count_values", "match_items", "match_values", "novel_items", "novel_values",
+                 "task_ids")
 
 
 def prompt_args(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,8 +202,8 @@ class SigmaModel(nn.Module):
         self.register_buffer("item_codes", _codes_tensor(prefix, self.codebook_sizes),
                              persistent=False)
         self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(
-            cfg.repeat_counts, cfg.text_match, cfg.repeat_rarity, cfg.novelty)
-        ) if cfg.repeat_aware else None
+            cfg.repeat_counts, cfg.text_match, cfg.repeat_rarity, cfg.novelty),
+            n_tasks=len(GATE_TASKS) if cfg.task_gates else 0) if cfg.repeat_aware else None
         # The rarity channel's per-item value (set_item_rarity, from the training counts):
         # persistent, so a saved model scores with the rarities it was trained on.
         self.register_buffer("item_rarity", torch.zeros(self.n_items))
@@ -419,6 +420,17 @@ class SigmaModel(nn.Module):
         rarity = at_least / max(len(counts), 1)
         self.item_rarity.copy_(torch.as_tensor(rarity, dtype=torch.float32))
 
+    def _task_ids(self, task_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The batch's task rows for the gates; a model with per-task offsets cannot score
+        without them."""
+        if not self.cfg.task_gates:
+            return None
+        if task_ids is None:
+            raise ValueError("this model offsets its copy gates per task (model.task_gates) but "
+                             "the batch has no task_ids: build the examples with to_examples "
+                             "from rows that carry their task")
+        return task_ids
+
     def copy_bias(self, gates: torch.Tensor | None, slots: PromptSlots | None, level: int,
                   partial: torch.Tensor | None = None, before: torch.Tensor | None = None,
                   seq_only: bool = False) -> torch.Tensor | None:
@@ -459,6 +471,7 @@ class SigmaModel(nn.Module):
         match_values: torch.Tensor | None = None,
         novel_items: torch.Tensor | None = None,
         novel_values: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses of a collated batch (labels appended), or the hidden states without labels.
 
@@ -470,7 +483,8 @@ class SigmaModel(nn.Module):
         ``count_items`` / ``count_values`` (B, H) are the households' purchase counts (the
         collator's), read by a model with ``cfg.repeat_counts``; ``match_items`` /
         ``match_values`` (B, M) the instructions' text matches, read with ``cfg.text_match``;
-        ``novel_items`` / ``novel_values`` (B, V) the novelty lists, read with ``cfg.novelty``.
+        ``novel_items`` / ``novel_values`` (B, V) the novelty lists, read with ``cfg.novelty``;
+        ``task_ids`` (B,) the instructions' tasks, read with ``cfg.task_gates``.
         """
         n_hist = item_ids.numel()
         parts = [item_ids.view(-1)]
@@ -506,7 +520,7 @@ class SigmaModel(nn.Module):
                                       count_items, count_values, match_items, match_values,
                                       novel_items, novel_values)
             # Read where the answer starts: the token before the first label token.
-            gates = self.repeat(h[:, t - 2 - n_levels])
+            gates = self.repeat(h[:, t - 2 - n_levels], self._task_ids(task_ids))
         with _no_autocast(h.device.type):
             rows = self._prefix_rows()
             codes = _codes_tensor(target_prefix, self.codebook_sizes)
@@ -691,7 +705,7 @@ class SigmaModel(nn.Module):
         sequence_mask: torch.Tensor | None = None, count_items: torch.Tensor | None = None,
         count_values: torch.Tensor | None = None, match_items: torch.Tensor | None = None,
         match_values: torch.Tensor | None = None, novel_items: torch.Tensor | None = None,
-        novel_values: torch.Tensor | None = None,
+        novel_values: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PromptCache]:
         """Generation step 1: log-probs over the first-level prefix tokens after each prompt.
 
@@ -699,8 +713,8 @@ class SigmaModel(nn.Module):
         (B, codes of level 1) log-probs (for a one-level prefix: over all flat prefixes) and a
         :class:`PromptCache` for :meth:`query_vectors`. ``sequence_mask`` (the collator's) tells
         a repeat-aware model the purchase sequence from the context section (None: all
-        sequence); ``count_items`` ... ``novel_values`` are the purchase counts, text
-        matches and novelty lists (see forward).
+        sequence); ``count_items`` ... ``task_ids`` are the purchase counts, text
+        matches, novelty lists and tasks (see forward).
         """
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: the last column must be real tokens")
@@ -713,7 +727,7 @@ class SigmaModel(nn.Module):
             cache = self.prompt_cache(h[:, -1], kv, attention_mask, pos[:, -1] + 1, input_ids,
                                       attention_mask, item_ids, sequence_mask, count_items,
                                       count_values, match_items, match_values, novel_items,
-                                      novel_values)
+                                      novel_values, task_ids)
         return cache.logprobs, cache
 
     def prompt_cache(self, h_last: torch.Tensor, kv: Any, cache_mask: torch.Tensor,
@@ -724,7 +738,8 @@ class SigmaModel(nn.Module):
                      match_items: torch.Tensor | None = None,
                      match_values: torch.Tensor | None = None,
                      novel_items: torch.Tensor | None = None,
-                     novel_values: torch.Tensor | None = None) -> PromptCache:
+                     novel_values: torch.Tensor | None = None,
+                     task_ids: torch.Tensor | None = None) -> PromptCache:
         """The end of step 1 once the backbone has read the prompts (all of them, or only a
         new suffix over a reused KV cache, as the nearline job does): the level-1 prefix
         log-probs from the last hidden state, with a repeat-aware model's copy term, whose
@@ -735,7 +750,7 @@ class SigmaModel(nn.Module):
             slots = self.prompt_slots(input_ids, attention_mask, item_ids, sequence_mask,
                                       count_items, count_values, match_items, match_values,
                                       novel_items, novel_values)
-            gates = self.repeat(h_last)
+            gates = self.repeat(h_last, self._task_ids(task_ids))
         logp = F.log_softmax(self.level_logits(h_last, 0, copy=self.copy_bias(gates, slots, 0)),
                              dim=-1)
         return PromptCache(kv, cache_mask, next_position, logp, slots, gates)

@@ -182,6 +182,7 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
         rows.append({"user_idx": int(r.user_idx), "hist_len": int(r.hist_len),
                      "targets": np.concatenate([r.targets_old, r.targets_new]),
                      "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
+                     "task": "JustForYou",
                      "profile": res.profiles[int(r.user_idx)],
                      **prompt_columns(full, t, novelty)})
     return pd.DataFrame(rows)

@@ -595,6 +595,7 @@ class Runtime:
             **{k: [c[k] for c in cols] for k in (cols[0] if cols else {})},
             "profile": [r.profile for r in resolved],
             "instruction": [r.instruction for r in resolved],
+            "task": [r.task for r in resolved],
             # to_examples reads a target even for prompt-only examples; nothing uses it.
             "targets": [np.zeros(1, dtype=np.int64)] * len(resolved),
         })

@@ -125,16 +125,18 @@ def lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
 
 
 def param_groups(model: SigmaModel, cfg: TrainingConfig) -> list[dict[str, Any]]:
-    """Backbone weights at ``lr``, new modules at ``new_params_lr``, the copy gates' biases of a
-    repeat-aware model at ``gate_lr``; decay on matrices only."""
+    """Backbone weights at ``lr``, new modules at ``new_params_lr``, the copy gates' biases (and
+    per-task offsets) of a repeat-aware model at ``gate_lr``; decay on matrices only."""
     buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind = ("backbone" if name.startswith("backbone.") else
-                "gate" if name.endswith("repeat.proj.bias") else "new")
-        # New token rows are embeddings: decaying them would pull them toward zero.
-        decay = p.ndim >= 2 and not name.endswith("_delta") and "norm" not in name
+        gate = name.endswith(("repeat.proj.bias", "repeat.task_bias.weight"))
+        kind = "backbone" if name.startswith("backbone.") else "gate" if gate else "new"
+        # New token rows are embeddings: decaying them would pull them toward zero (nor the
+        # per-task gate offsets, biases by another name).
+        decay = (p.ndim >= 2 and not name.endswith("_delta") and "norm" not in name
+                 and not gate)
         buckets.setdefault((kind, decay), []).append(p)
     lrs = {"backbone": cfg.lr, "new": cfg.new_params_lr, "gate": cfg.gate_lr}
     return [

@@ -15,7 +15,7 @@ from sigmarec.core.atomic import write_json
 from sigmarec.core.stage import Stage, StageContext
 from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
-from sigmarec.model.batch import SFTExample
+from sigmarec.model.batch import SFTExample, gate_task_id
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
 from sigmarec.tasks.config import TasksConfig
@@ -100,6 +100,17 @@ def _novel(row: Any, required: bool) -> tuple[tuple[int, ...], tuple[float, ...]
             tuple(float(v) for v in np.asarray(values, dtype=np.float64)))
 
 
+def _task_id(row: Any, required: bool) -> int:
+    """A row's task as a row of GATE_TASKS; -1 where the model does not read it."""
+    task = getattr(row, "task", None)
+    if task is None or (isinstance(task, float) and np.isnan(task)):
+        if required:
+            raise ValueError("this model offsets its copy gates per task (model.task_gates) but "
+                             "the prompt rows have no task column")
+        return -1
+    return gate_task_id(task) if required else -1
+
+
 def text_matcher(cfg: ModelConfig, items: pd.DataFrame,
                  resources: TaskResources | None = None) -> InstructionMatcher | None:
     """The instruction matcher a model with ``cfg.text_match`` reads, fitted on ``items`` (the
@@ -148,6 +159,7 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
     for row, (c_items, c_values), (m_items, m_values) in zip(
             samples.itertuples(index=False), counts, matches, strict=True):
         v_items, v_values = _novel(row, need_novel)
+        task_id = _task_id(row, model.cfg.task_gates)
         rp = render_prompt(row, None, vocab, item_prefix, tok)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
         target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
@@ -157,7 +169,7 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
                               positives=positives, count_items=c_items, count_values=c_values,
                               match_items=tuple(int(i) for i in m_items),
                               match_values=tuple(float(v) for v in m_values),
-                              novel_items=v_items, novel_values=v_values))
+                              novel_items=v_items, novel_values=v_values, task_id=task_id))
     return out
 
 
