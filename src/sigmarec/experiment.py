@@ -10,8 +10,8 @@ Every variant is a config overlay, never a code path of its own:
 * ``two_level``: ``tokenization.prefix_levels = 2``.
 * ``no_dense``, ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
   ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``no_text_match``,
-  ``no_match_tags``, ``no_bought_first``, ``no_rarity`` (its other channels), ``novelty`` (the
-  novelty channel on, off by default),
+  ``no_match_tags``, ``no_bought_first``, ``no_rarity``, ``no_novelty`` (its other channels),
+  ``no_task_gates`` (the gates' per-task offsets),
   ``batch_negatives`` (sampled instead of whole-catalogue InfoNCE): one part of the
   sample-efficient SFT objective off; ``no_copy_scale``: the copy term at its trained weight
   in fusion; ``paper_objective``: all of it off.
@@ -54,8 +54,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_match_tags": {"model": {"text_match_tags": False}},
     "no_bought_first": {"model": {"text_match_bought_first": False}},
     "no_rarity": {"model": {"repeat_rarity": False}},
-    # Off in the default profile (round 10): this overlay turns the channel on.
-    "novelty": {"model": {"novelty": True}},
+    "no_novelty": {"model": {"novelty": False}},
+    "no_task_gates": {"model": {"task_gates": False}},
     "no_copy_scale": {"generation": {"copy_scale_grid": []}},
     "batch_negatives": {"model": {"infonce_negatives": "batch"}},
     "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
