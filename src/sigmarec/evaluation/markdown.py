@@ -21,9 +21,9 @@ from sigmarec.tasks.config import TASK_NAMES
 REPORT_DIR = "report"
 
 
-def _md_table(df: pd.DataFrame, fmt: str = "{:.4f}") -> str:
+def _md_table(df: pd.DataFrame, fmt: str = "{:.4f}", first: str = "model") -> str:
     cols = [str(c) for c in df.columns]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines = [f"| {first} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for idx, row in df.iterrows():
         cells = [v if isinstance(v, str) else ("-" if pd.isna(v) else fmt.format(v))
                  for v in row.tolist()]
@@ -100,6 +100,7 @@ def write_report(run_dir: Path) -> Path:
              "applied as a filter.", "", "## HR@10 per task", "",
              _md_table(_mean_pm_std(hr_mean, hr_std, n)), "",
              "## NDCG@10 per task", "", _md_table(_mean_pm_std(nd_mean, nd_std, n)), ""]
+    lines += _ablation_section(merged)
     png = plots.task_bars(hr_mean[task_cols + ["mean HR@10"]], out / "tasks_hr10.png",
                           "HR@10 per task (test)",
                           hr_std[task_cols + ["mean HR@10"]].fillna(0) if n > 1 else None)
@@ -197,3 +198,23 @@ def _merge_models(runs: list[dict[str, Any]], entries: list[dict[str, Any]]
             elif model == "sigma":
                 tgt[f"sigma_{variant}"] = res
     return [by_seed[s] for s in sorted(by_seed, key=str)]
+
+
+def _ablation_section(merged: list[dict[str, Any]]) -> list[str]:
+    """The paired per-seed effect of each ablated part (empty without ablation runs)."""
+    from sigmarec.evaluation.ablations import paired_effects
+
+    eff = paired_effects(merged)
+    if eff.empty:
+        return []
+    shown = eff.copy().astype(object)
+    shown["seeds"] = eff["seeds"].map(str)
+    for c in ("effect on mean HR@10", "on instruction HR@10", "on rule@10"):
+        shown[c] = eff[c].map(lambda v: f"{v:+.4f}")
+    sd = eff.attrs["seed_sd"]
+    return ["## Ablations: what each part adds (paired by seed)", "",
+            "Effect = SIGMA minus SIGMA without the part, on the same seed (positive: the part "
+            "helps). A verdict of helps/hurts needs the same sign on every seed and a mean "
+            "effect on the task mean larger than SIGMA's own seed-to-seed standard deviation"
+            + (f" ({sd:.4f})" if sd == sd else "") + "; anything else is a tie.", "",
+            _md_table(shown, first="ablation"), ""]

@@ -1,0 +1,73 @@
+"""What each part of SIGMA adds, read off a comparison's ablation runs, paired by seed.
+
+An ablation run (``sigma_<variant>``) shares its seed's data, tokenization seed and SFT seed
+with the main run's ``sigma``, so the per-seed difference ``sigma - sigma_<variant>`` cancels
+much of the noise that the mean ± spread of two separate rows would carry. A part is said to
+help (or hurt) only when the difference has the same sign on every seed *and* its mean is larger
+than the main run's own seed-to-seed standard deviation (the project's rule: a result inside the
+seed spread is a tie); with one seed there is no verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sigmarec.evaluation.report import NO_RULE_TASKS, task_table
+
+MAIN = "sigma"
+PREFIX = "sigma_"
+# The fusion variants of the main run are not ablations (they come from the same SFT).
+NOT_ABLATIONS = ("sigma_fixed", "sigma_off")
+
+
+def _figures(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Per model of one seed: task mean, instruction-task mean and rule@10."""
+    t = task_table(metrics, "test", "HR@10")
+    instr = [c for c in t.columns
+             if c not in ("mean HR@10", "rule@10") and c not in NO_RULE_TASKS]
+    return pd.DataFrame({"mean HR@10": t["mean HR@10"], "instruction HR@10": t[instr].mean(axis=1),
+                         "rule@10": t["rule@10"]})
+
+
+def verdict(deltas: list[float], seed_sd: float) -> str:
+    """``helps`` / ``hurts`` / ``tie`` / ``one seed`` for the per-seed effects of a part."""
+    if len(deltas) < 2:
+        return "one seed"
+    mean = float(np.mean(deltas))
+    same_sign = all(d > 0 for d in deltas) or all(d < 0 for d in deltas)
+    if same_sign and not math.isnan(seed_sd) and abs(mean) > seed_sd:
+        return "helps" if mean > 0 else "hurts"
+    return "tie"
+
+
+def paired_effects(per_seed: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per ablation: the part's effect ``sigma - sigma_<variant>`` on each seed that ran
+    both, its mean and the verdict. ``per_seed``: one ``{"test": {model: ...}}`` per seed."""
+    figs = [_figures(m) for m in per_seed if MAIN in m.get("test", {})]
+    main_means = [float(f.loc[MAIN, "mean HR@10"]) for f in figs]
+    seed_sd = float(np.std(main_means, ddof=1)) if len(main_means) > 1 else float("nan")
+    variants = sorted({m for f in figs for m in f.index
+                       if m.startswith(PREFIX) and m not in NOT_ABLATIONS})
+    rows = {}
+    for v in variants:
+        paired = [f for f in figs if v in f.index]
+        d = {c: [float(f.loc[MAIN, c] - f.loc[v, c]) for f in paired]
+             for c in ("mean HR@10", "instruction HR@10", "rule@10")}
+        main_d = d["mean HR@10"]
+        rows[v[len(PREFIX):]] = {
+            "seeds": len(paired),
+            "effect per seed": " / ".join(f"{x:+.3f}" for x in main_d),
+            "effect on mean HR@10": float(np.mean(main_d)),
+            "on instruction HR@10": float(np.mean(d["instruction HR@10"])),
+            "on rule@10": float(np.mean(d["rule@10"])),
+            "verdict": verdict(main_d, seed_sd),
+        }
+    cols = ["seeds", "effect per seed", "effect on mean HR@10", "on instruction HR@10",
+            "on rule@10", "verdict"]
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=cols).rename_axis("ablation")
+    df.attrs["seed_sd"] = seed_sd
+    return df
