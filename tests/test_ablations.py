@@ -26,13 +26,13 @@ def _seed(models: dict[str, tuple[float, float, float, float]]) -> dict:
                      for m, v in models.items()}}
 
 
-def test_effects_are_paired_by_seed_and_fusion_variants_are_not_ablations() -> None:
+def test_effects_are_paired_by_seed_and_only_named_ablations_count() -> None:
     seeds = [_seed({"sigma": (0.3, 0.1, 0.5, 0.6), "sigma_fixed": (0.3, 0.1, 0.5, 0.6),
                     "sigma_no_x": (0.3, 0.1, 0.2, 0.6), "sigma_no_y": (0.3, 0.1, 0.5, 0.2)}),
              _seed({"sigma": (0.3, 0.1, 0.4, 0.6), "sigma_no_x": (0.3, 0.1, 0.2, 0.6)}),
              _seed({"sigma": (0.3, 0.1, 0.45, 0.6), "sigma_no_x": (0.3, 0.1, 0.25, 0.6)})]
-    eff = paired_effects(seeds)
-    assert list(eff.index) == ["no_x", "no_y"]
+    eff = paired_effects(seeds, ["no_y", "no_x", "no_w"])
+    assert list(eff.index) == ["no_y", "no_x"]  # sigma_fixed is the main run's, no_w never ran
     x = eff.loc["no_x"]
     # JustForYou fell 0.3 / 0.2 / 0.2 without x: a third of that on the three-task mean.
     assert x["seeds"] == 3 and x["effect per seed"] == "+0.100 / +0.067 / +0.067"
@@ -61,7 +61,7 @@ def test_the_verdict_is_antisymmetric(deltas: list[float], sd: float) -> None:
 @given(st.lists(st.tuples(*[st.floats(0, 1, allow_nan=False)] * 8), min_size=1, max_size=4))
 def test_effects_match_a_brute_force_difference(values: list[tuple[float, ...]]) -> None:
     seeds = [_seed({"sigma": v[:4], "sigma_no_z": v[4:]}) for v in values]
-    eff = paired_effects(seeds).loc["no_z"]
+    eff = paired_effects(seeds, ["no_z"]).loc["no_z"]
     brute = [np.mean(v[:3]) - np.mean(v[4:7]) for v in values]
     assert np.isclose(eff["effect on mean HR@10"], np.mean(brute))
     assert np.isclose(eff["on rule@10"], np.mean([v[3] - v[7] for v in values]))
@@ -76,9 +76,10 @@ def test_the_report_of_a_comparison_has_the_ablation_table(tmp_path: Path) -> No
         for variant, hr in (("main", main), ("no_x", abl)):
             d = tmp_path / f"seed{s}" / variant / "evaluation"
             d.mkdir(parents=True)
-            (d / "metrics_tasks.json").write_text(json.dumps(_seed({"sigma": hr})))
+            models = {"sigma": hr, **({"sigma_global": abl} if variant == "main" else {})}
+            (d / "metrics_tasks.json").write_text(json.dumps(_seed(models)))
             runs.append({"dir": str(d.parent), "seed": s, "variant": variant})
     (tmp_path / "compare.json").write_text(json.dumps({"runs": runs}))
     text = write_report(tmp_path).read_text()
     assert "## Ablations: what each part adds (paired by seed)" in text
-    assert "| no_x | 2 | +0.100 / +0.067 |" in text
+    assert "| no_x | 2 | +0.100 / +0.067 |" in text and "| global |" not in text

@@ -20,8 +20,6 @@ from sigmarec.evaluation.report import NO_RULE_TASKS, task_table
 
 MAIN = "sigma"
 PREFIX = "sigma_"
-# The fusion variants of the main run are not ablations (they come from the same SFT).
-NOT_ABLATIONS = ("sigma_fixed", "sigma_off")
 
 
 def _figures(metrics: dict[str, Any]) -> pd.DataFrame:
@@ -44,14 +42,16 @@ def verdict(deltas: list[float], seed_sd: float) -> str:
     return "tie"
 
 
-def paired_effects(per_seed: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per ablation: the part's effect ``sigma - sigma_<variant>`` on each seed that ran
-    both, its mean and the verdict. ``per_seed``: one ``{"test": {model: ...}}`` per seed."""
+def paired_effects(per_seed: list[dict[str, Any]], ablations: list[str]) -> pd.DataFrame:
+    """One row per ablation: the part's effect ``sigma - sigma_<ablation>`` on each seed that ran
+    both, its mean and the verdict. ``per_seed``: one ``{"test": {model: ...}}`` per seed, with
+    the ablation runs' SIGMA as ``sigma_<ablation>``. The ablations are named, not guessed from
+    the model names: the main run has ``sigma_*`` rows of its own (fusion variants of the same
+    SFT), which are not ablations."""
     figs = [_figures(m) for m in per_seed if MAIN in m.get("test", {})]
     main_means = [float(f.loc[MAIN, "mean HR@10"]) for f in figs]
     seed_sd = float(np.std(main_means, ddof=1)) if len(main_means) > 1 else float("nan")
-    variants = sorted({m for f in figs for m in f.index
-                       if m.startswith(PREFIX) and m not in NOT_ABLATIONS})
+    variants = [PREFIX + a for a in ablations if any(PREFIX + a in f.index for f in figs)]
     rows = {}
     for v in variants:
         paired = [f for f in figs if v in f.index]

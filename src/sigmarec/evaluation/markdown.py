@@ -75,12 +75,15 @@ def write_report(run_dir: Path) -> Path:
         if not runs:
             raise StageError(f"{compare}: none of its runs has evaluation/metrics_tasks.json")
         merged = _merge_models(runs, done)
+        ablations = list(dict.fromkeys(e.get("variant", "main") for e in done
+                                       if e.get("variant", "main") != "main"))
         seeds = sorted({str(e.get("seed")) for e in done})
     else:
         path = ev / "metrics_tasks.json"
         if not path.is_file():
             raise StageError(f"{path}: missing; run `sigma run` (through evaluation) first")
         merged = [json.loads(path.read_text())]
+        ablations = []
         seeds = ["single run"]
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +103,7 @@ def write_report(run_dir: Path) -> Path:
              "applied as a filter.", "", "## HR@10 per task", "",
              _md_table(_mean_pm_std(hr_mean, hr_std, n)), "",
              "## NDCG@10 per task", "", _md_table(_mean_pm_std(nd_mean, nd_std, n)), ""]
-    lines += _ablation_section(merged)
+    lines += _ablation_section(merged, ablations)
     png = plots.task_bars(hr_mean[task_cols + ["mean HR@10"]], out / "tasks_hr10.png",
                           "HR@10 per task (test)",
                           hr_std[task_cols + ["mean HR@10"]].fillna(0) if n > 1 else None)
@@ -200,11 +203,11 @@ def _merge_models(runs: list[dict[str, Any]], entries: list[dict[str, Any]]
     return [by_seed[s] for s in sorted(by_seed, key=str)]
 
 
-def _ablation_section(merged: list[dict[str, Any]]) -> list[str]:
+def _ablation_section(merged: list[dict[str, Any]], ablations: list[str]) -> list[str]:
     """The paired per-seed effect of each ablated part (empty without ablation runs)."""
     from sigmarec.evaluation.ablations import paired_effects
 
-    eff = paired_effects(merged)
+    eff = paired_effects(merged, ablations)
     if eff.empty:
         return []
     shown = eff.copy().astype(object)
