@@ -15,21 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from sigmarec.evaluation.report import task_table
+from sigmarec.evaluation.report import headline_figures, task_table
 
 TASKS = ("Category", "Discover", "Holiday", "JustForYou", "Longtail", "Query", "Season")
 INSTRUCTION = tuple(t for t in TASKS if t != "JustForYou")
 
 
 def _figures(m: dict, model: str) -> dict[str, float]:
-    # The per-task HR@10 and the mean rule share come from the report's own table; only the
-    # per-task rule shares are read here, since that table keeps just their mean.
-    row = task_table({"test": m})[["mean HR@10", "rule@10", *TASKS]].loc[model]
+    # The per-task HR@10 and the headline figures come from the report's own tables; only the
+    # per-task rule shares are read here, since those tables keep just their mean.
+    row = task_table({"test": m})[list(TASKS)].loc[model]
+    head = headline_figures({"test": m}).loc[model]
     hr = {t: float(row[t]) for t in TASKS}
     rule = {t: m[model][t]["all"]["RuleShare@10"] for t in INSTRUCTION}
-    return {"mean": float(row["mean HR@10"]), "jfy": hr["JustForYou"],
-            "instr": float(np.mean([hr[t] for t in INSTRUCTION])),
-            "rule": float(row["rule@10"]),
+    return {"mean": float(head["mean HR@10"]), "jfy": hr["JustForYou"],
+            "instr": float(head["instruction HR@10"]), "rule": float(head["rule@10"]),
             **{f"hr_{t}": hr[t] for t in TASKS}, **{f"rule_{t}": rule[t] for t in INSTRUCTION}}
 
 

@@ -16,19 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sigmarec.evaluation.report import NO_RULE_TASKS, task_table
+from sigmarec.evaluation.report import headline_figures
 
 MAIN = "sigma"
 PREFIX = "sigma_"
-
-
-def _figures(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Per model of one seed: task mean, instruction-task mean and rule@10."""
-    t = task_table(metrics, "test", "HR@10")
-    instr = [c for c in t.columns
-             if c not in ("mean HR@10", "rule@10") and c not in NO_RULE_TASKS]
-    return pd.DataFrame({"mean HR@10": t["mean HR@10"], "instruction HR@10": t[instr].mean(axis=1),
-                         "rule@10": t["rule@10"]})
 
 
 def verdict(deltas: list[float], seed_sd: float) -> str:
@@ -48,7 +39,7 @@ def paired_effects(per_seed: list[dict[str, Any]], ablations: list[str]) -> pd.D
     the ablation runs' SIGMA as ``sigma_<ablation>``. The ablations are named, not guessed from
     the model names: the main run has ``sigma_*`` rows of its own (fusion variants of the same
     SFT), which are not ablations."""
-    figs = [_figures(m) for m in per_seed if MAIN in m.get("test", {})]
+    figs = [headline_figures(m) for m in per_seed if MAIN in m.get("test", {})]
     main_means = [float(f.loc[MAIN, "mean HR@10"]) for f in figs]
     seed_sd = float(np.std(main_means, ddof=1)) if len(main_means) > 1 else float("nan")
     variants = [PREFIX + a for a in ablations if any(PREFIX + a in f.index for f in figs)]

@@ -15,6 +15,7 @@ import pandas as pd
 from sigmarec.core.atomic import atomic_path
 from sigmarec.errors import StageError
 from sigmarec.evaluation import plots
+from sigmarec.evaluation.ablations import paired_effects
 from sigmarec.evaluation.report import task_table
 from sigmarec.tasks.config import TASK_NAMES
 
@@ -205,8 +206,6 @@ def _merge_models(runs: list[dict[str, Any]], entries: list[dict[str, Any]]
 
 def _ablation_section(merged: list[dict[str, Any]], ablations: list[str]) -> list[str]:
     """The paired per-seed effect of each ablated part (empty without ablation runs)."""
-    from sigmarec.evaluation.ablations import paired_effects
-
     eff = paired_effects(merged, ablations)
     if eff.empty:
         return []
@@ -219,5 +218,5 @@ def _ablation_section(merged: list[dict[str, Any]], ablations: list[str]) -> lis
             "Effect = SIGMA minus SIGMA without the part, on the same seed (positive: the part "
             "helps). A verdict of helps/hurts needs the same sign on every seed and a mean "
             "effect on the task mean larger than SIGMA's own seed-to-seed standard deviation"
-            + (f" ({sd:.4f})" if sd == sd else "") + "; anything else is a tie.", "",
+            + ("" if pd.isna(sd) else f" ({sd:.4f})") + "; anything else is a tie.", "",
             _md_table(shown, first="ablation"), ""]

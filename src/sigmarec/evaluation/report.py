@@ -113,6 +113,15 @@ def task_table(metrics: dict[str, Any], split: str = "test", metric: str = "HR@1
     return pd.DataFrame.from_dict(rows, orient="index", dtype=float).rename_axis("model")
 
 
+def headline_figures(metrics: dict[str, Any], split: str = "test") -> pd.DataFrame:
+    """Rows = models: the task mean of HR@10, the mean over the instruction tasks (those with a
+    rule) and rule@10 - the three figures the targets and the ablations are read on."""
+    t = task_table(metrics, split, "HR@10")
+    instr = [c for c in t.columns if c not in ("mean HR@10", "rule@10", *NO_RULE_TASKS)]
+    return pd.DataFrame({"mean HR@10": t["mean HR@10"], "instruction HR@10": t[instr].mean(axis=1),
+                         "rule@10": t["rule@10"]})
+
+
 def print_task_results(metrics: dict[str, Any], console: Console | None = None,
                        split: str = "test") -> None:
     """The instruction tasks: HR@10 per task and on average, and instruction following."""
