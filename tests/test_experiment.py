@@ -58,5 +58,9 @@ def test_every_ablation_is_a_valid_config_of_every_profile(tmp_path: Path, profi
     by = {r["variant"]: r["cfg"] for r in runs}
     assert set(by) == {"main", *ABLATIONS}
     assert not by["no_repeat"].model.repeat_aware and not by["no_repeat"].model.repeat_counts
+    # `dense` puts SIGMA's dense losses back on whatever the profile says; GR's own weight is
+    # the profile's (the variant does not train GR anyway).
+    assert by["dense"].model.dense_weight == 1.0 and by["no_dense"].model.dense_weight == 0.0
+    assert by["dense"].gr.dense_weight == by["main"].gr.dense_weight
     assert by["no_counts"].model.repeat_aware and not by["no_counts"].model.repeat_counts
     assert by["no_copy_scale"].generation.copy_scale_grid == []

@@ -30,7 +30,7 @@ from sigmarec.gr.decoding import (
 )
 from sigmarec.gr.items import id_tokens, sid_tokens
 from sigmarec.gr.model import GRExample, GRModel
-from sigmarec.gr.stage import GRBaselinesStage, fill_popular
+from sigmarec.gr.stage import GRBaselinesStage, fill_popular, gr_model_config
 from sigmarec.model import ModelConfig
 from sigmarec.pipeline import run_pipeline
 from sigmarec.training import TrainingConfig, train_sigma
@@ -75,6 +75,17 @@ def test_config_is_strict_and_off_by_default() -> None:
     assert load_config("tiny", overrides=["gr.enabled=[gr_sid]"]).gr.enabled == ["gr_sid"]
     with pytest.raises(ConfigError, match="gr"):
         load_config("tiny", overrides=["gr.num_beams=0"])
+
+
+def test_gr_dense_weight_is_its_own_unless_unset() -> None:
+    # The default turns SIGMA's dense losses off but keeps GR's (they were ablated on SIGMA only).
+    cfg = load_config("default")
+    assert cfg.model.dense_weight == 0.0 and gr_model_config(cfg).dense_weight == 1.0
+    assert gr_model_config(cfg).lora_r == cfg.model.lora_r  # everything else is SIGMA's
+    unset = load_config("tiny", overrides=["model.dense_weight=0.5"])
+    assert unset.gr.dense_weight is None and gr_model_config(unset).dense_weight == 0.5
+    with pytest.raises(ConfigError, match="dense_weight"):
+        load_config("tiny", overrides=["gr.dense_weight=-1"])
 
 
 def test_dedup_level_makes_every_sequence_unique() -> None:

@@ -8,7 +8,8 @@ Every variant is a config overlay, never a code path of its own:
 * ``no_grounding``: ``tokenization.embedding = ungrounded`` (the untrained backbone's text
   embeddings feed the semantic IDs and ProjFuse).
 * ``two_level``: ``tokenization.prefix_levels = 2``.
-* ``no_dense``, ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
+* ``dense`` (the dense next-item losses on; the default has them off), ``no_dense``,
+  ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
   ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``no_text_match``,
   ``no_match_tags``, ``no_bought_first``, ``no_rarity``, ``no_novelty`` (its other channels),
   ``no_task_gates`` (the gates' per-task offsets),
@@ -40,6 +41,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # The sample-efficient SFT objective (docs/training.md), one part off at a time, and all of
     # it off (the paper's label losses on the plain prompt).
     "no_dense": {"model": {"dense_weight": 0.0}},
+    # The default leaves the dense losses off (a tie at three seeds, docs/experiments.md round
+    # 12); this turns them back on for SIGMA (GR keeps gr.dense_weight either way).
+    "dense": {"model": {"dense_weight": 1.0}},
     "no_multi_positive": {"model": {"multi_positive": False}},
     "no_frequent": {"tasks": {"frequent_items": 0}},
     "no_align": {"tasks": {"align_samples": 0}},

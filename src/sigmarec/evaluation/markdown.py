@@ -215,8 +215,9 @@ def _ablation_section(merged: list[dict[str, Any]], ablations: list[str]) -> lis
         shown[c] = eff[c].map(lambda v: f"{v:+.4f}")
     sd = eff.attrs["seed_sd"]
     return ["## Ablations: what each part adds (paired by seed)", "",
-            "Effect = SIGMA minus SIGMA without the part, on the same seed (positive: the part "
-            "helps). A verdict of helps/hurts needs the same sign on every seed and a mean "
+            "Effect = SIGMA minus the variant, on the same seed (positive: SIGMA as configured "
+            "is better; for a variant that removes a part, the part helps). A verdict of "
+            "helps/hurts needs the same sign on every seed and a mean "
             "effect on the task mean larger than SIGMA's own seed-to-seed standard deviation"
             + ("" if pd.isna(sd) else f" ({sd:.4f})") + "; anything else is a tie.", "",
             _md_table(shown, first="ablation"), ""]

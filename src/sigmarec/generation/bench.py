@@ -137,7 +137,7 @@ def _bench_gr(cfg: SigmaConfig, run_dir: Path, inst: pd.DataFrame, k: int,
     from sigmarec.gr.decoding import ItemTrie, gr_recommend
     from sigmarec.gr.items import sid_tokens
     from sigmarec.gr.model import GRExample, build_gr_model
-    from sigmarec.gr.stage import _tokenise
+    from sigmarec.gr.stage import _tokenise, gr_model_config
     from sigmarec.tasks.stage import load_vocab
     from sigmarec.tokenization.semantic_ids import SemanticIds
 
@@ -145,7 +145,7 @@ def _bench_gr(cfg: SigmaConfig, run_dir: Path, inst: pd.DataFrame, k: int,
     items = sid_tokens(sids.codes, sids.codebook_sizes, cfg.gr.dedup_level,
                        np.arange(sids.n_items))
     torch.manual_seed(cfg.seed)
-    model, _ = build_gr_model(cfg.backbone, cfg.model, items)
+    model, _ = build_gr_model(cfg.backbone, gr_model_config(cfg), items)
     trained = run_dir / "gr_baselines" / "models" / "gr_sid"
     weights = "trained"
     if trained.is_dir():

@@ -33,6 +33,11 @@ class GRConfig(_Strict):
         None, ge=1, description="None = training.per_device_batch_size"
     )
     lr: float | None = Field(None, gt=0, description="None = training.lr")
+    dense_weight: float | None = Field(
+        None, ge=0, description="weight of GR's dense next-token loss over the prompt's history "
+        "tokens; None = model.dense_weight. Its own field because SIGMA's dense losses were "
+        "ablated on SIGMA only: the default keeps GR's on while SIGMA's are off",
+    )
     generate_batch_size: int = Field(8, ge=1, description="prompts decoded together")
     dedup_level: bool = Field(
         True, description="GR(SID): append TIGER's extra code numbering the items that share a "

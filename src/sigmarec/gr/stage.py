@@ -16,13 +16,17 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from sigmarec.core.stage import Stage, StageContext
 from sigmarec.errors import ConfigError, DataError, StageError
+
+if TYPE_CHECKING:
+    from sigmarec.config import SigmaConfig
+    from sigmarec.model.config import ModelConfig
 
 log = logging.getLogger("sigmarec")
 
@@ -45,6 +49,14 @@ def fill_popular(items: np.ndarray, scores: np.ndarray, popular: np.ndarray
         scores[r][hole] = -np.inf
         rows, slots = rows + 1, slots + int(hole.sum())
     return items, scores, rows, slots
+
+
+def gr_model_config(cfg: SigmaConfig) -> ModelConfig:
+    """SIGMA's model settings (LoRA and the rest) with GR's own dense-loss weight, if set."""
+    g = cfg.gr
+    if g.dense_weight is None:
+        return cfg.model
+    return cfg.model.model_copy(update={"dense_weight": g.dense_weight})
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -119,7 +131,7 @@ def _train_and_rank(ctx: StageContext, name: str, items: Any, frames: dict[str, 
 
     cfg, g = ctx.config, ctx.config.gr
     torch.manual_seed(cfg.seed)  # the same LoRA init whichever baselines run before this one
-    model, facts = build_gr_model(cfg.backbone, cfg.model, items)
+    model, facts = build_gr_model(cfg.backbone, gr_model_config(cfg), items)
     tok = model.tokenizer
     train_df = frames["train"]
     train_ex = [GRExample(ids, int(t)) for ids, t in
