@@ -45,7 +45,7 @@ def _examples(model):
             example(model, [10, 11, 12, 13, 14], 1), example(model, [20, 6], 5, "Something new")]
 
 
-@pytest.mark.parametrize("fusion", ["adaptive", "fixed", "off"])
+@pytest.mark.parametrize("fusion", ["adaptive", "fixed", "joint", "off"])
 @pytest.mark.parametrize("levels", ["one_level", "two_level"])
 def test_batched_decoder_equals_the_reference(request, levels, fusion) -> None:
     model = request.getfixturevalue(levels)
@@ -119,6 +119,39 @@ def test_fusion_is_a_distribution_and_adaptive_follows_the_spread() -> None:
     for b in range(2):
         f = fused_scores(_cands(c.prefix_logp[b:b + 1], c.cosine[b:b + 1]), "fixed", 0.1 / s[b])
         assert np.allclose(a[b], f[0])
+
+
+def test_joint_is_the_prefix_prior_plus_the_unnormalised_score() -> None:
+    rng = np.random.default_rng(3)
+    c = _cands(np.log([[0.6, 0.3, 0.1]]), rng.uniform(-1, 1, size=(1, 3, 4)))
+    j = fused_scores(c, "joint", 0.2)
+    assert np.allclose(j, c.prefix_logp[:, :, None] + c.cosine / 0.2)
+    # Within a prefix it ranks as fixed fusion does (same tau); only across prefixes it differs.
+    f = fused_scores(c, "fixed", 0.2)
+    for k in range(3):
+        assert (np.argsort(-j[0, k]) == np.argsort(-f[0, k])).all()
+    # An item alone in its prefix is no longer lifted to that prefix's whole probability mass:
+    # prefix 1 holds one weak item; fixed fusion ranks it first, joint ranks the strong ones.
+    cos = np.array([[[0.9, 0.85, 0.8], [0.1, -np.inf, -np.inf]]])
+    lone = _cands(np.log([[0.5, 0.5]]), cos)
+    lone.items[0, 1, 1:] = -1
+    assert fuse(lone, "fixed", 0.1, 1)[0][0, 0] == 3
+    assert fuse(lone, "joint", 0.1, 1)[0][0, 0] == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), tau=st.floats(1e-3, 10.0))
+def test_joint_moves_a_shifted_prefix_by_the_shift_over_tau(seed: int, tau: float) -> None:
+    # Unlike the per-prefix softmax, joint scores see absolute item scores: shifting one
+    # prefix's scores by d moves exactly that prefix's candidates by d / tau.
+    rng = np.random.default_rng(seed)
+    c = _cands(np.log(rng.dirichlet(np.ones(3))[None]), rng.uniform(-1, 1, size=(1, 3, 4)))
+    base = fused_scores(c, "joint", tau)
+    shifted = c.cosine.copy()
+    shifted[0, 1] += 0.5
+    moved = fused_scores(_cands(c.prefix_logp, shifted), "joint", tau)
+    assert np.allclose(moved[0, 1] - base[0, 1], 0.5 / tau)
+    assert np.allclose(moved[0, [0, 2]], base[0, [0, 2]])
 
 
 def test_off_is_lexicographic_prefix_then_cosine() -> None:

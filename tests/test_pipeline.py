@@ -54,7 +54,7 @@ def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
     cfg, run_dir, _ = tiny_run
     tasks = json.loads((run_dir / "evaluation" / "metrics_tasks.json").read_text())
     models = set(tasks["test"])
-    assert {"sigma", "sigma_fixed", "sigma_off"} <= models
+    assert {"sigma", "sigma_adaptive", "sigma_fixed", "sigma_off"} <= models
     for name in cfg.baselines.enabled:
         assert {name, f"{name}+rule"} <= models
     for res in tasks["test"].values():
@@ -73,14 +73,15 @@ def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
     assert (gen / "tau_curve.csv").is_file() and (gen / "prefix_usage.json").is_file()
     manifest = json.loads((gen / "manifest.json").read_text())
     taus = manifest["summary"]["sigma"]["tau"]
-    assert set(taus) == {"adaptive", "fixed", "rule"} and taus["rule"] > 0
+    assert set(taus) == {"joint", "adaptive", "fixed", "rule"} and taus["rule"] > 0
     scales = manifest["summary"]["sigma"]["copy_scale"]
-    assert set(scales) == {"adaptive", "fixed", "rule"}
+    assert set(scales) == {"joint", "adaptive", "fixed", "rule"}
     assert set(scales.values()) <= {1.0, *cfg.generation.copy_scale_grid}
     # Fusion per task: sigma is fused at each task's pair; the single choice stays beside it.
     assert {"sigma_global", "sigma_global+rule"} <= models
     per = manifest["summary"]["sigma"]["per_task"]
-    assert set(per["adaptive"]) <= {t for t in tasks["test"]["sigma"] if t not in ("ALL", "MEAN")}
+    assert manifest["summary"]["sigma"]["fusion"] == "joint"
+    assert set(per["joint"]) <= {t for t in tasks["test"]["sigma"] if t not in ("ALL", "MEAN")}
     # SIGMA with the rule as a business filter, beside the baselines' '+rule' rows; on
     # validation too, where its own tau is chosen.
     assert "sigma+rule" in models and "sigma+rule" in tasks.get("valid", {})

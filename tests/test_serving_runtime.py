@@ -67,8 +67,10 @@ def test_fusion_settings_per_task_are_the_stages(served):
     _, run_dir, rt = served
     per = read_manifest(run_dir / "generation")["summary"]["sigma"]["per_task"]
     choice = rt._state.fusion
-    assert per.get("adaptive"), "the tiny run chose nothing per task"
-    assert choice.per_task == {t: tuple(v) for t, v in per["adaptive"].items()}
+    assert choice.mode == "joint" == read_manifest(run_dir / "generation")["summary"]["sigma"][
+        "fusion"]
+    assert per.get("joint"), "the tiny run chose nothing per task"
+    assert choice.per_task == {t: tuple(v) for t, v in per["joint"].items()}
     assert choice.per_task_filtered == {t: tuple(v) for t, v in per.get("rule", {}).items()}
     with pytest.raises(ValueError, match="tasks for a batch"):
         choice.fuse(None, np.zeros(2, dtype=bool), 5, ["JustForYou"])

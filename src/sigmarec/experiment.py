@@ -106,7 +106,7 @@ def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
         for name in ablations if s in ablation_seeds else []:
             # Only SIGMA is retrained; the baselines are not re-ranked (the main run has them).
             cfg = _overlay(_overlay(base, {"seed": s, "gr": {"enabled": []}, "generation": {
-                "baselines": [], "variants": ["adaptive"]}}), ABLATIONS[name])
+                "baselines": [], "variants": []}}), ABLATIONS[name])
             runs.append({"dir": out / f"seed{s}" / name, "seed": s, "variant": name,
                          "cfg": cfg, "share_from": out / f"seed{s}" / "main"})
     return runs

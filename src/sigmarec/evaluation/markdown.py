@@ -122,9 +122,10 @@ def write_report(run_dir: Path) -> Path:
         curve = pd.read_csv(curve_path)
         png = plots.tau_curve(curve, out / "tau_curve.png")
         test = curve[curve["split"] == "test"].set_index(["mode", "tau"])
-        lines += ["## APF: accuracy against diversity", "",
-                  "Fixed-temperature fusion as tau varies, with the adaptive point (tau chosen "
-                  "on validation) and no fusion (prefix, then cosine).", "",
+        lines += ["## Fusion: accuracy against diversity", "",
+                  "Fixed-temperature fusion as tau varies, with the adaptive (APF) and joint "
+                  "points where they were tuned (tau chosen on validation) and no fusion "
+                  "(prefix, then score).", "",
                   f"![tau curve]({png.name})", "",
                   _md_table(test.reset_index().set_index("mode")), ""]
     usage_path = gen / "prefix_usage.json"

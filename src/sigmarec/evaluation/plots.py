@@ -38,7 +38,8 @@ def task_bars(table: pd.DataFrame, path: Path, title: str,
 
 def tau_curve(curve: pd.DataFrame, path: Path, split: str = "test",
               diversity: str = "Categories@10") -> Path:
-    """Accuracy vs diversity as the fixed temperature varies, with the adaptive and off points."""
+    """Accuracy vs diversity as the fixed temperature varies, with the adaptive, joint and off
+    points."""
     df = curve[curve["split"] == split]
     fixed = df[df["mode"] == "fixed"].sort_values("tau")
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -46,13 +47,13 @@ def tau_curve(curve: pd.DataFrame, path: Path, split: str = "test",
     for _, r in fixed.iterrows():
         ax.annotate(f"{r['tau']:g}", (r[diversity], r["HR@10"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))
-    for mode, marker in (("adaptive", "*"), ("off", "s")):
+    for mode, marker in (("adaptive", "*"), ("joint", "D"), ("off", "s")):
         pt = df[df["mode"] == mode]
         if len(pt):
             ax.plot(pt[diversity], pt["HR@10"], marker, markersize=12, label=mode)
     ax.set_xlabel(f"{diversity} (distinct categories in the top 10)")
     ax.set_ylabel("HR@10 (mean over tasks)")
-    ax.set_title(f"APF: accuracy vs diversity ({split})")
+    ax.set_title(f"Fusion: accuracy vs diversity ({split})")
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()

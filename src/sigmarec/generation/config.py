@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Fusion = Literal["adaptive", "fixed", "off"]
+Fusion = Literal["adaptive", "fixed", "joint", "off"]
 
 
 class _Strict(BaseModel):
@@ -25,8 +25,11 @@ class GenerationConfig(_Strict):
     m_per_prefix: int = Field(20, ge=1, description="M: items kept per prefix by the search")
     fusion: Fusion = Field(
         "adaptive",
-        description="adaptive: softmax(cos*s/tau) within a prefix, s = std of the top-K prefix "
-        "probabilities; fixed: s = 1; off: prefix probability, then cosine (lexicographic)",
+        description="the fusion of the `sigma` and `sigma+rule` lists and of serving. adaptive "
+        "(the paper's APF): log P(prefix) + log softmax(score*s/tau) within the prefix, s = std "
+        "of the top-K prefix probabilities; fixed: s = 1; joint: log P(prefix) + score/tau, "
+        "one softmax over every candidate (no per-prefix normalisation); off: prefix "
+        "probability, then score (lexicographic)",
     )
     tau: float = Field(
         0.05, gt=0, description="APF temperature (adaptive and fixed); see select_tau"
@@ -53,8 +56,9 @@ class GenerationConfig(_Strict):
     )
     variants: list[Fusion] = Field(
         default_factory=lambda: ["adaptive", "fixed", "off"],
-        description="fusion modes also written as separate models (sigma_fixed, sigma_off): "
-        "steps 1-2 are shared, so the APF ablation costs one extra sort",
+        description="fusion modes also written as separate models (sigma_<mode>, e.g. "
+        "sigma_fixed; `fusion` itself is `sigma`): steps 1-2 are shared, so the fusion "
+        "ablation costs one extra sort",
     )
     batch_size: int = Field(16, ge=1, description="prompts decoded together")
     exclude_seen: bool = Field(

@@ -6,6 +6,12 @@ distribution (large ``s``) sharpens the within-prefix ranking, a flat one (small
 it and lets more prefixes into the top-N. ``fixed`` uses ``s = 1`` (one temperature for every
 request), ``off`` ranks by prefix probability first and cosine second (no fusion at all).
 
+``joint`` drops the per-prefix normalisation: ``log P(c_k | T) + score / τ``, one softmax over
+all K·M candidates with the prefix probability as a prior (a product of the two experts rather
+than the chain rule). Within a prefix it ranks as APF does; across prefixes an item is no longer
+lifted for being alone (or one of few) in its prefix, which matters most when a business filter
+leaves few eligible items per prefix (docs/experiments.md, round 12).
+
 Every item lives under exactly one prefix, so the K·M candidates of a request are distinct and
 the global sort needs no de-duplication.
 
@@ -111,12 +117,15 @@ def fused_scores(c: Candidates, mode: Fusion, tau: float, copy_scale: float = 1.
         return np.where(valid, key, -np.inf)
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
+    if mode == "joint":
+        return np.where(valid, c.prefix_logp[:, :, None] + np.where(valid, cosine, 0.0) / tau,
+                        -np.inf)
     if mode == "adaptive":
         scale = prefix_spread(c.prefix_logp, c.k_for_spread) / tau
     elif mode == "fixed":
         scale = np.full(c.items.shape[0], 1.0 / tau)
     else:
-        raise ValueError(f"unknown fusion mode {mode!r} (adaptive | fixed | off)")
+        raise ValueError(f"unknown fusion mode {mode!r} (adaptive | fixed | joint | off)")
     within = _log_softmax_masked(np.where(valid, cosine, 0.0) * scale[:, None, None], valid)
     return np.where(valid, c.prefix_logp[:, :, None] + within, -np.inf)
 

@@ -123,7 +123,7 @@ def reference_recommend(model: SigmaModel, ex: SFTExample, k: int, m: int, n: in
     probs = [math.exp(lp) for lp, _ in chosen[:k]]
     mean = sum(probs) / len(probs) if probs else 0.0
     spread = math.sqrt(sum((p - mean) ** 2 for p in probs) / len(probs)) if probs else 0.0
-    scale = {"adaptive": spread / tau, "fixed": 1.0 / tau, "off": 0.0}[fusion]
+    scale = {"adaptive": spread / tau, "fixed": 1.0 / tau, "joint": 1.0 / tau, "off": 0.0}[fusion]
 
     cands: list[tuple[float, int]] = []
     for rank, (lp, flat) in enumerate(chosen):
@@ -140,6 +140,9 @@ def reference_recommend(model: SigmaModel, ex: SFTExample, k: int, m: int, n: in
                                                                           strict=True)]
             continue
         z = [c * scale for c in top_cos]
+        if fusion == "joint":  # no normalisation within the prefix
+            cands += [(lp + v, int(i)) for v, i in zip(z, top, strict=True)]
+            continue
         hi = max(z)
         lse = hi + math.log(sum(math.exp(v - hi) for v in z))
         cands += [(lp + v - lse, int(i)) for v, i in zip(z, top, strict=True)]

@@ -140,6 +140,13 @@ def adaptive_taus(cands: Candidates, tau_grid: list[float], fallback: float) -> 
     return [t * s_med for t in tau_grid] if s_med > 0 else [fallback]
 
 
+def mode_taus(mode: str, cands: Candidates, tau_grid: list[float], fallback: float
+              ) -> list[float]:
+    """The tau grid a fusion mode is tuned over: adaptive's is rescaled by the spread
+    (:func:`adaptive_taus`); fixed and joint divide raw scores by tau, so they share the grid."""
+    return adaptive_taus(cands, tau_grid, fallback) if mode == "adaptive" else list(tau_grid)
+
+
 def copy_scales(gcfg: Any, cands: Candidates) -> list[float]:
     """The copy scales tried on validation: ``copy_scale_grid`` for a repeat-aware model, and
     only 1 (the copy term as trained) for a model without a copy term."""
@@ -230,10 +237,14 @@ class GenerationStage(Stage):
         # Steps 1-2 kept: any fusion, tau or copy scale can be re-sorted later without the model.
         for split, c in cands.items():
             save_candidates(ctx.out / f"candidates_{split}.npz", c)
-        k_used = self._choose_k(gcfg, inst, cands, n)
+        # The mode of the `sigma` and `sigma+rule` lists (and of serving); every other mode in
+        # `variants` is a re-sort of the same candidates, written as sigma_<mode>.
+        main = gcfg.fusion
+        tuned = main if main != "off" else "adaptive"
+        k_used = self._choose_k(gcfg, inst, cands, n, tuned)
         if k_used < gcfg.k_prefixes:
             cands = {split: truncate(c, k_used) for split, c in cands.items()}
-        taus, scales = self._choose_tau(gcfg, inst, cands, n)
+        taus, scales = self._choose_tau(gcfg, inst, cands, n, {tuned, *gcfg.variants})
         if rule:
             # All of the filtered beam stays (it was widened where the rule needed it), but s
             # is taken over the same number of prefixes as for the unfiltered lists.
@@ -242,47 +253,47 @@ class GenerationStage(Stage):
             for split, c in rule.items():
                 save_candidates(ctx.out / f"candidates_rule_{split}.npz", c)
             taus["rule"], scales["rule"] = self._choose_rule_tau(gcfg, inst, rule,
-                                                                 taus["adaptive"], n)
-        scale = scales["adaptive"]
+                                                                 taus[tuned], n, tuned)
+        scale = scales[tuned]
         per_task: dict[str, dict[str, list[float]]] = {}
-        if gcfg.fusion_per_task and gcfg.select_tau and "valid" in cands:
+        if gcfg.fusion_per_task and gcfg.select_tau and "valid" in cands and main != "off":
             c = cands["valid"]
-            per_task["adaptive"] = self._choose_per_task(
-                gcfg, inst["valid"], c, adaptive_taus(c, gcfg.tau_grid, gcfg.tau),
-                copy_scales(gcfg, c), (taus["adaptive"], scale), n, "sigma")
+            per_task[main] = self._choose_per_task(
+                gcfg, inst["valid"], c, mode_taus(main, c, gcfg.tau_grid, gcfg.tau),
+                copy_scales(gcfg, c), (taus[main], scale), n, "sigma", main)
             if "valid" in rule:
                 c = rule["valid"]
                 per_task["rule"] = self._choose_per_task(
                     gcfg, inst["valid"], c,
-                    sorted({*adaptive_taus(c, gcfg.tau_grid, taus["adaptive"]),
-                            taus["adaptive"]}),
-                    copy_scales(gcfg, c), (taus["rule"], scales["rule"]), n, "sigma+rule")
+                    sorted({*mode_taus(main, c, gcfg.tau_grid, taus[main]), taus[main]}),
+                    copy_scales(gcfg, c), (taus["rule"], scales["rule"]), n, "sigma+rule",
+                    main)
 
         def lists(c: Candidates, df: pd.DataFrame, which: str, default: tuple[float, float]
                   ) -> tuple[np.ndarray, np.ndarray]:
             chosen = {t: (v[0], v[1]) for t, v in per_task.get(which, {}).items()}
-            return fuse_by_group(c, df["task"].to_numpy(), chosen, default, n)
+            return fuse_by_group(c, df["task"].to_numpy(), chosen, default, n, main)
 
-        out: dict[str, Any] = {"tau": taus, "copy_scale": scales, "per_task": per_task,
-                               "k_prefixes": k_used,
+        out: dict[str, Any] = {"fusion": main, "tau": taus, "copy_scale": scales,
+                               "per_task": per_task, "k_prefixes": k_used,
                                "seconds": {s: round(v, 2) for s, v in seconds.items()},
                                "users_per_s": {s: round(len(inst[s]) / max(v, 1e-9), 2)
                                                for s, v in seconds.items()}}
         filled_total = 0
         final: dict[str, np.ndarray] = {}
-        for mode in dict.fromkeys(["adaptive", *gcfg.variants]):
-            name = "sigma" if mode == "adaptive" else f"sigma_{mode}"
+        for mode in dict.fromkeys([main, *gcfg.variants]):
+            name = "sigma" if mode == main else f"sigma_{mode}"
             for split, c in cands.items():
                 items, scores = fuse(c, mode, taus.get(mode, gcfg.tau), n,
                                      scales.get(mode, 1.0))
-                if mode == "adaptive" and "adaptive" in per_task:
+                if mode == main and main in per_task:
                     # The single choice stays as its own model: per-task against global in
                     # the same run.
                     write_parquet(ctx.out / "rankings" / f"sigma_global_{split}.parquet",
                                   rankings_frame(inst[split], fill_lists(items, popularity)[0],
                                                  scores))
-                    items, scores = lists(c, inst[split], "adaptive", (taus[mode], scale))
-                if mode == "adaptive":
+                    items, scores = lists(c, inst[split], main, (taus[mode], scale))
+                if mode == main:
                     final[split] = items
                 items, filled = fill_lists(items, popularity)
                 filled_total += filled
@@ -291,7 +302,7 @@ class GenerationStage(Stage):
         out["filled_from_popularity"] = filled_total
         for split, c in rule.items():
             default = (taus["rule"], scales["rule"])
-            items, scores = fuse(c, "adaptive", default[0], n, default[1])
+            items, scores = fuse(c, tuned, default[0], n, default[1])
             if "rule" in per_task:
                 write_parquet(ctx.out / "rankings" / f"sigma_global+rule_{split}.parquet",
                               rankings_frame(inst[split], fill_lists(items, popularity)[0],
@@ -310,17 +321,17 @@ class GenerationStage(Stage):
 
     def _choose_per_task(self, gcfg: Any, df: pd.DataFrame, c: Candidates, taus: list[float],
                          scales: list[float], default: tuple[float, float], n: int,
-                         label: str) -> dict[str, list[float]]:
-        """{task: [tau, copy scale]} of adaptive fusion by each task's own validation HR@10,
+                         label: str, mode: str = "adaptive") -> dict[str, list[float]]:
+        """{task: [tau, copy scale]} of ``mode`` fusion by each task's own validation HR@10,
         over the grid the single choice searched; a task with fewer than
         ``per_task_min_valid`` instances keeps ``default`` (the single choice), as do ties."""
         tasks = df["task"].to_numpy()
         targets = list(df["targets"])
-        hits = {(t, a): np.asarray(accuracy_metrics(fuse(c, "adaptive", t, n, a)[0][:, :10],
+        hits = {(t, a): np.asarray(accuracy_metrics(fuse(c, mode, t, n, a)[0][:, :10],
                                                     targets, [10])["HR@10"], dtype=float)
                 for t in taus for a in scales}
         hits.setdefault(default, np.asarray(accuracy_metrics(
-            fuse(c, "adaptive", default[0], n, default[1])[0][:, :10], targets,
+            fuse(c, mode, default[0], n, default[1])[0][:, :10], targets,
             [10])["HR@10"], dtype=float))
         out: dict[str, list[float]] = {}
         for task in sorted(set(tasks.tolist())):
@@ -335,8 +346,8 @@ class GenerationStage(Stage):
         return out
 
     def _choose_k(self, gcfg: Any, inst: dict[str, pd.DataFrame],
-                  cands: dict[str, Candidates], n: int) -> int:
-        """K from ``k_grid`` (and k_prefixes) by validation HR@10 of adaptive fusion at its
+                  cands: dict[str, Candidates], n: int, mode: str = "adaptive") -> int:
+        """K from ``k_grid`` (and k_prefixes) by validation HR@10 of ``mode`` fusion at its
         best tau; the test candidates are never looked at."""
         grid = sorted({*gcfg.k_grid, gcfg.k_prefixes})
         if len(grid) == 1 or "valid" not in cands:
@@ -344,8 +355,8 @@ class GenerationStage(Stage):
         best: dict[int, float] = {}
         for k in grid:
             c = truncate(cands["valid"], k)
-            taus = adaptive_taus(c, gcfg.tau_grid, gcfg.tau)
-            best[k] = max(task_hr(inst["valid"], fuse(c, "adaptive", t, n)[0]) for t in taus)
+            taus = mode_taus(mode, c, gcfg.tau_grid, gcfg.tau)
+            best[k] = max(task_hr(inst["valid"], fuse(c, mode, t, n)[0]) for t in taus)
         # Ties go to the smaller K (cheaper to serve).
         k_used = max(grid, key=lambda k: (round(best[k], 6), -k))
         log.info("generation: validation HR@10 by K %s -> K %d",
@@ -353,17 +364,17 @@ class GenerationStage(Stage):
         return k_used
 
     def _choose_rule_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
-                         rule: dict[str, Candidates], tau_plain: float, n: int
-                         ) -> tuple[float, float]:
-        """Adaptive tau (and copy scale) of sigma+rule, from its own (rule-filtered)
+                         rule: dict[str, Candidates], tau_plain: float, n: int,
+                         mode: str = "adaptive") -> tuple[float, float]:
+        """tau (and copy scale) of sigma+rule's ``mode`` fusion, from its own (rule-filtered)
         validation lists: under a filter the candidates are other items, often fewer
         prefixes, and another balance between prefix and in-prefix scores may win. Without
         validation lists (or ``select_tau`` off) the unfiltered lists' tau is used."""
         if not gcfg.select_tau or "valid" not in rule:
             return tau_plain, 1.0
         c = rule["valid"]
-        grid = sorted({*adaptive_taus(c, gcfg.tau_grid, tau_plain), tau_plain})
-        scores = {(t, a): task_hr(inst["valid"], fuse(c, "adaptive", t, n, a)[0])
+        grid = sorted({*mode_taus(mode, c, gcfg.tau_grid, tau_plain), tau_plain})
+        scores = {(t, a): task_hr(inst["valid"], fuse(c, mode, t, n, a)[0])
                   for t in grid for a in copy_scales(gcfg, c)}
         # Ties go to the unfiltered lists' tau, then to the unscaled copy term.
         tau, scale = max(scores, key=lambda ta: (round(scores[ta], 6), ta[0] == tau_plain,
@@ -373,19 +384,19 @@ class GenerationStage(Stage):
         return tau, scale
 
     def _choose_tau(self, gcfg: Any, inst: dict[str, pd.DataFrame],
-                    cands: dict[str, Candidates], n: int
+                    cands: dict[str, Candidates], n: int, modes: set[str] | None = None
                     ) -> tuple[dict[str, float], dict[str, float]]:
-        """tau and the copy scale (jointly) per fusion mode, adaptive and fixed, by validation
-        HR@10: the APF ablation (adaptive against a fixed tau) tunes the same knobs on both
-        sides. ``off`` keeps the copy term as trained."""
-        taus = {m: gcfg.tau for m in ("adaptive", "fixed")}
-        scales = {"adaptive": 1.0, "fixed": 1.0}
+        """tau and the copy scale (jointly) per fusion mode (adaptive, fixed, joint: those in
+        ``modes``) by validation HR@10: the fusion ablation tunes the same knobs on every side.
+        ``off`` keeps the copy term as trained."""
+        tuned = [m for m in ("adaptive", "fixed", "joint") if m in (modes or {"adaptive"})]
+        taus = {m: gcfg.tau for m in tuned}
+        scales = {m: 1.0 for m in tuned}
         if not gcfg.select_tau or "valid" not in cands:
             return taus, scales
         c = cands["valid"]
-        grids = {"fixed": list(gcfg.tau_grid),
-                 "adaptive": adaptive_taus(c, gcfg.tau_grid, gcfg.tau)}
-        for mode in ("adaptive", "fixed"):
+        grids = {m: mode_taus(m, c, gcfg.tau_grid, gcfg.tau) for m in tuned}
+        for mode in tuned:
             alphas = copy_scales(gcfg, c)
             scores = {(t, a): task_hr(inst["valid"], fuse(c, mode, t, n, a)[0])
                       for t in grids[mode] for a in alphas}
@@ -404,13 +415,13 @@ class GenerationStage(Stage):
                    cands: dict[str, Candidates], taus: dict[str, float],
                    scales: dict[str, float], n: int) -> None:
         """Accuracy and diversity of fixed-tau fusion as tau varies (at its chosen copy scale),
-        plus the adaptive point."""
+        plus the adaptive and joint points (at their chosen tau) where they were tuned."""
         ev = ctx.config.eval
         cats = category_codes(data.items["category_path"].tolist(), ev.category_level)
         head = head_mask(data.train_item_counts, ev.long_tail_head_share)
         rows = []
         points = [("fixed", t) for t in ctx.config.generation.tau_grid]
-        points += [("adaptive", taus["adaptive"]), ("off", 1.0)]
+        points += [(m, taus[m]) for m in ("adaptive", "joint") if m in taus] + [("off", 1.0)]
         for split, c in cands.items():
             df = inst[split]
             hist = data.histories(df)

@@ -220,8 +220,9 @@ def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: 
     (full, old), seconds = decode_split(decoder, examples, n, batch_size, [None, trained_only],
                                         "sigma coldstart")
     a = choice.copy_scale
-    lists = {"sigma": fuse(full, "adaptive", tau, n, a)[0],
-             "sigma (trained items only)": fuse(old, "adaptive", tau, n, a)[0]}
+    mode = choice.mode
+    lists = {"sigma": fuse(full, mode, tau, n, a)[0],
+             "sigma (trained items only)": fuse(old, mode, tau, n, a)[0]}
     return lists, {"tau": tau, "k_prefixes": k, "copy_scale": a, "tau_k_from": how,
                    "decode_s": round(seconds, 1), "apply_overlay_s": round(apply_s, 3)}
 

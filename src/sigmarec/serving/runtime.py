@@ -52,6 +52,7 @@ from sigmarec.core.stage import StageContext, read_manifest
 from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import SigmaError, StageError
+from sigmarec.generation.config import Fusion
 from sigmarec.generation.decode import SigmaDecoder
 from sigmarec.generation.fusion import Candidates, fuse_by_group
 from sigmarec.metrics.ranking import top_n
@@ -184,7 +185,7 @@ def _category_index(items: pd.DataFrame) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class FusionChoice:
-    """Adaptive fusion's settings as the generation stage chose them on validation (or the
+    """The fusion's settings as the generation stage chose them on validation (or the
     config's, for a run without a generation stage; ``source`` says which)."""
 
     tau: float
@@ -198,32 +199,38 @@ class FusionChoice:
     # without an entry uses the pair above.
     per_task: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     per_task_filtered: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    # generation.fusion of the run (a manifest written before the field existed: adaptive).
+    mode: Fusion = "adaptive"
 
     def fuse(self, cands: Candidates, filtered: np.ndarray, n: int,
              tasks: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Adaptive fusion of a batch: rows with a filter (``filtered`` (B,) bool) at the
+        """Fusion of a batch (in ``mode``): rows with a filter (``filtered`` (B,) bool) at the
         filtered pair, the others at the unfiltered one; with ``tasks`` (one per row), at
         the pair chosen for the row's task where there is one."""
         groups = np.array(["" for _ in range(len(filtered))] if tasks is None else
                           [str(t) for t in tasks], dtype=object)
         if len(groups) != len(filtered):
             raise ValueError(f"{len(groups)} tasks for a batch of {len(filtered)}")
+        # "off" lists ranked by prefix, then score; sigma+rule is fused adaptively then.
+        rule_mode = self.mode if self.mode != "off" else "adaptive"
         items, scores = fuse_by_group(cands, groups, self.per_task,
-                                      (self.tau, self.copy_scale), n)
+                                      (self.tau, self.copy_scale), n, self.mode)
         if filtered.any() and self.tau_filtered is not None:
             f_items, f_scores = fuse_by_group(
                 cands, groups, self.per_task_filtered,
-                (self.tau_filtered, self.copy_scale_filtered or 1.0), n)
+                (self.tau_filtered, self.copy_scale_filtered or 1.0), n, rule_mode)
             items = np.where(filtered[:, None], f_items, items)
             scores = np.where(filtered[:, None], f_scores, scores)
         return items, scores
 
 
 def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
-    """(tau, K, copy scale) of adaptive fusion, from the run's generation manifest."""
+    """(mode, tau, K, copy scale) of the run's fusion, from its generation manifest."""
     manifest = read_manifest(run_dir / "generation")
     sigma = (manifest or {}).get("summary", {}).get("sigma", {})
     if "tau" in sigma:
+        mode = sigma.get("fusion", "adaptive")
+        tuned = mode if mode != "off" else "adaptive"
         scales = sigma.get("copy_scale", {})
         rule_tau = sigma["tau"].get("rule")
         per = sigma.get("per_task", {})
@@ -231,17 +238,17 @@ def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
         def pairs(which: str) -> dict[str, tuple[float, float]]:
             return {t: (float(v[0]), float(v[1])) for t, v in per.get(which, {}).items()}
 
-        return FusionChoice(float(sigma["tau"]["adaptive"]),
+        return FusionChoice(float(sigma["tau"][tuned]),
                             int(sigma.get("k_prefixes", cfg.generation.k_prefixes)),
-                            float(scales.get("adaptive", 1.0)),
+                            float(scales.get(tuned, 1.0)),
                             "chosen on validation by the generation stage",
                             None if rule_tau is None else float(rule_tau),
-                            float(scales.get("rule", 1.0)), pairs("adaptive"), pairs("rule"))
+                            float(scales.get("rule", 1.0)), pairs(mode), pairs("rule"), mode)
     log.warning("serving: %s has no generation manifest; SIGMA uses generation.tau (%s) and "
                 "k_prefixes (%d) from the config, not values chosen on validation",
                 run_dir / "generation", cfg.generation.tau, cfg.generation.k_prefixes)
     return FusionChoice(cfg.generation.tau, cfg.generation.k_prefixes, 1.0,
-                        "config (no generation stage)")
+                        "config (no generation stage)", mode=cfg.generation.fusion)
 
 
 def _published(run_dir: Path) -> tuple[str, tuple[str, ...]]:
