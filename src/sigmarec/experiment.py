@@ -3,8 +3,8 @@
 Every variant is a config overlay, never a code path of its own:
 
 * ``main`` (each seed): the base config with that seed - SIGMA (in ``generation.fusion``; the
-  other fusion modes come from the same run's candidates), the classical baselines (as is and ``+rule``) and, on
-  ``gr_seeds``, the generative baselines GR(SID) and GR(ID) (``gr.enabled``).
+  other fusion modes come from the same run's candidates), the classical baselines (as is and
+  ``+rule``) and, on ``gr_seeds``, the generative baselines GR(SID) and GR(ID) (``gr.enabled``).
 * ``no_grounding``: ``tokenization.embedding = ungrounded`` (the untrained backbone's text
   embeddings feed the semantic IDs and ProjFuse).
 * ``two_level``: ``tokenization.prefix_levels = 2``.
