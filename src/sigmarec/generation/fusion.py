@@ -77,6 +77,12 @@ def take_rows(c: Candidates, idx: np.ndarray) -> Candidates:
                       c.k_for_spread, None if c.copy is None else c.copy[idx])
 
 
+def tuned_mode(mode: Fusion) -> Fusion:
+    """The mode whose tau and copy scale are chosen for a run fused in ``mode``: ``off`` has
+    none, so its run tunes adaptive (also used for its sigma+rule lists)."""
+    return mode if mode != "off" else "adaptive"
+
+
 def truncate(c: Candidates, k: int) -> Candidates:
     """The candidates as if step 1 had kept only the first ``k`` prefixes (the beam is sorted
     by probability, so these are its top ``k``; exactly a K = ``k`` decode for a one-level

@@ -32,7 +32,14 @@ from sigmarec.core.stage import Stage, StageContext
 from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import Candidates, fuse, fuse_by_group, prefix_spread, truncate
+from sigmarec.generation.fusion import (
+    Candidates,
+    fuse,
+    fuse_by_group,
+    prefix_spread,
+    truncate,
+    tuned_mode,
+)
 from sigmarec.metrics import accuracy_metrics, beyond_metrics, category_codes, head_mask
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.sigma import load_sigma_model
@@ -240,7 +247,7 @@ class GenerationStage(Stage):
         # The mode of the `sigma` and `sigma+rule` lists (and of serving); every other mode in
         # `variants` is a re-sort of the same candidates, written as sigma_<mode>.
         main = gcfg.fusion
-        tuned = main if main != "off" else "adaptive"
+        tuned = tuned_mode(main)
         k_used = self._choose_k(gcfg, inst, cands, n, tuned)
         if k_used < gcfg.k_prefixes:
             cands = {split: truncate(c, k_used) for split, c in cands.items()}

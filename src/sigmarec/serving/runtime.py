@@ -54,7 +54,7 @@ from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import Candidates, fuse_by_group
+from sigmarec.generation.fusion import Candidates, fuse_by_group, tuned_mode
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel, load_sigma_model
@@ -212,7 +212,7 @@ class FusionChoice:
         if len(groups) != len(filtered):
             raise ValueError(f"{len(groups)} tasks for a batch of {len(filtered)}")
         # "off" lists ranked by prefix, then score; sigma+rule is fused adaptively then.
-        rule_mode = self.mode if self.mode != "off" else "adaptive"
+        rule_mode = tuned_mode(self.mode)
         items, scores = fuse_by_group(cands, groups, self.per_task,
                                       (self.tau, self.copy_scale), n, self.mode)
         if filtered.any() and self.tau_filtered is not None:
@@ -230,7 +230,7 @@ def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
     sigma = (manifest or {}).get("summary", {}).get("sigma", {})
     if "tau" in sigma:
         mode = sigma.get("fusion", "adaptive")
-        tuned = mode if mode != "off" else "adaptive"
+        tuned = tuned_mode(mode)
         scales = sigma.get("copy_scale", {})
         rule_tau = sigma["tau"].get("rule")
         per = sigma.get("per_task", {})
