@@ -4,9 +4,11 @@ directory (e.g. ablations of the current default next to main runs decoded earli
     python scripts/ablation_table.py --main R0 R1 R2 --ablation NAME=V0,V1,V2 [--ablation ...]
 
 ``--main``: one finished run per seed; each ``--ablation`` names one run per seed, in the same
-seed order (the pairing is by position; each pair is checked to have the same seed). The
-effects and verdicts are :func:`sigmarec.evaluation.ablations.paired_effects` (the rule of the
-``sigma experiment compare`` report); the sigma+rule effect is added beside them.
+seed order (the pairing is by position; each pair is checked to have the same seed). A NAME of
+:data:`sigmarec.experiment.ADDS` (``dense``, ``align``, ...) or given with ``--adds`` is a
+variant that adds a part, so its effect is read as variant minus SIGMA. The table is
+:func:`sigmarec.evaluation.ablations.paired_effects` over
+:func:`sigmarec.evaluation.markdown.merge_models`, the code of the ``compare`` report.
 """
 
 from __future__ import annotations
@@ -15,13 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from sigmarec.core.stage import read_manifest
-from sigmarec.evaluation.ablations import MAIN, PREFIX, paired_effects
-from sigmarec.evaluation.report import headline_figures
-
-RULE = "sigma+rule"
+from sigmarec.evaluation.ablations import paired_effects
+from sigmarec.evaluation.markdown import merge_models
+from sigmarec.experiment import ADDS
 
 
 def _metrics(run: Path) -> dict:
@@ -40,32 +39,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--main", nargs="+", type=Path, required=True)
     ap.add_argument("--ablation", action="append", default=[], metavar="NAME=DIR,DIR,...")
+    ap.add_argument("--adds", action="append", default=[], metavar="NAME",
+                    help="a variant that adds a part (besides sigmarec.experiment.ADDS)")
     a = ap.parse_args()
-    per_seed = [_metrics(r) for r in a.main]
+    runs = [_metrics(r) for r in a.main]
+    entries = [{"seed": i, "variant": "main"} for i in range(len(a.main))]
     names = []
     for spec in a.ablation:
         name, _, dirs = spec.partition("=")
-        runs = [Path(d) for d in dirs.split(",") if d]
-        if not name or len(runs) > len(a.main):
+        paths = [Path(d) for d in dirs.split(",") if d]
+        if not name or len(paths) > len(a.main):
             raise SystemExit(f"--ablation {spec!r}: NAME=DIR,... with at most one run per seed")
         names.append(name)
-        for i, run in enumerate(runs):
+        for i, run in enumerate(paths):
             if _seed(run) != _seed(a.main[i]):
                 raise SystemExit(f"{run} (seed {_seed(run)}) is paired with {a.main[i]} "
                                  f"(seed {_seed(a.main[i])})")
-            test = _metrics(run)["test"]
-            per_seed[i]["test"][PREFIX + name] = test[MAIN]
-            if RULE in test:
-                per_seed[i]["test"][f"{PREFIX}{name}+rule"] = test[RULE]
-    eff = paired_effects(per_seed, names)
-    rule = {}
-    for name in names:
-        d = [float(f.loc[RULE, "mean HR@10"] - f.loc[f"{PREFIX}{name}+rule", "mean HR@10"])
-             for f in (headline_figures(m) for m in per_seed)
-             if f"{PREFIX}{name}+rule" in f.index and RULE in f.index]
-        rule[name] = (" / ".join(f"{x:+.3f}" for x in d) + f" (mean {np.mean(d):+.3f})"
-                      if d else "-")
-    eff["on sigma+rule (per seed)"] = [rule[n] for n in eff.index]
+            runs.append(_metrics(run))
+            entries.append({"seed": i, "variant": name})
+    eff = paired_effects(merge_models(runs, entries), names, {*ADDS, *a.adds})
     print(f"main runs' seed sd of the task mean: {eff.attrs['seed_sd']:.4f}")
     print(eff.to_markdown(floatfmt="+.3f"))
 

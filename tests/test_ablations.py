@@ -43,6 +43,23 @@ def test_effects_are_paired_by_seed_and_only_named_ablations_count() -> None:
     assert y["seeds"] == 1 and y["verdict"] == "one seed" and np.isclose(y["on rule@10"], 0.4)
 
 
+def test_a_variant_that_adds_a_part_is_read_the_other_way_round_and_rule_rows_pair() -> None:
+    """``dense`` turns a part on: SIGMA (without it) minus the variant is the part's cost."""
+    seeds = []
+    for main, added, rule_main, rule_added in ((0.4, 0.3, 0.5, 0.45), (0.5, 0.3, 0.6, 0.5)):
+        m = _seed({"sigma": (main, main, main, 0.6), "sigma_dense": (added, added, added, 0.6),
+                   "sigma_no_x": (main, main, main, 0.6)})
+        m["test"]["sigma+rule"] = _model(dict.fromkeys(TASKS, rule_main), 1.0)
+        m["test"]["sigma_dense+rule"] = _model(dict.fromkeys(TASKS, rule_added), 1.0)
+        seeds.append(m)
+    eff = paired_effects(seeds, ["dense", "no_x"], adds={"dense"})
+    d = eff.loc["dense"]
+    assert d["part"] == "added" and d["effect per seed"] == "-0.100 / -0.200"
+    assert d["verdict"] == "hurts" and np.isclose(d["on sigma+rule"], -0.075)
+    assert eff.loc["no_x", "part"] == "removed" and np.isnan(eff.loc["no_x", "on sigma+rule"])
+    assert paired_effects(seeds, ["dense"]).loc["dense", "verdict"] == "helps"
+
+
 def test_a_mean_effect_inside_the_seed_spread_is_a_tie() -> None:
     assert verdict([0.01, 0.02, 0.01], seed_sd=0.05) == "tie"
     assert verdict([0.06, 0.07, 0.06], seed_sd=0.05) == "helps"
@@ -76,10 +93,13 @@ def test_the_report_of_a_comparison_has_the_ablation_table(tmp_path: Path) -> No
         for variant, hr in (("main", main), ("no_x", abl)):
             d = tmp_path / f"seed{s}" / variant / "evaluation"
             d.mkdir(parents=True)
-            models = {"sigma": hr, **({"sigma_global": abl} if variant == "main" else {})}
+            models = {"sigma": hr, "sigma+rule": hr,
+                      **({"sigma_global": abl} if variant == "main" else {})}
             (d / "metrics_tasks.json").write_text(json.dumps(_seed(models)))
             runs.append({"dir": str(d.parent), "seed": s, "variant": variant})
     (tmp_path / "compare.json").write_text(json.dumps({"runs": runs}))
     text = write_report(tmp_path).read_text()
     assert "## Ablations: what each part adds (paired by seed)" in text
-    assert "| no_x | 2 | +0.100 / +0.067 |" in text and "| global |" not in text
+    assert "| no_x | removed | 2 | +0.100 / +0.067 |" in text and "| global |" not in text
+    # The ablation runs' sigma+rule is paired too (the same gain: +0.0833 on average).
+    assert "| +0.0833 | helps |" in text

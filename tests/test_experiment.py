@@ -54,9 +54,23 @@ def test_plan_can_share_the_first_seeds_upstream(tmp_path: Path) -> None:
 def test_every_ablation_is_a_valid_config_of_every_profile(tmp_path: Path, profile: str) -> None:
     from sigmarec.experiment import ABLATIONS
 
-    runs = plan(load_config(profile), tmp_path, [0], sorted(ABLATIONS), [], [0])
+    base = load_config(profile)
+    noop = []
+    for name in sorted(ABLATIONS):
+        try:
+            plan(base, tmp_path, [0], [name], [], [0])
+        except ConfigError as e:
+            assert repr(name) in str(e) and "changes nothing" in str(e)
+            noop.append(name)
+    # Only a switch the profile already has can coincide with it, and then its opposite runs.
+    opposite = {"dense": "no_dense", "multi_positive": "no_multi_positive", "align": "no_align",
+                "item_prefix_init": "shared_prefix_init"}
+    opposite |= {v: k for k, v in opposite.items()}
+    assert set(noop) <= set(opposite) and not {opposite[n] for n in noop} & set(noop)
+    runs = plan(base, tmp_path, [0], [a for a in sorted(ABLATIONS) if a not in noop], [], [0])
     by = {r["variant"]: r["cfg"] for r in runs}
-    assert set(by) == {"main", *ABLATIONS}
+    assert set(by) == {"main", *ABLATIONS} - set(noop)
+    by.update({n: base for n in noop})
     assert not by["no_repeat"].model.repeat_aware and not by["no_repeat"].model.repeat_counts
     # `dense` puts SIGMA's dense losses back on whatever the profile says; GR's own weight is
     # the profile's (the variant does not train GR anyway).
@@ -64,3 +78,16 @@ def test_every_ablation_is_a_valid_config_of_every_profile(tmp_path: Path, profi
     assert by["dense"].gr.dense_weight == by["main"].gr.dense_weight
     assert by["no_counts"].model.repeat_aware and not by["no_counts"].model.repeat_counts
     assert by["no_copy_scale"].generation.copy_scale_grid == []
+
+
+def test_plan_refuses_an_ablation_that_changes_nothing(tmp_path: Path) -> None:
+    base = load_config("default")  # no alignment samples, single-positive labels
+    assert base.tasks.align_samples == 0 and not base.model.multi_positive
+    with pytest.raises(ConfigError, match=r"'no_align' changes nothing.*tasks.align_samples = 0"):
+        plan(base, tmp_path, [0], ["no_frequent", "no_align"], [], [0])
+    with pytest.raises(ConfigError, match="model.multi_positive = False"):
+        plan(base, tmp_path, [0], ["no_multi_positive"], [], [0])
+    runs = plan(base, tmp_path, [0], ["align", "multi_positive", "no_frequent"], [], [0])
+    align, mp, nof = (r["cfg"] for r in runs[1:])
+    assert align.tasks.align_samples == 1000 and mp.model.multi_positive
+    assert nof.tasks.frequent_items == 0 and nof.model == runs[0]["cfg"].model

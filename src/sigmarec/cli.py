@@ -323,9 +323,10 @@ def experiment_compare(
     sets: SetOpt = None,
     seeds: Annotated[str, typer.Option(help="seeds of the main runs")] = "0,1,2",
     ablations: Annotated[str, typer.Option(
-        help="comma-separated: no_grounding, two_level, no_dense, no_multi_positive, "
-             "no_frequent, no_align, shared_prefix_init, no_repeat, batch_negatives, "
-             "paper_objective (or empty)")] = (
+        help="comma-separated variants of sigmarec.experiment.ABLATIONS (e.g. no_grounding, "
+             "two_level, no_frequent, no_task_gates, dense, align, paper_objective; "
+             "docs/generation.md lists them), or empty; one that changes nothing in the "
+             "config is refused")] = (
         "no_grounding,two_level"),
     gr_seeds: Annotated[str, typer.Option(help="seeds that also train GR(SID)/GR(ID)")] = "0",
     ablation_seeds: Annotated[str, typer.Option(help="seeds that run the ablations")] = "0",

@@ -8,7 +8,9 @@ Every variant is a config overlay, never a code path of its own:
 * ``no_grounding``: ``tokenization.embedding = ungrounded`` (the untrained backbone's text
   embeddings feed the semantic IDs and ProjFuse).
 * ``two_level``: ``tokenization.prefix_levels = 2``.
-* ``dense`` (the dense next-item losses on; the default has them off), ``no_dense``,
+* ``dense``, ``multi_positive``, ``align``, ``item_prefix_init``: a part the default leaves off
+  turned on (the dense next-item losses, multi-positive NTP labels, 1,000 catalogue alignment
+  samples, prefix rows started at their items' mean ṽ); ``no_dense``,
   ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
   ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``no_text_match``,
   ``no_match_tags``, ``no_bought_first``, ``no_rarity``, ``no_novelty`` (its other channels),
@@ -47,7 +49,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_multi_positive": {"model": {"multi_positive": False}},
     "no_frequent": {"tasks": {"frequent_items": 0}},
     "no_align": {"tasks": {"align_samples": 0}},
+    # Parts the default leaves off (docs/experiments.md): these turn them on. 1,000 alignment
+    # samples is the size of round 1's probe (a fifth of the default's SFT data).
+    "multi_positive": {"model": {"multi_positive": True}},
+    "align": {"tasks": {"align_samples": 1000}},
     "shared_prefix_init": {"model": {"prefix_init": "shared"}},
+    "item_prefix_init": {"model": {"prefix_init": "item_embedding"}},
     "no_repeat": {"model": {"repeat_aware": False, "repeat_counts": False,
                             "text_match": False, "text_match_tags": False,
                             "text_match_bought_first": False, "repeat_rarity": False,
@@ -71,6 +78,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                         "generation": {"copy_scale_grid": []},
                         "tasks": {"frequent_items": 0, "align_samples": 0}},
 }
+# The variants that add a part the configuration leaves off: the report reads their effect as
+# variant minus SIGMA (evaluation/ablations.py), the others' as SIGMA minus variant.
+ADDS = frozenset({"dense", "multi_positive", "align", "item_prefix_init"})
 SHARED_STAGES = ("data", "baselines", "grounding")
 
 
@@ -78,6 +88,26 @@ def _overlay(cfg: SigmaConfig, update: dict[str, Any]) -> SigmaConfig:
     from sigmarec.config import deep_merge
 
     return SigmaConfig.model_validate(deep_merge(cfg.model_dump(), update))
+
+
+def _unchanged(cfg: SigmaConfig, update: dict[str, Any]) -> list[str]:
+    """``key = value`` for every leaf of ``update`` that ``cfg`` already has; empty when the
+    overlay changes something."""
+    current = cfg.model_dump()
+    same: list[str] = []
+
+    def walk(upd: dict[str, Any], cur: dict[str, Any], prefix: str) -> bool:
+        changed = False
+        for k, v in upd.items():
+            if isinstance(v, dict) and isinstance(cur.get(k), dict):
+                changed |= walk(v, cur[k], f"{prefix}{k}.")
+            elif cur.get(k) == v:
+                same.append(f"{prefix}{k} = {v!r}")
+            else:
+                changed = True
+        return changed
+
+    return [] if walk(update, current, "") else same
 
 
 def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
@@ -93,6 +123,15 @@ def plan(base: SigmaConfig, out: Path, seeds: list[int], ablations: list[str],
         raise ConfigError(f"unknown ablation(s) {unknown}; choose from {sorted(ABLATIONS)}")
     if not seeds:
         raise ConfigError("give at least one seed")
+    # A variant equal to the main run would spend a full SFT to reproduce it (e.g. no_align when
+    # the profile has no alignment samples): refuse it and say what the profile already has.
+    for name in ablations:
+        same = _unchanged(base, ABLATIONS[name])
+        if same:
+            raise ConfigError(
+                f"ablation {name!r} changes nothing in this config (already {', '.join(same)}); "
+                "the part is off here: compare with the variant that turns it on, if there "
+                f"is one ({', '.join(sorted(ADDS))}), or drop it")
     runs = []
     # Seed by seed, each main run followed by its ablations: an interrupted comparison then
     # holds complete seeds.
@@ -129,6 +168,7 @@ def run_comparison(base: SigmaConfig, out: Path, seeds: list[int], ablations: li
     runs = plan(base, out, seeds, ablations, gr_seeds, ablation_seeds, share_upstream)
     t0 = time.perf_counter()
     record: dict[str, Any] = {"runs": [], "seeds": seeds, "ablations": ablations,
+                              "adds": [a for a in ablations if a in ADDS],
                               "gr_seeds": gr_seeds, "ablation_seeds": ablation_seeds,
                               "share_upstream": share_upstream}
     for run in runs:

@@ -6,11 +6,16 @@ much of the noise that the mean ± spread of two separate rows would carry. A pa
 help (or hurt) only when the difference has the same sign on every seed *and* its mean is larger
 than the main run's own seed-to-seed standard deviation (the project's rule: a result inside the
 seed spread is a tie); with one seed there is no verdict.
+
+A variant either takes a part away (``no_*``: the part's effect is ``sigma - sigma_<variant>``)
+or adds one the configuration leaves off (``adds``, e.g. ``dense``: the effect is
+``sigma_<variant> - sigma``), so "helps" always speaks of the part, never of the variant.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -20,6 +25,7 @@ from sigmarec.evaluation.report import headline_figures
 
 MAIN = "sigma"
 PREFIX = "sigma_"
+RULE = "+rule"  # an ablation run's sigma+rule is merged as sigma_<variant>+rule
 
 
 def verdict(deltas: list[float], seed_sd: float) -> str:
@@ -33,32 +39,40 @@ def verdict(deltas: list[float], seed_sd: float) -> str:
     return "tie"
 
 
-def paired_effects(per_seed: list[dict[str, Any]], ablations: list[str]) -> pd.DataFrame:
-    """One row per ablation: the part's effect ``sigma - sigma_<ablation>`` on each seed that ran
-    both, its mean and the verdict. ``per_seed``: one ``{"test": {model: ...}}`` per seed, with
-    the ablation runs' SIGMA as ``sigma_<ablation>``. The ablations are named, not guessed from
-    the model names: the main run has ``sigma_*`` rows of its own (fusion variants of the same
-    SFT), which are not ablations."""
+def paired_effects(per_seed: list[dict[str, Any]], ablations: list[str],
+                   adds: Collection[str] = ()) -> pd.DataFrame:
+    """One row per ablation: the part's effect on each seed that ran both (``sigma -
+    sigma_<ablation>``, negated for the variants in ``adds``), its mean and the verdict, and the
+    effect on sigma+rule where both runs have it. ``per_seed``: one ``{"test": {model: ...}}``
+    per seed, with the ablation runs' SIGMA as ``sigma_<ablation>`` (and ``sigma_<ablation>+rule``).
+    The ablations are named, not guessed from the model names: the main run has ``sigma_*`` rows
+    of its own (fusion variants of the same SFT), which are not ablations."""
     figs = [headline_figures(m) for m in per_seed if MAIN in m.get("test", {})]
     main_means = [float(f.loc[MAIN, "mean HR@10"]) for f in figs]
     seed_sd = float(np.std(main_means, ddof=1)) if len(main_means) > 1 else float("nan")
     variants = [PREFIX + a for a in ablations if any(PREFIX + a in f.index for f in figs)]
     rows = {}
     for v in variants:
+        name = v[len(PREFIX):]
+        sign = -1.0 if name in adds else 1.0
         paired = [f for f in figs if v in f.index]
-        d = {c: [float(f.loc[MAIN, c] - f.loc[v, c]) for f in paired]
+        d = {c: [sign * float(f.loc[MAIN, c] - f.loc[v, c]) for f in paired]
              for c in ("mean HR@10", "instruction HR@10", "rule@10")}
+        rule_d = [sign * float(f.loc[MAIN + RULE, "mean HR@10"] - f.loc[v + RULE, "mean HR@10"])
+                  for f in paired if MAIN + RULE in f.index and v + RULE in f.index]
         main_d = d["mean HR@10"]
-        rows[v[len(PREFIX):]] = {
+        rows[name] = {
+            "part": "added" if name in adds else "removed",
             "seeds": len(paired),
             "effect per seed": " / ".join(f"{x:+.3f}" for x in main_d),
             "effect on mean HR@10": float(np.mean(main_d)),
             "on instruction HR@10": float(np.mean(d["instruction HR@10"])),
             "on rule@10": float(np.mean(d["rule@10"])),
+            "on sigma+rule": float(np.mean(rule_d)) if rule_d else float("nan"),
             "verdict": verdict(main_d, seed_sd),
         }
-    cols = ["seeds", "effect per seed", "effect on mean HR@10", "on instruction HR@10",
-            "on rule@10", "verdict"]
+    cols = ["part", "seeds", "effect per seed", "effect on mean HR@10", "on instruction HR@10",
+            "on rule@10", "on sigma+rule", "verdict"]
     df = pd.DataFrame.from_dict(rows, orient="index", columns=cols).rename_axis("ablation")
     df.attrs["seed_sd"] = seed_sd
     return df

@@ -75,16 +75,17 @@ def write_report(run_dir: Path) -> Path:
                 done.append(entry)
         if not runs:
             raise StageError(f"{compare}: none of its runs has evaluation/metrics_tasks.json")
-        merged = _merge_models(runs, done)
+        merged = merge_models(runs, done)
         ablations = list(dict.fromkeys(e.get("variant", "main") for e in done
                                        if e.get("variant", "main") != "main"))
         seeds = sorted({str(e.get("seed")) for e in done})
+        adds = spec.get("adds", [])
     else:
         path = ev / "metrics_tasks.json"
         if not path.is_file():
             raise StageError(f"{path}: missing; run `sigma run` (through evaluation) first")
         merged = [json.loads(path.read_text())]
-        ablations = []
+        ablations, adds = [], []
         seeds = ["single run"]
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def write_report(run_dir: Path) -> Path:
              "applied as a filter.", "", "## HR@10 per task", "",
              _md_table(_mean_pm_std(hr_mean, hr_std, n)), "",
              "## NDCG@10 per task", "", _md_table(_mean_pm_std(nd_mean, nd_std, n)), ""]
-    lines += _ablation_section(merged, ablations)
+    lines += _ablation_section(merged, ablations, adds)
     png = plots.task_bars(hr_mean[task_cols + ["mean HR@10"]], out / "tasks_hr10.png",
                           "HR@10 per task (test)",
                           hr_std[task_cols + ["mean HR@10"]].fillna(0) if n > 1 else None)
@@ -189,10 +190,11 @@ def write_report(run_dir: Path) -> Path:
     return md
 
 
-def _merge_models(runs: list[dict[str, Any]], entries: list[dict[str, Any]]
-                  ) -> list[dict[str, Any]]:
+def merge_models(runs: list[dict[str, Any]], entries: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
     """One metrics dict per seed. The main run contributes all its models; an ablation run only
-    its SIGMA, renamed ``sigma_<variant>``."""
+    its SIGMA and sigma+rule, renamed ``sigma_<variant>`` and ``sigma_<variant>+rule``.
+    ``entries``: ``{"seed", "variant"}`` per run (``compare.json``'s runs)."""
     by_seed: dict[Any, dict[str, Any]] = {}
     for metrics, entry in zip(runs, entries, strict=True):
         variant = entry.get("variant", "main")
@@ -200,24 +202,26 @@ def _merge_models(runs: list[dict[str, Any]], entries: list[dict[str, Any]]
         for model, res in metrics.get("test", {}).items():
             if variant == "main":
                 tgt[model] = res
-            elif model == "sigma":
-                tgt[f"sigma_{variant}"] = res
+            elif model in ("sigma", "sigma+rule"):
+                tgt[f"sigma_{variant}{model[len('sigma'):]}"] = res
     return [by_seed[s] for s in sorted(by_seed, key=str)]
 
 
-def _ablation_section(merged: list[dict[str, Any]], ablations: list[str]) -> list[str]:
+def _ablation_section(merged: list[dict[str, Any]], ablations: list[str],
+                      adds: list[str]) -> list[str]:
     """The paired per-seed effect of each ablated part (empty without ablation runs)."""
-    eff = paired_effects(merged, ablations)
+    eff = paired_effects(merged, ablations, adds)
     if eff.empty:
         return []
     shown = eff.copy().astype(object)
     shown["seeds"] = eff["seeds"].map(str)
-    for c in ("effect on mean HR@10", "on instruction HR@10", "on rule@10"):
-        shown[c] = eff[c].map(lambda v: f"{v:+.4f}")
+    for c in ("effect on mean HR@10", "on instruction HR@10", "on rule@10", "on sigma+rule"):
+        shown[c] = eff[c].map(lambda v: "-" if pd.isna(v) else f"{v:+.4f}")
     sd = eff.attrs["seed_sd"]
     return ["## Ablations: what each part adds (paired by seed)", "",
-            "Effect = SIGMA minus the variant, on the same seed (positive: SIGMA as configured "
-            "is better; for a variant that removes a part, the part helps). A verdict of "
+            "Effect of the part, on the same seed: SIGMA minus the variant where the variant "
+            "removes it, the variant minus SIGMA where it adds one the configuration leaves off "
+            "(positive: the part helps). A verdict of "
             "helps/hurts needs the same sign on every seed and a mean "
             "effect on the task mean larger than SIGMA's own seed-to-seed standard deviation"
             + ("" if pd.isna(sd) else f" ({sd:.4f})") + "; anything else is a tie.", "",
