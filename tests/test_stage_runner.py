@@ -94,3 +94,25 @@ def test_failed_first_run_leaves_nothing(tmp_path):
 def test_missing_upstream_is_a_clear_error(tmp_path):
     with pytest.raises(StageError, match="needs 'up'"):
         execute(Down(), load_config("tiny"), tmp_path)
+
+
+def test_a_linked_stage_of_another_config_is_recomputed_beside_its_target(tmp_path, caplog):
+    """A stage linked from another run (``compare --share-upstream``) that no longer matches the
+    config is recomputed in this run: the link is replaced, the other run is left as it was."""
+    cfg = load_config("tiny")
+    other, run = tmp_path / "other", tmp_path / "run"
+    execute(Up(), cfg, other)
+    before = (other / "up" / "value.txt").read_text(), read_manifest(other / "up")["run_id"]
+    run.mkdir()
+    (run / "up").symlink_to(other / "up", target_is_directory=True)
+    assert execute(Up(), cfg, run)["skipped"]  # the same config: the link is used as it is
+    changed = cfg.model_copy(deep=True, update={"seed": cfg.seed + 1})
+    changed.data.min_item_count += 1
+    with caplog.at_level("WARNING", logger="sigmarec"):
+        execute(Up(), changed, run)
+    assert "links to" in caplog.text and "recomputing" in caplog.text
+    assert not (run / "up").is_symlink()
+    assert (run / "up" / "value.txt").read_text() == str(cfg.data.min_item_count + 1)
+    assert ((other / "up" / "value.txt").read_text(), read_manifest(other / "up")["run_id"]) \
+        == before
+    assert not any(p.name.startswith(".up") for p in run.iterdir())  # no .old, no .tmp left

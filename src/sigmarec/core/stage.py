@@ -98,6 +98,13 @@ def execute(stage: Stage, config: SigmaConfig, run_dir: Path, force: bool = Fals
         log.info("stage %s: up to date (%s), skipped", stage.name, existing["run_id"])
         existing["skipped"] = True
         return existing
+    if target.is_symlink() and existing:
+        # Linked from another run (compare's shared upstream, or by hand) but made with another
+        # config or seed: the result goes here instead of the link, never into the other run.
+        log.warning("stage %s: %s links to %s, made with another config (seed %s, this run's %s): "
+                    "recomputing it in this run; pass --only for the later stages to use the "
+                    "linked result as it is", stage.name, target, target.resolve(),
+                    existing.get("seed"), config.seed)
     set_threads(config.threads)
     seed_everything(config.seed)
     inputs = {dep: run_dir / dep for dep in stage.requires}
