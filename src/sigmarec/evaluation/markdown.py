@@ -15,7 +15,7 @@ import pandas as pd
 from sigmarec.core.atomic import atomic_path
 from sigmarec.errors import StageError
 from sigmarec.evaluation import plots
-from sigmarec.evaluation.ablations import paired_effects
+from sigmarec.evaluation.ablations import MAIN, PREFIX, RULE, paired_effects
 from sigmarec.evaluation.report import task_table
 from sigmarec.tasks.config import TASK_NAMES
 
@@ -202,8 +202,8 @@ def merge_models(runs: list[dict[str, Any]], entries: list[dict[str, Any]]
         for model, res in metrics.get("test", {}).items():
             if variant == "main":
                 tgt[model] = res
-            elif model in ("sigma", "sigma+rule"):
-                tgt[f"sigma_{variant}{model[len('sigma'):]}"] = res
+            elif model in (MAIN, MAIN + RULE):
+                tgt[f"{PREFIX}{variant}{model[len(MAIN):]}"] = res
     return [by_seed[s] for s in sorted(by_seed, key=str)]
 
 
