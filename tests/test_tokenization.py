@@ -76,18 +76,29 @@ def test_fit_is_deterministic_and_independent_of_thread_count() -> None:
     np.testing.assert_array_equal(first.codes, second.codes)
     for a, b in zip(first.codebooks, second.codebooks, strict=True):
         np.testing.assert_array_equal(a, b)
-    threads = faiss.omp_get_max_threads()
-    try:
-        faiss.omp_set_num_threads(1)
-        single = fit_semantic_ids(x, cfg)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    np.testing.assert_array_equal(first.codes, single.codes)
     other = fit_semantic_ids(x, cfg.model_copy(update={"seed": 1}))
     assert not np.array_equal(first.codes, other.codes)
     balanced = cfg.model_copy(update={"method": "rq_kmeans_balanced"})
     np.testing.assert_array_equal(fit_semantic_ids(x, balanced).codes,
                                   fit_semantic_ids(x, balanced).codes)
+
+
+def test_fit_does_not_depend_on_the_callers_thread_count() -> None:
+    # At this size faiss's own k-means gives other codes on one and on two OpenMP threads (940 of
+    # 3,000 items on the 2-core dev machine); the fit pins its thread count, so the caller's
+    # setting must not matter, and it is restored afterwards.
+    x = clustered(n=3000, d=256)
+    cfg = SemanticIdConfig(levels=2, codebook_sizes=[32, 16])
+    before = faiss.omp_get_max_threads()
+    codes = []
+    try:
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            codes.append(fit_semantic_ids(x, cfg).codes)
+            assert faiss.omp_get_max_threads() == threads
+    finally:
+        faiss.omp_set_num_threads(before)
+    np.testing.assert_array_equal(codes[0], codes[1])
 
 
 def test_balanced_mode_shrinks_the_largest_prefix_group() -> None:

@@ -35,6 +35,10 @@ class SemanticIdConfig(_Strict):
     # Balanced mode only: rounds of (capacity-constrained assignment, centroid update) run after
     # the plain k-means fit; stops early when the assignment no longer changes.
     balance_iters: int = Field(10, ge=1)
+    threads: int = Field(
+        1, ge=1, description="faiss OpenMP threads for the k-means fit. Its result depends on "
+        "the thread count, so 1 keeps the semantic IDs a function of the data and the seed "
+        "alone; more only speeds up a very large catalogue, at that cost")
 
     @model_validator(mode="before")
     @classmethod
