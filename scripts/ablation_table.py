@@ -58,7 +58,8 @@ def main() -> None:
             runs.append(_metrics(run))
             entries.append({"seed": i, "variant": name})
     eff = paired_effects(merge_models(runs, entries), names, {*ADDS, *a.adds})
-    print(f"main runs' seed sd of the task mean: {eff.attrs['seed_sd']:.4f}")
+    print(f"main runs' seed sd of the task mean: {eff.attrs['seed_sd']:.4f}; binomial sd of "
+          f"one run's task mean: {eff.attrs['test_sd']:.4f}")
     print(eff.to_markdown(floatfmt="+.3f"))
 
 

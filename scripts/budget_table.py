@@ -6,7 +6,8 @@ One row per finished run (any seeds and budgets; sorted by steps, then seed): th
 validated step it ended with (``training.restore_best``), SFT wall time, the validation prefix NTP
 against the marginal prior, SIGMA's and sigma+rule's test HR@10, and SIGMA's test instances split
 by where they are lost, averaged over the seven tasks (the generation stage's diagnostics): a hit,
-a prefix miss (no target's prefix among the top K), a retrieval miss (a prefix found, but no
+a prefix miss (no target's prefix among the top K; K is chosen on validation, so it moves
+misses between this column and the next), a retrieval miss (a prefix found, but no
 target among its top M candidates) and a fusion miss (a target among the candidates, but not in the
 fused top 10).
 """
@@ -29,12 +30,13 @@ def _row(run: Path) -> dict[str, float]:
     head = headline_figures(metrics)
     diag = json.loads((run / "generation" / "diagnostics.json").read_text())["test"]
     tasks = [t for t in diag if not t.startswith("_")]
+    gen = json.loads((run / "generation" / "manifest.json").read_text())["summary"]["sigma"]
     split = {k: float(np.mean([diag[t][k] for t in tasks]))
              for k in ("HR@10", "prefix_miss", "retrieval_miss", "fusion_miss")}
     return {
         "steps": summ["steps"], "seed": train["seed"], "best": summ["best"]["step"],
         "sft_s": summ["seconds"], "ntp": summ["best"]["valid_prefix_ntp"],
-        "prior": summ["references"]["ref_ntp_prior"],
+        "prior": summ["references"]["ref_ntp_prior"], "k": gen["k_prefixes"],
         "sigma": float(head.loc["sigma", "mean HR@10"]),
         "jfy": float(diag["JustForYou"]["HR@10"]) if "JustForYou" in diag else float("nan"),
         "instr": float(head.loc["sigma", "instruction HR@10"]),
@@ -48,13 +50,13 @@ def _row(run: Path) -> dict[str, float]:
 def main(runs: list[Path]) -> None:
     rows = sorted((_row(r) for r in runs), key=lambda r: (r["steps"], r["seed"]))
     print("| SFT steps | seed | restored step | SFT s | valid prefix NTP (prior) | sigma | "
-          "JustForYou | instruction (6) | rule@10 | sigma+rule | hit | prefix miss | "
+          "JustForYou | instruction (6) | rule@10 | sigma+rule | K | hit | prefix miss | "
           "retrieval miss | fusion miss |")
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['steps']} | {r['seed']} | {r['best']:.0f} | {r['sft_s']:.0f} | "
               f"{r['ntp']:.3f} ({r['prior']:.3f}) | {r['sigma']:.3f} | {r['jfy']:.3f} | "
-              f"{r['instr']:.3f} | {r['rule']:.3f} | {r['sigma_rule']:.3f} | "
+              f"{r['instr']:.3f} | {r['rule']:.3f} | {r['sigma_rule']:.3f} | {r['k']} | "
               f"{r['HR@10']:.3f} | {r['prefix_miss']:.3f} | {r['retrieval_miss']:.3f} | "
               f"{r['fusion_miss']:.3f} |")
 

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigmarec.evaluation.ablations import paired_effects, verdict
+from sigmarec.evaluation.ablations import paired_effects, task_mean_sd, verdict
 
 TASKS = ("Category", "Discover", "JustForYou")
 
@@ -65,6 +65,34 @@ def test_a_mean_effect_inside_the_seed_spread_is_a_tie() -> None:
     assert verdict([0.06, 0.07, 0.06], seed_sd=0.05) == "helps"
     assert verdict([0.2, -0.01, 0.2], seed_sd=0.01) == "tie"
     assert verdict([0.2], seed_sd=0.01) == "one seed"
+
+
+def test_an_effect_below_what_the_test_set_resolves_is_a_tie() -> None:
+    # BENCHMARKS.md §23: the default before and after its k-means was pinned to one thread, the
+    # same sign on every seed and a mean above the seeds' sd, far below the test set's resolution.
+    assert verdict([0.0038, 0.0048, 0.0005], seed_sd=0.0024) == "helps"
+    assert verdict([0.0038, 0.0048, 0.0005], seed_sd=0.0024, test_sd=0.0092) == "tie"
+    assert verdict([0.03, 0.02, 0.04], seed_sd=0.001, test_sd=0.0093) == "helps"
+    assert verdict([0.03, 0.02, 0.04], seed_sd=float("nan"), test_sd=0.0093) == "helps"
+
+
+def test_task_mean_sd_is_the_binomial_sd_of_the_mean_over_disjoint_tasks() -> None:
+    model = {"A": {"all": {"HR@10": 0.5, "n": 100}}, "B": {"all": {"HR@10": 0.1, "n": 400}},
+             "ALL": {"all": {"HR@10": 0.18, "n": 500}}, "MEAN": {"all": {"HR@10": 0.3, "n": 2}}}
+    assert np.isclose(task_mean_sd(model), np.sqrt(0.25 / 100 + 0.09 / 400) / 2)
+    assert np.isnan(task_mean_sd({"A": {"all": {"HR@10": 0.5}}}))
+    # paired_effects reads the floor off the main runs: a same-sign effect of 0.003 on 300
+    # instances per task is a tie, whatever the seeds' own spread.
+    seeds = []
+    for main in (0.40, 0.401, 0.402):
+        m = _seed({"sigma": (main, main, main, 0.6),
+                   "sigma_no_x": (main - 0.003, main - 0.003, main - 0.003, 0.6)})
+        for res in m["test"].values():
+            for task in TASKS:
+                res[task]["all"]["n"] = 300
+        seeds.append(m)
+    eff = paired_effects(seeds, ["no_x"])
+    assert eff.attrs["test_sd"] > 0.01 and eff.loc["no_x", "verdict"] == "tie"
 
 
 @given(st.lists(st.floats(-0.5, 0.5, allow_nan=False), min_size=1, max_size=6),

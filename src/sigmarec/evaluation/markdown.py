@@ -217,12 +217,15 @@ def _ablation_section(merged: list[dict[str, Any]], ablations: list[str],
     shown["seeds"] = eff["seeds"].map(str)
     for c in ("effect on mean HR@10", "on instruction HR@10", "on rule@10", "on sigma+rule"):
         shown[c] = eff[c].map(lambda v: "-" if pd.isna(v) else f"{v:+.4f}")
-    sd = eff.attrs["seed_sd"]
+    sd, test_sd = eff.attrs["seed_sd"], eff.attrs["test_sd"]
     return ["## Ablations: what each part adds (paired by seed)", "",
             "Effect of the part, on the same seed: SIGMA minus the variant where the variant "
             "removes it, the variant minus SIGMA where it adds one the configuration leaves off "
             "(positive: the part helps). A verdict of "
             "helps/hurts needs the same sign on every seed and a mean "
             "effect on the task mean larger than SIGMA's own seed-to-seed standard deviation"
-            + ("" if pd.isna(sd) else f" ({sd:.4f})") + "; anything else is a tie.", "",
+            + ("" if pd.isna(sd) else f" ({sd:.4f})")
+            + " and than the binomial standard deviation of one run's task mean on the test "
+            "instances" + ("" if pd.isna(test_sd) else f" ({test_sd:.4f})")
+            + "; anything else is a tie.", "",
             _md_table(shown, first="ablation"), ""]
