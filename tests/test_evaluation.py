@@ -165,7 +165,7 @@ def test_stage_end_to_end(tmp_path) -> None:
     rankings({0: [4, 1, 2, 3]}).to_parquet(base / "rankings" / "mostpop_valid.parquet")
     rankings({i: [3, 2, 1, 0] for i in TEST_LISTS}).to_parquet(
         base / "rankings" / "sasrec_ce_test.parquet")
-    for stage in ("tasks", "gr_baselines", "generation"):  # ran, but ranked nothing here
+    for stage in ("tasks", "gr_baselines", "ranker", "generation"):  # ran, ranked nothing here
         (run_dir / stage).mkdir()
         (run_dir / stage / "manifest.json").write_text(json.dumps({"run_id": stage}))
     cfg = SigmaConfig(eval=CFG.model_dump())
@@ -195,7 +195,7 @@ def test_stage_end_to_end(tmp_path) -> None:
 def test_stage_without_rankings_fails(tmp_path) -> None:
     run_dir = tmp_path / "run"
     make_data().save(run_dir / "data")
-    for stage in ("data", "baselines", "tasks", "gr_baselines", "generation"):
+    for stage in ("data", "baselines", "tasks", "gr_baselines", "ranker", "generation"):
         (run_dir / stage).mkdir(exist_ok=True)
         (run_dir / stage / "manifest.json").write_text(json.dumps({"run_id": stage}))
     with pytest.raises(StageError, match="no rankings"):

@@ -21,6 +21,7 @@ from sigmarec.errors import ConfigError
 from sigmarec.generation.config import GenerationConfig
 from sigmarec.gr.config import GRConfig
 from sigmarec.model.config import ModelConfig
+from sigmarec.ranker.config import RankerConfig
 from sigmarec.serving.config import ServingConfig
 from sigmarec.tasks.config import TasksConfig
 from sigmarec.tokenization.config import TokenizationConfig
@@ -280,6 +281,7 @@ class SigmaConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     gr: GRConfig = Field(default_factory=GRConfig)
+    ranker: RankerConfig = Field(default_factory=RankerConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
 
     def section_hash(self, *sections: str) -> str:

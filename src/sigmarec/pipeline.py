@@ -20,12 +20,13 @@ def stages() -> list[Stage]:
     from sigmarec.generation.stage import GenerationStage
     from sigmarec.gr.stage import GRBaselinesStage
     from sigmarec.grounding.stage import GroundingStage
+    from sigmarec.ranker.stage import RankerStage
     from sigmarec.tasks.stage import TasksStage
     from sigmarec.tokenization.stage import TokenizationStage
     from sigmarec.training.stage import TrainingStage
 
     return [DataStage(), BaselinesStage(), GroundingStage(), TokenizationStage(), TasksStage(),
-            TrainingStage(), GRBaselinesStage(), GenerationStage(),
+            TrainingStage(), GRBaselinesStage(), RankerStage(), GenerationStage(),
             EvaluationStage()]
 
 

@@ -67,7 +67,7 @@ def _summary(metrics: dict[str, Any], task: str) -> dict[str, Any]:
 class EvaluationStage(Stage):
     name: ClassVar[str] = "evaluation"
     requires: ClassVar[tuple[str, ...]] = ("data", "baselines", "tasks", "gr_baselines",
-                                           "generation")
+                                           "ranker", "generation")
     config_sections: ClassVar[tuple[str, ...]] = ("eval",)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
