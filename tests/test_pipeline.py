@@ -57,6 +57,12 @@ def test_instruction_tasks_are_scored_for_sigma_and_every_baseline(tiny_run):
     assert {"sigma", "sigma_adaptive", "sigma_fixed", "sigma_off"} <= models
     for name in cfg.baselines.enabled:
         assert {name, f"{name}+rule"} <= models
+    # The feature ranker (ranker stage), on both splits, unfiltered and under the rules.
+    for split in ("valid", "test"):
+        assert {"features_ltr", "features_ltr+rule"} <= set(tasks[split])
+    ltr = tasks["test"]["features_ltr+rule"]["Category"]["all"]
+    assert ltr["RuleShare@10"] >= tasks["test"]["features_ltr"]["Category"]["all"][
+        "RuleShare@10"]
     for res in tasks["test"].values():
         for task, kinds in res.items():
             if task in ("ALL", "MEAN"):
