@@ -14,9 +14,9 @@ ranks every validation and test instance of the tasks stage:
   lists: the admitted pool items plus SASRec's and popularity's best admitted items, scored by
   the same model, admitted items first, then the most popular others.
 
-LightGBM (``lightgbm.LGBMRanker``) does the learning; only the pools, the features and the
-grid are written here. Writes ``rankings/{model}_{split}.parquet`` (instance_id, items,
-scores), ``selection.json`` (validation figures of every grid point) and
+LightGBM (``lightgbm.train``, objective ``lambdarank``) does the learning; only the pools, the
+features and the grid are written here. Writes ``rankings/{model}_{split}.parquet``
+(instance_id, items, scores), ``selection.json`` (validation figures of every grid point) and
 ``feature_importance.json`` (total gain per feature).
 """
 
@@ -152,22 +152,23 @@ class RankerStage(Stage):
         t0 = time.perf_counter()
         grid: list[dict[str, Any]] = []
         best: tuple[float, Any] | None = None
+        dtrain = lgb.Dataset(train.features, train.labels, group=train.sizes,
+                             categorical_feature=[FEATURES.index("task")], free_raw_data=False)
+        dstop = lgb.Dataset(stop.features, stop.labels, group=stop.sizes, reference=dtrain)
         for leaves in rc.num_leaves:
             for lr in rc.learning_rate:
-                model = lgb.LGBMRanker(
-                    objective="lambdarank", n_estimators=rc.n_estimators, num_leaves=leaves,
-                    learning_rate=lr, random_state=cfg.seed, n_jobs=cfg.threads or 0,
-                    deterministic=True, force_row_wise=True, verbose=-1)
-                model.fit(train.features, train.labels, group=train.sizes,
-                          eval_set=[(stop.features, stop.labels)], eval_group=[stop.sizes],
-                          eval_at=[10], categorical_feature=[FEATURES.index("task")],
-                          callbacks=[lgb.early_stopping(rc.early_stopping_rounds,
-                                                        verbose=False)])
-                items, _ = ranked_lists(valid, model.booster_.predict(valid.features),
+                params = {"objective": "lambdarank", "metric": "ndcg", "eval_at": [10],
+                          "num_leaves": leaves, "learning_rate": lr, "seed": cfg.seed,
+                          "num_threads": cfg.threads or 0, "deterministic": True,
+                          "force_row_wise": True, "verbose": -1}
+                model = lgb.train(params, dtrain, num_boost_round=rc.n_estimators,
+                                  valid_sets=[dstop], callbacks=[lgb.early_stopping(
+                                      rc.early_stopping_rounds, verbose=False)])
+                items, _ = ranked_lists(valid, model.predict(valid.features),
                                         len(frames["valid"]), top, src.stats.popular)
                 hr = task_mean_hr(frames["valid"], items)
                 grid.append({"num_leaves": leaves, "learning_rate": lr,
-                             "best_iteration": int(model.best_iteration_ or rc.n_estimators),
+                             "best_iteration": int(model.best_iteration or rc.n_estimators),
                              "valid_hr10": round(hr, 5)})
                 log.info("ranker: num_leaves %d, learning rate %g: %d rounds, validation "
                          "HR@10 %.4f", leaves, lr, grid[-1]["best_iteration"], hr)
@@ -180,12 +181,12 @@ class RankerStage(Stage):
         (ctx.out / "rankings").mkdir(parents=True, exist_ok=True)
         for split, by_model in groups.items():
             for name, g in by_model.items():
-                items, scores = ranked_lists(g, model.booster_.predict(g.features),
+                items, scores = ranked_lists(g, model.predict(g.features),
                                              len(frames[split]), top, src.stats.popular)
                 write_parquet(ctx.out / "rankings" / f"{name}_{split}.parquet", pd.DataFrame({
                     "instance_id": frames[split]["instance_id"].to_numpy(np.int64),
                     "items": list(items), "scores": list(scores)}))
-        gain = model.booster_.feature_importance(importance_type="gain")
+        gain = model.feature_importance(importance_type="gain")
         importance = {f: round(float(v), 2) for f, v in zip(FEATURES, gain, strict=True)}
         chosen = grid[[g["valid_hr10"] for g in grid].index(round(best[0], 5))]
         write_json(ctx.out / "selection.json", {"grid": grid, "chosen": chosen})
