@@ -7,6 +7,8 @@ import logging
 import re
 from typing import Any
 
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
 from sigmarec.errors import SigmaError
 from sigmarec.tasks.config import TASK_NAMES, default_holidays, default_seasons
 from sigmarec.tasks.definitions import TASK_CLASSES, Task
@@ -70,12 +72,12 @@ _QUERY_VERBS = re.compile(
     r"find me|find|show me|show results for|results for|i want|i need|i'd like|get me)\s+(.+)$"
 )
 _CATEGORY_WORDS = re.compile(
-    r"\b(?:category|categories|aisle|section|department|within|from|limit|limited|restrict|"
-    r"restricted|only)\b"
+    r"\b(?:category|categories|aisle|section|department|shelf|shelves|range|within|from|limit|"
+    r"limited|restrict|restricted|only)\b"
 )
 _CATEGORY_PATTERNS = (
     re.compile(r"\b(?:in|from|within|browsing|browse|of|the)\s+(?:the\s+)?([a-z0-9&/' :\-]+?)\s+"
-               r"(?:category|aisle|section|department)\b"),
+               r"(?:category|aisle|section|department|shelf|range)\b"),
     re.compile(r"\bcategory\s*:?\s+((?:[a-z0-9&/'\-]+\s*){1,4})$"),
     re.compile(r"\bwithin\s+(?:the\s+)?((?:[a-z0-9&/'\-]+\s*){1,4})$"),
 )
@@ -86,6 +88,71 @@ _TRAILERS = re.compile(
 _LEADING = re.compile(r"^(?:some|a|an|the|me|us|any|good|nice|great)\s+")
 _VAGUE = {"something", "anything", "products", "product", "items", "item", "stuff", "things",
           "thing", "recommendations", "recommendation", "ideas", "me", "food", "groceries"}
+
+
+# Requests without a parameter are recognised by what they mean, not only by fixed phrases: a
+# long-tail request says that few others buy (or know) an item, a discovery request that the
+# household itself has not bought a kind of product. Each is a small grammar of general words.
+_FEW = (r"(?:few|fewer|hardly|barely|seldom|rarely|nobody|no one|not many|little|less|least|"
+        r"low|not|isn't|doesn't|don't|aren't|beyond|avoid|skip|without|instead of|rather than)")
+_POPULAR = (r"(?:popular\w*|mainstream|sell|sells|selling|sellers?|sold|known|common|famous|"
+            r"heard|talks?|talked|buys?|bought|purchases?|purchased|hits?|top)")
+_RARE = (r"\b(?:uncommon|unusual|rarer|rarest|rare|little-known|lesser-known|unknown|obscure|"
+         r"overlooked|overlook|underrated|under-the-radar|offbeat|quirky|niche)\b")
+_LONGTAIL_CONCEPT = re.compile(rf"\b{_FEW}\b(?:\W+[\w'-]+){{0,2}}\W+{_POPULAR}\b|{_RARE}")
+_HOUSEHOLD = (r"(?:i|i've|i'm|we|we've|we're|us|our|my|me|household|family|they|they've|"
+              r"shopper|customer)")
+_NOT_YET = (r"(?:never|not|haven't|hasn't|didn't|don't|doesn't|skip|skipped|ignore|ignored|"
+            r"avoid|avoided)")
+_CONSUME = (r"(?:buy|buys|bought|tried|try|had|have|purchased?|shopped|shop|get|got|put|eaten|"
+            r"eat|cooked|cook|used|use)")
+_KIND = r"(?:categor(?:y|ies)|kinds?|types?|aisles?|sections?|departments?)"
+_DISCOVER_CONCEPT = re.compile(
+    rf"\b{_HOUSEHOLD}\b(?:\W+[\w']+){{0,2}}\W+{_NOT_YET}\b(?:\W+[\w']+){{0,2}}\W+{_CONSUME}\b"
+    rf"|\b{_HOUSEHOLD}\b(?:\W+[\w']+){{0,2}}\W+(?:skip|skipped|ignore|ignored)\b"
+    rf"|\b(?:new|untried|unexplored|unfamiliar|different|another|first-time)\b"
+    rf"(?:\W+[\w'-]+){{0,2}}\W+{_KIND}\b"
+    rf"|\boutside\b(?:\W+[\w']+){{0,2}}\W+(?:categor(?:y|ies)|range|habits?|kinds?|types?)\b"
+    rf"|\bnew (?:to|for) (?:me|us|them|this)\b|\bbranch(?:ing)? out\b|\bhorizons?\b"
+)
+
+
+def _concept_task(t: str) -> str | None:
+    """Discover or Longtail by meaning (see ``_DISCOVER_CONCEPT`` / ``_LONGTAIL_CONCEPT``), else
+    None; discovery first: "we don't buy" is about the household, "few people buy" about
+    everyone else."""
+    if _DISCOVER_CONCEPT.search(t):
+        return "Discover"
+    if _LONGTAIL_CONCEPT.search(t):
+        return "Longtail"
+    return None
+
+
+def _router_vocabulary() -> frozenset[str]:
+    """The words the router's rules are written in: a misspelt request word one edit from one
+    of them is read as it (``_fix_typos``)."""
+    text = " ".join([*_LONGTAIL, *_DISCOVER, *_SEASONAL, "category categories aisle section "
+                     "department shelf range search searching looking find show niche rare "
+                     "seasonal season popular seller bestseller discover explore unusual "
+                     "uncommon never tried bought", *default_seasons()])
+    return frozenset(w for w in re.findall(r"[a-z]+", text) if len(w) >= 4)
+
+
+_VOCAB = _router_vocabulary()
+
+
+def _fix_typos(t: str, keep: frozenset[str] = frozenset()) -> str:
+    """``t`` with each word of 5+ letters that is not a rule word (nor in ``keep``, the
+    catalogue's words) replaced by the closest rule word when they are one slip apart. Shorter
+    words are left alone: one edit from a rule word they are as often another word ("nice",
+    "niche")."""
+    def fix(m: re.Match[str]) -> str:
+        w = m.group(0)
+        if len(w) < 5 or w in _VOCAB or w in keep:
+            return w
+        close = difflib.get_close_matches(w, _VOCAB, n=1, cutoff=0.85)
+        return close[0] if close else w
+    return re.sub(r"[a-z]+", fix, t)
 
 
 def _norm(text: str) -> str:
@@ -121,7 +188,9 @@ def _snap_query(phrase: str, res: TaskResources) -> str | None:
     stems = [{_stem(w) for w in q.split()} for q in names]
     for k in range(len(words), 0, -1):
         head = words[:k]
-        if set(head) <= _VAGUE:
+        # A head of vague or function words alone ("to" in "i want to try ...") names no
+        # product, even where some product type holds the word.
+        if set(head) <= _VAGUE | ENGLISH_STOP_WORDS:
             break
         want = [_stem(w) for w in head]
         holders = [q for q, st in zip(names, stems, strict=True) if set(want) <= st]
@@ -131,6 +200,14 @@ def _snap_query(phrase: str, res: TaskResources) -> str | None:
             return " ".join(spelled[s] for s in want)
     close = difflib.get_close_matches(" ".join(words), names, n=1, cutoff=0.8)
     return close[0] if close else None
+
+
+def _catalogue_words(res: TaskResources | None) -> frozenset[str]:
+    """The words of the catalogue's queries and categories: never read as typos."""
+    if res is None:
+        return frozenset()
+    names = [*res.query_names, *_category_names(res)]
+    return frozenset(w for n in names for w in re.findall(r"[a-z]+", n.lower()))
 
 
 def _contained(text: str, names: dict[str, str]) -> str | None:
@@ -174,9 +251,11 @@ def match_instruction(text: str, res: TaskResources | None = None) -> tuple[str,
     query/category is snapped to the catalogue's vocabulary. Anything else is JustForYou with
     the text used as the instruction as given (``{"text": text}``).
     """
-    t = _norm(text)
+    keep = _catalogue_words(res)
+    t = _fix_typos(_norm(text), keep)
     # Search and category phrases end with their sentence.
-    clauses = [c for c in (_norm(x) for x in re.split(r"[.?!;]+", str(text))) if c]
+    clauses = [c for c in (_fix_typos(_norm(x), keep) for x in re.split(r"[.?!;]+", str(text)))
+               if c]
     query_phrase = cat_phrase = None
     for c in clauses:
         m = _QUERY_VERBS.search(c)
@@ -205,6 +284,9 @@ def match_instruction(text: str, res: TaskResources | None = None) -> tuple[str,
         return "Longtail", {}
     if any(k in t for k in _DISCOVER):
         return "Discover", {}
+    concept = _concept_task(t)
+    if concept:
+        return concept, {}
 
     if res is not None:
         if cat_phrase:
@@ -236,13 +318,16 @@ def match_instruction(text: str, res: TaskResources | None = None) -> tuple[str,
             cat = _contained(t, cats)
             if cat:
                 return "Category", {"category": cat, "level": res.category_level}
-        # A product type named anywhere ("potato chips please") is a query.
+        # A product type named anywhere ("potato chips please") is a query, unless a longer
+        # category name holds it ("fluid milk products"): the most specific name wins.
         q = _contained(t, {n: n for n in res.query_names})
+        cat = _contained(t, cats)
+        if cat and (q is None or len(display_category(cat).split()) > len(q.split())):
+            return "Category", {"category": cat, "level": res.category_level}
         if q is None and len(t.split()) <= 5 and not any(k in t for k in _SEASONAL):
             q = _snap_query(_phrase(t), res)
         if q:
             return "Query", {"query": q}
-        cat = _contained(t, cats)
         if cat:
             return "Category", {"category": cat, "level": res.category_level}
 
