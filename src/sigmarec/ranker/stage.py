@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from sigmarec.core.atomic import write_json, write_parquet
 from sigmarec.core.stage import Stage, StageContext
@@ -155,26 +156,26 @@ class RankerStage(Stage):
         dtrain = lgb.Dataset(train.features, train.labels, group=train.sizes,
                              categorical_feature=[FEATURES.index("task")], free_raw_data=False)
         dstop = lgb.Dataset(stop.features, stop.labels, group=stop.sizes, reference=dtrain)
-        for leaves in rc.num_leaves:
-            for lr in rc.learning_rate:
-                params = {"objective": "lambdarank", "metric": "ndcg", "eval_at": [10],
-                          "num_leaves": leaves, "learning_rate": lr, "seed": cfg.seed,
-                          "num_threads": cfg.threads or 0, "deterministic": True,
-                          "force_row_wise": True, "verbose": -1}
-                model = lgb.train(params, dtrain, num_boost_round=rc.n_estimators,
-                                  valid_sets=[dstop], callbacks=[lgb.early_stopping(
-                                      rc.early_stopping_rounds, verbose=False)])
-                items, _ = ranked_lists(valid, model.predict(valid.features),
-                                        len(frames["valid"]), top, src.stats.popular)
-                hr = task_mean_hr(frames["valid"], items)
-                grid.append({"num_leaves": leaves, "learning_rate": lr,
-                             "best_iteration": int(model.best_iteration or rc.n_estimators),
-                             "valid_hr10": round(hr, 5)})
-                log.info("ranker: num_leaves %d, learning rate %g: %d rounds, validation "
-                         "HR@10 %.4f", leaves, lr, grid[-1]["best_iteration"], hr)
-                # Ties go to the earlier (smaller, slower) grid point.
-                if best is None or hr > best[0] + 1e-9:
-                    best = (hr, model)
+        points = [(leaves, lr) for leaves in rc.num_leaves for lr in rc.learning_rate]
+        for leaves, lr in tqdm(points, desc="ranker grid", unit="fit", leave=False):
+            params = {"objective": "lambdarank", "metric": "ndcg", "eval_at": [10],
+                      "num_leaves": leaves, "learning_rate": lr, "seed": cfg.seed,
+                      "num_threads": cfg.threads or 0, "deterministic": True,
+                      "force_row_wise": True, "verbose": -1}
+            model = lgb.train(params, dtrain, num_boost_round=rc.n_estimators,
+                              valid_sets=[dstop], callbacks=[lgb.early_stopping(
+                                  rc.early_stopping_rounds, verbose=False)])
+            items, _ = ranked_lists(valid, model.predict(valid.features),
+                                    len(frames["valid"]), top, src.stats.popular)
+            hr = task_mean_hr(frames["valid"], items)
+            grid.append({"num_leaves": leaves, "learning_rate": lr,
+                         "best_iteration": int(model.best_iteration or rc.n_estimators),
+                         "valid_hr10": round(hr, 5)})
+            log.info("ranker: num_leaves %d, learning rate %g: %d rounds, validation "
+                     "HR@10 %.4f", leaves, lr, grid[-1]["best_iteration"], hr)
+            # Ties go to the earlier grid point (fewer leaves, then the smaller rate).
+            if best is None or hr > best[0] + 1e-9:
+                best = (hr, model)
         fit_s = time.perf_counter() - t0
         assert best is not None
         model = best[1]
