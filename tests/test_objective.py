@@ -94,7 +94,7 @@ def _reference_dense(model: SigmaModel, b: dict[str, torch.Tensor]) -> tuple[flo
                                           b["hard_negatives"].clamp(min=0).view(-1),
                                           b["positives"].clamp(min=0).view(-1)]))
     v = F.normalize(model.item_embeddings(feats_items).float(), dim=-1)
-    rows = model._prefix_rows()
+    rows = model.prefix_rows()
     ntp, nce = [], []
     slot = 0
     for r in range(h.shape[0]):

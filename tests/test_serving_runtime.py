@@ -50,8 +50,8 @@ def test_same_prompt_gives_the_generation_stage_ranking(served):
     ex = rt._examples(resolved)
     for e, r in zip(ex, rows.itertuples(), strict=True):
         assert e.item_ids == [*map(int, r.frequent), *map(int, r.history)]
-        assert e.count_items == tuple(map(int, r.count_items))
-        assert e.count_values == tuple(map(int, r.count_values))
+        assert e.channel("counts")[0] == tuple(map(int, r.count_items))
+        assert e.channel("counts")[1] == tuple(map(int, r.count_values))
     for r, got in zip(rows.itertuples(), rt.rank(resolved), strict=True):
         want = gen.loc[r.instance_id]
         assert [rt.item_idx(x.item_id) for x in got] == list(want["items"][:10]), r.task
@@ -119,7 +119,7 @@ def test_known_user_gets_the_whole_history_and_profile(served):
     assert ex.item_ids == [*map(int, freq), *map(int, full[-tc.history_len:])]
     assert ex.n_context == len(freq)
     counted, counts = purchase_counts(full, tc.count_items)
-    assert ex.count_items == tuple(counted.tolist()) and ex.count_values == tuple(counts.tolist())
+    assert ex.channel("counts") == (tuple(counted.tolist()), tuple(counts.tolist()))
 
 
 def test_explicit_history_and_profile(served):

@@ -12,8 +12,9 @@ Every variant is a config overlay, never a code path of its own:
   turned on (the dense next-item losses, multi-positive NTP labels, 1,000 catalogue alignment
   samples, prefix rows started at their items' mean ṽ); ``no_dense``,
   ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
-  ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``no_text_match``,
-  ``no_match_tags``, ``no_bought_first``, ``no_rarity``, ``no_novelty`` (its other channels),
+  ``no_repeat`` (the copy prior), ``no_<channel>`` for each channel of the copy prior
+  (:data:`sigmarec.tasks.channels.CHANNELS`: ``no_counts``, ``no_text_match``, ``no_rarity``,
+  ``no_novelty``), ``no_match_tags``, ``no_bought_first`` (refinements of the text match),
   ``no_task_gates`` (the gates' per-task offsets),
   ``batch_negatives`` (sampled instead of whole-catalogue InfoNCE): one part of the
   sample-efficient SFT objective off; ``no_copy_scale``: the copy term at its trained weight
@@ -34,8 +35,12 @@ from typing import Any
 from sigmarec.config import SigmaConfig
 from sigmarec.core.atomic import write_json
 from sigmarec.errors import ConfigError
+from sigmarec.tasks.channels import CHANNELS
 
 log = logging.getLogger("sigmarec")
+
+# Every copy-prior channel off (and what refines one): no_repeat and paper_objective.
+_CHANNELS_OFF: dict[str, Any] = {k: v for ch in CHANNELS.values() for k, v in ch.ablation.items()}
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no_grounding": {"tokenization": {"embedding": "ungrounded"}},
@@ -55,26 +60,18 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "align": {"tasks": {"align_samples": 1000}},
     "shared_prefix_init": {"model": {"prefix_init": "shared"}},
     "item_prefix_init": {"model": {"prefix_init": "item_embedding"}},
-    "no_repeat": {"model": {"repeat_aware": False, "repeat_counts": False,
-                            "text_match": False, "text_match_tags": False,
-                            "text_match_bought_first": False, "repeat_rarity": False,
-                            "novelty": False, "task_gates": False}},
-    "no_counts": {"model": {"repeat_counts": False, "repeat_rarity": False}},
-    "no_text_match": {"model": {"text_match": False, "text_match_tags": False,
-                                "text_match_bought_first": False}},
+    "no_repeat": {"model": {"repeat_aware": False, **_CHANNELS_OFF, "task_gates": False}},
+    # One copy-prior channel off at a time: no_<channel> for every channel of the registry.
+    **{f"no_{ch.name}": {"model": ch.ablation} for ch in CHANNELS.values()},
     "no_match_tags": {"model": {"text_match_tags": False}},
     "no_bought_first": {"model": {"text_match_bought_first": False}},
-    "no_rarity": {"model": {"repeat_rarity": False}},
-    "no_novelty": {"model": {"novelty": False}},
     "no_task_gates": {"model": {"task_gates": False}},
     "no_copy_scale": {"generation": {"copy_scale_grid": []}},
     "batch_negatives": {"model": {"infonce_negatives": "batch"}},
     "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
                                   "prefix_init": "shared", "repeat_aware": False,
-                                  "repeat_counts": False, "text_match": False,
-                                  "text_match_tags": False, "text_match_bought_first": False,
-                                  "repeat_rarity": False, "novelty": False,
-                                  "task_gates": False, "infonce_negatives": "batch"},
+                                  **_CHANNELS_OFF, "task_gates": False,
+                                  "infonce_negatives": "batch"},
                         "generation": {"copy_scale_grid": []},
                         "tasks": {"frequent_items": 0, "align_samples": 0}},
 }

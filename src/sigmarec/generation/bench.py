@@ -85,7 +85,7 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
     from sigmarec.data.processed import ProcessedData
     from sigmarec.generation.decode import SigmaDecoder
     from sigmarec.generation.fusion import fuse
-    from sigmarec.model.sigma import load_sigma_model, prompt_args
+    from sigmarec.model.sigma import load_sigma_model
     from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
 
     run_dir = Path(run_dir)
@@ -111,7 +111,7 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
 
     def bare(r: Sequence[int]) -> None:
         b = decoder.batch([sigma_ex[i] for i in r])
-        model.prefix_logprobs(**prompt_args(b))
+        model.prefix_logprobs(b)
 
     def sigma(r: Sequence[int]) -> None:
         b = decoder.batch([sigma_ex[i] for i in r])

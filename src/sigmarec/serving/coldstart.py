@@ -167,15 +167,15 @@ def build_instances(data: ProcessedData, holdout: Holdout, new_idx: dict[str, in
 def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: int
              ) -> pd.DataFrame:
     """JustForYou prompt rows for the instances, as the tasks stage writes its instances."""
+    from sigmarec.tasks.columns import history_listers, prompt_columns
     from sigmarec.tasks.registry import build_tasks
     from sigmarec.tasks.resources import build_resources
-    from sigmarec.tasks.sft_data import novelty_lister, prompt_columns
 
     res = build_resources(data, cfg.tasks)
     task = build_tasks(res, ["JustForYou"])["JustForYou"]
     rng = np.random.default_rng(seed)
     t = cfg.tasks
-    novelty = novelty_lister(res, t)
+    listers = history_listers(res, t)
     rows = []
     for r in inst.itertuples(index=False):
         full = data.history(int(r.user_idx), int(r.hist_len))
@@ -184,7 +184,7 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
                      "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
                      "task": "JustForYou",
                      "profile": res.profiles[int(r.user_idx)],
-                     **prompt_columns(full, t, novelty)})
+                     **prompt_columns(full, t, listers)})
     return pd.DataFrame(rows)
 
 

@@ -60,16 +60,12 @@ from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel, load_sigma_model
 from sigmarec.serving.catalog import CatalogOverlay, catalog_dir, load_overlay
 from sigmarec.serving.events import events_dir, load_events
+from sigmarec.tasks.channels import Lister
+from sigmarec.tasks.columns import history_listers, prompt_columns
 from sigmarec.tasks.definitions import Cut, Task
-from sigmarec.tasks.novelty import NoveltyLister
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
-from sigmarec.tasks.sft_data import (
-    item_description,
-    novelty_lister,
-    prefix_tokens,
-    prompt_columns,
-)
+from sigmarec.tasks.sft_data import item_description, prefix_tokens
 from sigmarec.tasks.text import profile_text
 from sigmarec.tasks.text_match import InstructionMatcher
 from sigmarec.tokenization.hybrid import HybridVocab
@@ -162,7 +158,8 @@ class _State:
     categories: dict[str, np.ndarray]  # normalised category key -> item indices
     profile_columns: list[str]
     matcher: InstructionMatcher | None = None  # the text-match channel's, over this catalogue
-    novelty: NoveltyLister | None = None  # the novelty channel's lists (model.novelty)
+    # The copy prior's history channels' listers by name (sigmarec.tasks.channels).
+    listers: dict[str, Lister | None] = dataclasses.field(default_factory=dict)
 
 
 def _category_key(text: str) -> str:
@@ -335,7 +332,7 @@ class Runtime:
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
             fusion=choice, resources=res,
             tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items, res),
-            novelty=novelty_lister(res, cfg.tasks) if model.cfg.novelty else None,
+            listers=history_listers(res, cfg.tasks),
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
@@ -597,7 +594,7 @@ class Runtime:
     def _examples(self, resolved: Sequence[Resolved]) -> list[SFTExample]:
         tc = self.cfg.tasks
         st = self._state
-        cols = [prompt_columns(r.history, tc, st.novelty) for r in resolved]
+        cols = [prompt_columns(r.history, tc, st.listers) for r in resolved]
         rows = pd.DataFrame({
             **{k: [c[k] for c in cols] for k in (cols[0] if cols else {})},
             "profile": [r.profile for r in resolved],

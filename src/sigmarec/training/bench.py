@@ -20,6 +20,7 @@ import torch
 from sigmarec.config import SigmaConfig
 from sigmarec.core.stage import StageContext
 from sigmarec.model.sigma import build_sigma_model
+from sigmarec.tasks.channels import active_channels
 from sigmarec.training.loop import train_sigma
 from sigmarec.training.precision import detect_caps, resolve_precision
 
@@ -43,8 +44,8 @@ def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int
         torch.manual_seed(cfg.seed)
         model, _ = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
         data = ProcessedData.load(Path(run_dir) / "data")
-        if cfg.model.repeat_rarity:
-            model.set_item_rarity(data.train_item_counts)
+        for ch in active_channels(cfg.model):
+            ch.prepare(model, data.train_item_counts)
         if examples is None:
             matcher = data_matcher(cfg.model, data, cfg.tasks)
             examples = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)

@@ -18,6 +18,7 @@ from sigmarec.errors import StageError
 from sigmarec.model.batch import SFTExample, gate_task_id
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
+from sigmarec.tasks.channels import ExampleContext, active_channels, collated_channels
 from sigmarec.tasks.config import TasksConfig
 from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.sft_data import render_prompt
@@ -77,29 +78,6 @@ def prefix_text_states(ctx: StageContext, vocab: HybridVocab, hidden: int) -> li
     return out
 
 
-def _counts(row: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A row's purchase counts (absent in rows written before the columns existed: none)."""
-    items, values = getattr(row, "count_items", None), getattr(row, "count_values", None)
-    if items is None or values is None or (isinstance(items, float) and np.isnan(items)):
-        return (), ()
-    return (tuple(int(i) for i in np.asarray(items, dtype=np.int64)),
-            tuple(int(v) for v in np.asarray(values, dtype=np.int64)))
-
-
-def _novel(row: Any, required: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """A row's novelty list; ``required`` (a model with ``model.novelty``) refuses rows
-    written before the columns existed, which would score every Discover request without it."""
-    items, values = getattr(row, "novel_items", None), getattr(row, "novel_values", None)
-    if items is None or values is None or (isinstance(items, float) and np.isnan(items)):
-        if required:
-            raise ValueError("this model reads novelty lists (model.novelty) but the prompt "
-                             "rows have no novel_items / novel_values columns: rerun the tasks "
-                             "stage (sigma run --force tasks)")
-        return (), ()
-    return (tuple(int(i) for i in np.asarray(items, dtype=np.int64)),
-            tuple(float(v) for v in np.asarray(values, dtype=np.float64)))
-
-
 def _task_id(row: Any, required: bool) -> int:
     """A row's task as a row of GATE_TASKS; -1 where the model does not read it."""
     task = getattr(row, "task", None)
@@ -151,14 +129,11 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
     if matcher is not None and matcher.n_items != len(item_prefix):
         raise ValueError(f"the text matcher was fitted on {matcher.n_items} items but the "
                          f"catalogue has {len(item_prefix)}")
-    counts = [_counts(row) for row in samples.itertuples(index=False)]
-    prefer = [c for c, _ in counts] if model.cfg.text_match_bought_first else None
-    matches = (matcher.match(samples["instruction"].astype(str).tolist(), prefer)
-               if matcher is not None else [((), ())] * len(samples))
-    need_novel = model.cfg.novelty
-    for row, (c_items, c_values), (m_items, m_values) in zip(
-            samples.itertuples(index=False), counts, matches, strict=True):
-        v_items, v_values = _novel(row, need_novel)
+    # Every channel's lists, in registry order (a channel may read the ones before it).
+    ctx = ExampleContext(model.cfg, matcher, {})
+    for ch in collated_channels():
+        ctx.lists[ch.name] = ch.example_lists(samples, ctx)
+    for r, row in enumerate(samples.itertuples(index=False)):
         task_id = _task_id(row, model.cfg.task_gates)
         rp = render_prompt(row, None, vocab, item_prefix, tok)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
@@ -166,10 +141,8 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
         positives = tuple(int(t) for t in np.asarray(row.targets)) if with_target else ()
         out.append(SFTExample(input_ids=ids, item_ids=list(rp.history), target_item=target,
                               target_prefix=int(item_prefix[target]), n_context=rp.n_context,
-                              positives=positives, count_items=c_items, count_values=c_values,
-                              match_items=tuple(int(i) for i in m_items),
-                              match_values=tuple(float(v) for v in m_values),
-                              novel_items=v_items, novel_values=v_values, task_id=task_id))
+                              positives=positives, task_id=task_id,
+                              lists={name: lists[r] for name, lists in ctx.lists.items()}))
     return out
 
 
@@ -194,8 +167,8 @@ class TrainingStage(Stage):
         if train_df.empty:
             raise StageError(f"{ctx.input('tasks')}/train.parquet holds no SFT samples")
         data = ProcessedData.load(ctx.input("data"))
-        if cfg.model.repeat_rarity:
-            model.set_item_rarity(data.train_item_counts)
+        for ch in active_channels(cfg.model):
+            ch.prepare(model, data.train_item_counts)
         matcher = data_matcher(cfg.model, data, cfg.tasks)
         train_ex = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
         rng = np.random.default_rng(cfg.seed)
