@@ -33,6 +33,10 @@ repeat-aware recommenders (RepeatNet, ReCANet) do, the scores get an explicit co
   ``model.novelty_scale``: how a Discover request reaches the scores, which every other
   channel pulls towards what the household already buys.
 
+Each channel after sequence and context is a class of the registry
+:data:`sigmarec.tasks.channels.CHANNELS` (where its lists come from, how the model scales them);
+the tables and gates below follow the registry's order.
+
 The four gates (two more per extra channel) are ``softplus`` of a linear map of the hidden
 state at the end of the prompt (the token before the first label token): the instruction can
 switch copying off (a task that asks for something new) or up (buy again). The linear map

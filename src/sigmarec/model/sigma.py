@@ -73,14 +73,10 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "sigma_trainable.safetensors"
 META_FILE = "sigma_model.json"
 
+# PromptBatch, PromptCache and positions_from_mask live in their own modules now; importers of
+# this module keep finding them here.
 __all__ = ["META_FILE", "WEIGHTS_FILE", "PromptBatch", "PromptCache", "SigmaModel",
-           "build_sigma_model", "load_sigma_model", "positions_from_mask", "prompt_batch"]
-
-
-def prompt_batch(batch: Mapping[str, Any]) -> PromptBatch:
-    """The prompt fields of a collated batch, as :meth:`SigmaModel.prefix_logprobs` and
-    :meth:`SigmaModel.prompt_cache` take them (:meth:`PromptBatch.from_collated`)."""
-    return PromptBatch.from_collated(batch)
+           "build_sigma_model", "load_sigma_model", "positions_from_mask"]
 
 
 class SigmaModel(PrefixInit, CopyPrior, Losses, Generation, TrainableCheckpoint, nn.Module):

@@ -8,7 +8,7 @@ prompt tables carries them, how the collator checks them and how the model scale
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -139,7 +139,3 @@ class Channel:
     def prepare(self, model: Any, train_counts: np.ndarray) -> None:
         """Set the model's per-item state the channel reads (from the items' training
         purchase counts) before training; nothing for most channels."""
-
-
-def names(channels: Sequence[Channel]) -> list[str]:
-    return [c.name for c in channels]
