@@ -230,7 +230,7 @@ def test_sigma_requests_share_one_decoder_call(served, monkeypatch):
     real = decoder.candidates
 
     def counted(batch, n, allow_mask=None):
-        calls.append(batch["input_ids"].shape[0])
+        calls.append(batch.input_ids.shape[0])
         return real(batch, n, allow_mask)
 
     monkeypatch.setattr(decoder, "candidates", counted)
