@@ -9,7 +9,18 @@ from typing import Annotated
 
 import typer
 
-from sigmarec.serving.cli_options import Config, Out, Profile, Sets, command_group
+from sigmarec.cli_common import (
+    ConfigOpt,
+    JsonOpt,
+    OutOpt,
+    ProfileOpt,
+    SetOpt,
+    command_config,
+    command_group,
+    console,
+    run_dir_of,
+    setup_logging,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,21 +34,20 @@ def register(app: typer.Typer) -> None:
         items_file: Annotated[Path, typer.Argument(
             help="new items: CSV/TSV/Parquet/JSONL, in the data layer's item schema or mapped "
             "by data.files.item_columns")],
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
-        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
+        as_json: JsonOpt = False,
         verbose: bool = False,
     ) -> None:
         """Onboard new items into a trained run: text embedding, semantic ID, soft token;
         published atomically as a new catalogue version."""
-        from sigmarec.cli import _config, _run_dir, _setup_logging, console
         from sigmarec.serving.items import add_items
 
-        _setup_logging(verbose)
-        cfg = _config(profile, config, sets)
-        run_dir = _run_dir(out, cfg)
+        setup_logging(verbose)
+        cfg = command_config(profile, config, sets)
+        run_dir = run_dir_of(out, cfg)
         before = _count_added(run_dir)
         overlay = add_items(run_dir, cfg, items_file)
         new = overlay.items.iloc[before:] if before <= overlay.n_items else overlay.items
@@ -68,10 +78,10 @@ def register(app: typer.Typer) -> None:
 
     @bench.command("coldstart")
     def coldstart(
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
         batch_size: Annotated[int, typer.Option(help="SIGMA prompts per decoder call")] = 16,
         max_instances: Annotated[int | None, typer.Option(
             help="at most this many instances of each set (seeded sample)")] = None,
@@ -79,13 +89,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Cold-start evaluation: onboard the held-out new items (data.holdout_new_items_weeks)
         with `items add`, then measure how SIGMA and the baselines recommend them."""
-        from sigmarec.cli import _config, _run_dir, _setup_logging, console
         from sigmarec.core.atomic import write_json
         from sigmarec.serving.coldstart import coldstart_table, run_coldstart
 
-        _setup_logging(verbose)
-        cfg = _config(profile, config, sets)
-        run_dir = _run_dir(out, cfg)
+        setup_logging(verbose)
+        cfg = command_config(profile, config, sets)
+        run_dir = run_dir_of(out, cfg)
         result = run_coldstart(run_dir, cfg, batch_size=batch_size, max_instances=max_instances)
         write_json(run_dir / "serving" / "coldstart.json", result)
         console.print(coldstart_table(result))
