@@ -25,16 +25,8 @@ from sigmarec.errors import DataError
 from sigmarec.serving import catalog
 from sigmarec.serving.catalog import CatalogError, load_overlay
 from sigmarec.serving.config import NewItemsConfig
-from sigmarec.serving.items import (
-    PAUSE_ENV,
-    ItemSpace,
-    add_frame,
-    add_items,
-    add_to_loaded,
-    apply_overlay,
-    load_model_with_items,
-    read_new_items,
-)
+from sigmarec.serving.items import PAUSE_ENV, ItemSpace, add_frame, add_items, read_new_items
+from sigmarec.serving.overlay import add_to_loaded, apply_overlay, load_model_with_items
 
 WEEKS = 4
 ITEM_COLS = ["item_id", "title", "category_path", "brand", "attributes"]
@@ -227,7 +219,7 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     scores, found = decoder.index.search(overlay.item_vectors[:3], overlay.prefix[:3], 1)
     assert found[:, 0].tolist() == ids[:3].tolist()
     # And the three-step decoder can return only new items when a filter asks for them.
-    from sigmarec.serving.items import extend_items
+    from sigmarec.serving.overlay import extend_items
     from sigmarec.training.stage import data_matcher, to_examples
 
     prompt = pd.DataFrame([{"targets": np.array([0]), "history": np.array([1, 2, n]),
@@ -246,7 +238,7 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     assert (items[0] >= n).all()
 
     # The runtime's contract: parts extended before the model is built; the same soft tokens.
-    from sigmarec.serving.runtime import RuntimeParts
+    from sigmarec.serving.overlay import RuntimeParts
 
     data = ProcessedData.load(run_dir / "data")
     parts = RuntimeParts(data=data, item_features=feats, item_prefix=prefix, n_trained_items=n)

@@ -40,13 +40,8 @@ from sigmarec.core.stage import StageContext
 from sigmarec.data.processed import Holdout, ProcessedData, load_holdout
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.serving.catalog import CatalogOverlay, load_overlay, stage_run_ids
-from sigmarec.serving.items import (
-    ItemSpace,
-    add_frame,
-    add_to_loaded,
-    extend_items,
-    stand_in_fidelity,
-)
+from sigmarec.serving.items import ItemSpace, add_frame, stand_in_fidelity
+from sigmarec.serving.overlay import add_to_loaded, extend_items
 from sigmarec.serving.runtime import generation_choice
 
 log = logging.getLogger("sigmarec")

@@ -20,9 +20,9 @@ A request goes through two steps:
 the subset search, which widens the prefix beam when needed (``SigmaDecoder``), so ``k`` items
 come back whenever ``k`` items pass the filters.
 
-Items added after training (contract with ``sigmarec.serving.items.apply_overlay``): the runtime
-calls ``apply_overlay(parts, overlay) -> RuntimeParts`` on the :class:`RuntimeParts` below before
-it builds the model, so the new rows of ``item_features`` / ``item_prefix`` / ``data.items`` get
+Items added after training (:mod:`sigmarec.serving.overlay`): the runtime calls
+``apply_overlay(parts, overlay) -> RuntimeParts`` on the run's :class:`RuntimeParts` before it
+builds the model, so the new rows of ``item_features`` / ``item_prefix`` / ``data.items`` get
 soft tokens through the trained ProjFuse like every other item. Baselines cannot score items they
 were not trained on: those rank after every trained item (and a strict filter drops them).
 """
@@ -58,8 +58,9 @@ from sigmarec.generation.fusion import Candidates, fuse_by_group, tuned_mode
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel, load_sigma_model
-from sigmarec.serving.catalog import CatalogOverlay, catalog_dir, load_overlay
+from sigmarec.serving.catalog import catalog_dir, load_overlay
 from sigmarec.serving.events import events_dir, load_events
+from sigmarec.serving.overlay import RuntimeParts, apply_overlay, load_model_with_items
 from sigmarec.tasks.definitions import Cut, Task
 from sigmarec.tasks.novelty import NoveltyLister
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
@@ -132,16 +133,6 @@ class Resolved:
     k: int
     model: str
     allow: np.ndarray | None  # (n_items,) bool, None = no filter
-
-
-@dataclass
-class RuntimeParts:
-    """What a run directory provides before the model is built (``apply_overlay`` extends it)."""
-
-    data: ProcessedData
-    item_features: dict[str, np.ndarray]  # "text", optionally "id": (n_items, d)
-    item_prefix: np.ndarray  # (n_items,) flat prefix id
-    n_trained_items: int
 
 
 @dataclass
@@ -257,18 +248,6 @@ def _published(run_dir: Path) -> tuple[str, tuple[str, ...]]:
     return version, tuple(sorted(f.name for f in events_dir(run_dir).glob("[0-9]*.parquet")))
 
 
-def _apply_overlay(parts: RuntimeParts, overlay: CatalogOverlay | None) -> RuntimeParts:
-    if overlay is None:
-        return parts
-    try:
-        from sigmarec.serving.items import apply_overlay
-    except ImportError:
-        log.warning("serving: %d added items (catalogue %s) are ignored: this build has no "
-                    "sigmarec.serving.items.apply_overlay", overlay.n_items, overlay.version)
-        return parts
-    return apply_overlay(parts, overlay)
-
-
 class Runtime:
     """A run directory loaded once; see the module docstring. Thread-safe for readers:
     :meth:`reload` swaps the whole state at once."""
@@ -307,13 +286,11 @@ class Runtime:
             return st
         data = ProcessedData.load(run_dir / "data")
         vocab, item_prefix = load_vocab(ctx)
-        parts = _apply_overlay(RuntimeParts(data=data, item_features=load_item_features(ctx),
+        parts = apply_overlay(RuntimeParts(data=data, item_features=load_item_features(ctx),
                                             item_prefix=item_prefix,
                                             n_trained_items=data.n_items), overlay)
         data = parts.data
         if parts.data.n_items > parts.n_trained_items:
-            from sigmarec.serving.items import load_model_with_items
-
             # The checkpoint is checked against the trained catalogue, then extended.
             model = load_model_with_items(model_dir, cfg.backbone, parts)
         else:
