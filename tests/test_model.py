@@ -21,10 +21,9 @@ from sigmarec.model import (
     ModelConfig,
     SFTExample,
     SigmaModel,
-    flat_to_codes,
     load_sigma_model,
 )
-from sigmarec.tokenization.hybrid import HybridVocab
+from sigmarec.tokenization.hybrid import HybridVocab, flat_to_codes
 
 torch.set_num_threads(1)
 

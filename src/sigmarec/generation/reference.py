@@ -18,8 +18,9 @@ from torch.nn import functional as F
 
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.fusion import OFF_GAP
-from sigmarec.model.batch import SFTExample, flat_to_codes
+from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 @torch.no_grad()

@@ -55,6 +55,7 @@ from sigmarec.model.repeat import (
     prefix_counts,
 )
 from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse
+from sigmarec.tokenization.hybrid import flat_to_codes as _codes_tensor  # on the device
 
 if TYPE_CHECKING:
     from sigmarec.backbone.config import BackboneConfig
@@ -1024,15 +1025,6 @@ def _positive_mix(pos_codes: torch.Tensor, pos_ok: torch.Tensor, codes: torch.Te
     soft.scatter_add_(1, pos_codes[..., level].clamp(min=0), agree.float())
     # The target itself always agrees, so every row has mass; guard anyway.
     return soft / soft.sum(-1, keepdim=True).clamp(min=1e-9)
-
-
-def _codes_tensor(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """(n,) flat prefix ids -> (n, levels) codes, on the tensor's device (no host sync)."""
-    rest, cols = flat.reshape(-1).long(), []
-    for size in reversed(sizes):
-        cols.append(rest % size)
-        rest = torch.div(rest, size, rounding_mode="floor")
-    return torch.stack(cols[::-1], dim=1)
 
 
 @contextlib.contextmanager

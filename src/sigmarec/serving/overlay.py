@@ -22,6 +22,7 @@ import torch
 
 from sigmarec.data.processed import ProcessedData
 from sigmarec.serving.catalog import CatalogError, CatalogOverlay
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 if TYPE_CHECKING:
     from sigmarec.generation.decode import SigmaDecoder
@@ -139,20 +140,12 @@ def extend_model(model: SigmaModel, features: Mapping[str, np.ndarray],
     p = torch.as_tensor(prefix, device=dev)
     model.item_prefix = torch.cat([model.item_prefix, p])
     if hasattr(model, "item_codes"):
-        model.item_codes = torch.cat([model.item_codes, _flat_to_codes(p, model.codebook_sizes)])
+        model.item_codes = torch.cat([model.item_codes, flat_to_codes(p, model.codebook_sizes)])
     # Never bought in training: the rarest (the rarity channel's value of an unsold item).
     model.item_rarity = torch.cat([model.item_rarity,
                                    torch.ones(n_new, dtype=model.item_rarity.dtype, device=dev)])
     model.n_items = n_old + n_new
     return np.arange(n_old, n_old + n_new)
-
-
-def _flat_to_codes(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    rest, cols = flat.long(), []
-    for size in reversed(sizes):
-        cols.append(rest % size)
-        rest = torch.div(rest, size, rounding_mode="floor")
-    return torch.stack(cols[::-1], dim=1)
 
 
 def extend_decoder(decoder: SigmaDecoder) -> int:
