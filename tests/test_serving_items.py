@@ -53,16 +53,15 @@ def run(hold_run: tuple[object, Path], tmp_path: Path) -> tuple[object, Path]:
 
 @pytest.fixture(scope="module")
 def model_and_decoder(hold_run: tuple[object, Path]):  # noqa: ANN201
-    from sigmarec.core.stage import StageContext
     from sigmarec.generation.decode import SigmaDecoder
+    from sigmarec.grounding.artifacts import load_item_features
     from sigmarec.model.sigma import load_sigma_model
-    from sigmarec.training.stage import load_item_features, load_vocab
+    from sigmarec.tokenization.artifacts import load_vocab
 
     cfg, run_dir = hold_run
-    ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
-                       inputs={s: run_dir / s for s in ("baselines", "grounding", "tokenization")})
-    _, prefix = load_vocab(ctx)
-    feats = load_item_features(ctx)
+    _, prefix = load_vocab(run_dir / "tokenization")
+    feats = load_item_features(run_dir / "grounding", run_dir / "baselines",
+                               cfg.tokenization.embedding)
     return feats, prefix, lambda: (lambda m: (m, SigmaDecoder(m, 4, 8)))(
         load_sigma_model(run_dir / "training" / "model", cfg.backbone, feats, prefix))
 
@@ -220,7 +219,8 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     assert found[:, 0].tolist() == ids[:3].tolist()
     # And the three-step decoder can return only new items when a filter asks for them.
     from sigmarec.serving.overlay import extend_items
-    from sigmarec.training.stage import data_matcher, to_examples
+    from sigmarec.tasks.text_match import data_matcher
+    from sigmarec.training.stage import to_examples
 
     prompt = pd.DataFrame([{"targets": np.array([0]), "history": np.array([1, 2, n]),
                             "frequent": np.array([], dtype=np.int64), "instruction": "anything",

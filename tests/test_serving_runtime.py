@@ -122,6 +122,24 @@ def test_known_user_gets_the_whole_history_and_profile(served):
     assert ex.count_items == tuple(counted.tolist()) and ex.count_values == tuple(counts.tolist())
 
 
+def test_prompts_follow_the_runs_tasks_config_not_the_command_line(served):
+    # A `--set tasks.*` at serve time must not change the prompts the model was trained on.
+    from sigmarec.config import load_config
+
+    cfg, run_dir, rt = served
+    other = load_config("tiny", overrides=["tasks.history_len=2", "tasks.frequent_items=1"])
+    rt2 = Runtime.load(run_dir, other)
+    u = int(np.argmax([len(rt.data.sequence(i)) for i in range(rt.data.n_users)]))
+    req = RecRequest(user_id=_user(rt, u))
+    (ex,) = rt.prompt_examples([req])
+    (ex2,) = rt2.prompt_examples([req])
+    assert len(ex.item_ids) > other.tasks.history_len + other.tasks.frequent_items
+    assert ex2.input_ids == ex.input_ids and ex2.item_ids == ex.item_ids
+    assert rt2.run_config.tasks == cfg.tasks and rt2.cfg.tasks.history_len == 2
+    assert [i.item_id for i in rt2.recommend([req])[0]] == [
+        i.item_id for i in rt.recommend([req])[0]]
+
+
 def test_explicit_history_and_profile(served):
     cfg, _, rt = served
     ids = [str(x) for x in rt.item_ids[[5, 9, 2]]]

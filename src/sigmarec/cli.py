@@ -202,13 +202,12 @@ def sft_show(
     sets: SetOpt = None, verbose: bool = False,
 ) -> None:
     """Print decoded SFT samples (prompt with item texts in place of soft tokens, and label)."""
-    import numpy as np
     import pandas as pd
 
     from sigmarec.pipeline import run_pipeline
     from sigmarec.tasks.registry import get_task_class
     from sigmarec.tasks.sft_data import decode_sample
-    from sigmarec.tokenization.hybrid import HybridVocab
+    from sigmarec.tokenization.artifacts import load_vocab
 
     task = get_task_class(task).name  # unknown: a one-line error listing the known tasks
     if split not in ("train", "valid", "test"):
@@ -225,9 +224,7 @@ def sft_show(
         raise SigmaError(f"no {split} samples for task {task!r} in {run_dir / 'tasks'} "
                          f"(the task may be unsupported by this dataset; see its stats.json)")
     items = pd.read_parquet(run_dir / "data" / "items.parquet")
-    meta = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
-    vocab = HybridVocab(meta["prefix_codebook_sizes"], meta["query_token"])
-    prefix = np.load(run_dir / "tokenization" / "item_prefix.npy")
+    vocab, prefix = load_vocab(run_dir / "tokenization")
     for i, row in enumerate(samples.head(n).itertuples(index=False)):
         console.rule(f"{task} - {split} sample {i + 1}")
         console.print(decode_sample(row, items, vocab, prefix), markup=False, highlight=False)

@@ -38,11 +38,12 @@ import pandas as pd
 import torch
 
 from sigmarec.config import ItemColumnMap, SigmaConfig
-from sigmarec.core.stage import read_manifest
 from sigmarec.data.build import render_item_text
 from sigmarec.data.schema import ITEM_COLUMNS
 from sigmarec.data.sources.files import read_items, read_table
 from sigmarec.errors import DataError, StageError
+from sigmarec.generation.run_model import model_dir, run_config
+from sigmarec.grounding.artifacts import ID_TOWER_FILE, UNGROUNDED_FILE, text_features_file
 from sigmarec.serving.catalog import (
     CatalogOverlay,
     catalog_dir,
@@ -53,7 +54,8 @@ from sigmarec.serving.catalog import (
     write_version,
 )
 from sigmarec.serving.config import NewItemsConfig
-from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse
+from sigmarec.tokenization.artifacts import load_vocab
+from sigmarec.tokenization.hybrid import ProjFuse
 from sigmarec.tokenization.semantic_ids import SemanticIds
 
 log = logging.getLogger("sigmarec")
@@ -141,16 +143,6 @@ def check_new_ids(items: pd.DataFrame, src: str, trained: pd.Index,
 # ------------------------------------------------------------------------------- the run
 
 
-def run_config(run_dir: Path) -> SigmaConfig:
-    """The config the run was trained with (from the training manifest): the encoder,
-    tokenizer and model settings must be the run's, whatever the command line says."""
-    m = read_manifest(Path(run_dir) / "training")
-    if m is None or not (Path(run_dir) / "training" / "model").is_dir():
-        raise StageError(f"{run_dir}: no trained model (training/); run `sigma run` with the same "
-                         "--profile/--out first")
-    return SigmaConfig.model_validate(m["config"])
-
-
 class ItemSpace:
     """What onboarding needs from a finished run, loaded once: the trained items' features,
     the codebooks, the hybrid vocabulary and the trained ProjFuse."""
@@ -160,22 +152,19 @@ class ItemSpace:
         self.run_dir = run_dir
         self.cfg = run_config(run_dir)
         self.items = pd.read_parquet(run_dir / "data" / "items.parquet")
-        emb = self.cfg.tokenization.embedding
-        self.text_file = "v_text.npy" if emb == "grounded" else "v_text_ungrounded.npy"
+        self.text_file = text_features_file(self.cfg.tokenization.embedding)
         self.text = np.load(run_dir / "grounding" / self.text_file).astype(np.float32)
-        id_path = run_dir / "baselines" / "item_embeddings.npy"
+        id_path = run_dir / "baselines" / ID_TOWER_FILE
         self.ids = np.load(id_path).astype(np.float32) if id_path.is_file() else None
         self.sids = SemanticIds.load(run_dir / "tokenization")
-        meta = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
-        self.vocab = HybridVocab(meta["prefix_codebook_sizes"], meta["query_token"])
-        self.item_prefix = np.load(run_dir / "tokenization" / "item_prefix.npy")
+        self.vocab, self.item_prefix = load_vocab(run_dir / "tokenization")
         n = len(self.items)
         for name, arr in (("text features", self.text), ("item prefixes", self.item_prefix),
                           ("ID tower", self.ids)):
             if arr is not None and len(arr) != n:
                 raise StageError(f"{run_dir}: {name} have {len(arr)} rows for {n} items; the "
                                  "run's stages are out of step (rerun `sigma run`)")
-        self.fuse = _load_fuse(run_dir / "training" / "model")
+        self.fuse = _load_fuse(model_dir(run_dir))
         if set(self.fuse.sources) != ({"text", "id"} if self.ids is not None else {"text"}):
             raise StageError(f"{run_dir}: the trained ProjFuse reads {self.fuse.sources}; new "
                              "items can supply text and ID-tower stand-in vectors only")
@@ -192,7 +181,7 @@ class ItemSpace:
         g = self.cfg.grounding
         backbone, tokenizer, _ = load_backbone(self.cfg.backbone)
         with torch.no_grad():
-            if self.text_file == "v_text_ungrounded.npy":
+            if self.text_file == UNGROUNDED_FILE:
                 return raw_backbone_embeddings(backbone, tokenizer, texts, g.max_text_tokens,
                                                g.encode_batch_size)
             encoder = ItemEncoder(backbone, tokenizer, g)

@@ -35,7 +35,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,19 +48,20 @@ from pydantic import BaseModel, ConfigDict
 from sigmarec.baselines.base import Recommender
 from sigmarec.baselines.registry import restore
 from sigmarec.config import SigmaConfig
-from sigmarec.core.stage import StageContext, read_manifest
+from sigmarec.core.stage import read_manifest
 from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.decode import SigmaDecoder
 from sigmarec.generation.fusion import Candidates, fuse_by_group, tuned_mode
+from sigmarec.generation.run_model import load_run_model, model_dir, read_run_inputs
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
-from sigmarec.model.sigma import SigmaModel, load_sigma_model
+from sigmarec.model.sigma import SigmaModel
 from sigmarec.serving.catalog import catalog_dir, load_overlay
 from sigmarec.serving.events import events_dir, load_events
-from sigmarec.serving.overlay import RuntimeParts, apply_overlay, load_model_with_items
+from sigmarec.serving.overlay import RuntimeParts, apply_overlay, extend_model
 from sigmarec.tasks.definitions import Cut, Task
 from sigmarec.tasks.novelty import NoveltyLister
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
@@ -72,17 +73,19 @@ from sigmarec.tasks.sft_data import (
     prompt_columns,
 )
 from sigmarec.tasks.text import profile_text
-from sigmarec.tasks.text_match import InstructionMatcher
+from sigmarec.tasks.text_match import InstructionMatcher, text_matcher
 from sigmarec.tokenization.hybrid import HybridVocab
-from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
+from sigmarec.training.stage import to_examples
 
 log = logging.getLogger("sigmarec")
 
 SIGMA = "sigma"
-# Stages whose folders the runtime reads (training.stage's loaders take a StageContext).
-_INPUTS = ("data", "baselines", "grounding", "tokenization", "tasks", "training", "generation")
 # Tasks whose instruction needs a parameter that only a free-text instruction can give.
 _NEEDS_INSTRUCTION = {"Query": "a search query", "Season": "a season", "Holiday": "a holiday"}
+
+
+# Steps 1-2 of SIGMA for a batch: (decoder, examples, n, allow (B, n_items) or None) -> candidates.
+CandidateFn = Callable[[SigmaDecoder, list[SFTExample], int, "np.ndarray | None"], Candidates]
 
 
 class RequestError(SigmaError):
@@ -152,6 +155,7 @@ class _State:
     item_ids: np.ndarray  # (n_items,) str
     categories: dict[str, np.ndarray]  # normalised category key -> item indices
     profile_columns: list[str]
+    run_cfg: SigmaConfig  # the run's own config (its training manifest's)
     matcher: InstructionMatcher | None = None  # the text-match channel's, over this catalogue
     novelty: NoveltyLister | None = None  # the novelty channel's lists (model.novelty)
 
@@ -271,12 +275,9 @@ class Runtime:
     @staticmethod
     def _build(run_dir: Path, cfg: SigmaConfig, previous: _State | None = None) -> _State:
         t0 = time.perf_counter()
-        model_dir = run_dir / "training" / "model"
-        if not (run_dir / "data" / "info.json").is_file() or not model_dir.is_dir():
+        if not (run_dir / "data" / "info.json").is_file() or not model_dir(run_dir).is_dir():
             raise StageError(f"{run_dir}: not a trained run directory (needs data/ and "
                              f"training/model/); run `sigma run` with the same --profile/--out")
-        ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
-                           inputs={s: run_dir / s for s in _INPUTS})
         overlay = load_overlay(run_dir)
         version = overlay.version if overlay is not None else None
         if previous is not None and previous.overlay_version == version:
@@ -285,23 +286,25 @@ class Runtime:
             st.extra = Runtime._events(run_dir, st.parts.data.n_items)
             return st
         data = ProcessedData.load(run_dir / "data")
-        vocab, item_prefix = load_vocab(ctx)
-        parts = apply_overlay(RuntimeParts(data=data, item_features=load_item_features(ctx),
-                                            item_prefix=item_prefix,
-                                            n_trained_items=data.n_items), overlay)
-        data = parts.data
-        if parts.data.n_items > parts.n_trained_items:
+        inputs = read_run_inputs(run_dir)
+        run_cfg = inputs.config  # prompts and tasks as the run built them, not as cfg says
+        parts = apply_overlay(RuntimeParts(data=data, item_features=inputs.item_features,
+                                           item_prefix=inputs.item_prefix,
+                                           n_trained_items=data.n_items), overlay)
+        data, n = parts.data, parts.n_trained_items
+
+        def add_items(model: SigmaModel) -> None:
             # The checkpoint is checked against the trained catalogue, then extended.
-            model = load_model_with_items(model_dir, cfg.backbone, parts)
-        else:
-            model = load_sigma_model(model_dir, cfg.backbone, parts.item_features,
-                                     parts.item_prefix)
+            extend_model(model, {s: f[n:] for s, f in parts.item_features.items()},
+                         parts.item_prefix[n:])
+
         choice = generation_choice(run_dir, cfg)
         tau, k_used = choice.tau, choice.k_prefixes
-        decoder = SigmaDecoder(model, k_used, cfg.generation.m_per_prefix,
-                               index_backend=cfg.tokenization.index.backend)
-        res = build_resources(data, cfg.tasks)
-        tasks, _ = supported(build_tasks(res, list(cfg.tasks.enabled)))
+        run = load_run_model(run_dir, k_used, cfg.generation.m_per_prefix, inputs,
+                             add_items if data.n_items > n else None)
+        model, decoder, vocab = run.model, run.decoder, run.vocab
+        res = build_resources(data, run_cfg.tasks)
+        tasks, _ = supported(build_tasks(res, list(run_cfg.tasks.enabled)))
         baselines = {}
         for name in cfg.baselines.enabled:
             folder = run_dir / "baselines" / "models" / name
@@ -312,7 +315,8 @@ class Runtime:
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
             fusion=choice, resources=res,
             tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items, res),
-            novelty=novelty_lister(res, cfg.tasks) if model.cfg.novelty else None,
+            novelty=novelty_lister(res, run_cfg.tasks) if model.cfg.novelty else None,
+            run_cfg=run_cfg,
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
@@ -365,6 +369,12 @@ class Runtime:
         return self._state.parts.data.n_items
 
     @property
+    def run_config(self) -> SigmaConfig:
+        """The run's own config (its training manifest's): the tasks, tokenizer and model
+        settings the prompts are built with; ``cfg`` (the command line's) sets serving only."""
+        return self._state.run_cfg
+
+    @property
     def model_names(self) -> list[str]:
         return [SIGMA, *self._state.baselines]
 
@@ -389,6 +399,22 @@ class Runtime:
     @property
     def k_prefixes(self) -> int:
         return self._state.fusion.k_prefixes
+
+    @property
+    def decoder(self) -> SigmaDecoder:
+        """SIGMA's decoder (``.model``: the loaded model) of the state loaded now; a
+        :meth:`reload` that adds items replaces it, so do not keep it across reloads."""
+        return self._state.decoder
+
+    @property
+    def user_index(self) -> Mapping[str, int]:
+        """Raw user id -> user index."""
+        return self._state.user_index
+
+    @property
+    def item_index(self) -> Mapping[str, int]:
+        """Raw item id -> item index (trained and added items)."""
+        return self._state.item_index
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -572,8 +598,8 @@ class Runtime:
 
     # ------------------------------------------------------------------------------ ranking
     def _examples(self, resolved: Sequence[Resolved]) -> list[SFTExample]:
-        tc = self.cfg.tasks
         st = self._state
+        tc = st.run_cfg.tasks  # the prompts the model was trained on, whatever --set says
         cols = [prompt_columns(r.history, tc, st.novelty) for r in resolved]
         rows = pd.DataFrame({
             **{k: [c[k] for c in cols] for k in (cols[0] if cols else {})},
@@ -620,6 +646,16 @@ class Runtime:
                 for r, (i, s) in enumerate(zip(items[keep], scores[keep], strict=True))]
 
     def _rank_sigma(self, resolved: Sequence[Resolved]) -> list[tuple[np.ndarray, np.ndarray]]:
+        items, scores = self.sigma_lists(resolved)
+        return [(items[b, :r.k], scores[b, :r.k]) for b, r in enumerate(resolved)]
+
+    def sigma_lists(self, resolved: Sequence[Resolved],
+                    candidates: CandidateFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SIGMA's fused lists of resolved requests, (B, n) items and scores with n =
+        max(eval.top_n, the largest k): their prompts, steps 1-2 and step 3 at the settings
+        chosen on validation. ``candidates(decoder, examples, n, allow)`` replaces the decoder's
+        own steps 1-2 (the nearline job continues from cached prompt KV); lists may end in
+        padding (item -1, score -inf)."""
         st = self._state
         # Lists are decoded at least eval.top_n long, as the generation stage decodes them, so a
         # request's top k do not depend on which requests share its batch.
@@ -629,11 +665,14 @@ class Runtime:
         if any(m is not None for m in masks):
             allow = np.stack([np.ones(self.n_items, dtype=bool) if m is None else m
                               for m in masks])
+        examples = self._examples(resolved)
         with torch.no_grad():
-            cands = st.decoder.candidates(st.decoder.batch(self._examples(resolved)), n, allow)
-        items, scores = self.fuse(cands, np.array([m is not None for m in masks]), n,
-                                  [r.task for r in resolved])
-        return [(items[b, :r.k], scores[b, :r.k]) for b, r in enumerate(resolved)]
+            if candidates is None:
+                cands = st.decoder.candidates(st.decoder.batch(examples), n, allow)
+            else:
+                cands = candidates(st.decoder, examples, n, allow)
+        return self.fuse(cands, np.array([m is not None for m in masks]), n,
+                         [r.task for r in resolved])
 
     def _rank_baseline(self, name: str, resolved: Sequence[Resolved]
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
