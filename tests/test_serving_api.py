@@ -31,7 +31,8 @@ from schemathesis.checks import (
 
 from sigmarec.serving.api import create_app
 from sigmarec.serving.batching import MicroBatcher
-from sigmarec.serving.runtime import RecRequest, Runtime
+from sigmarec.serving.request import RecRequest
+from sigmarec.serving.runtime import Runtime
 from sigmarec.serving.store import U2IRow, open_store
 
 

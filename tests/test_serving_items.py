@@ -347,7 +347,8 @@ def test_coldstart_bench(run: tuple[object, Path]) -> None:
 
 def test_runtime_serves_added_items(run: tuple[object, Path]) -> None:
     """Wired into the serving runtime: after `items add` the new items are recommendable."""
-    from sigmarec.serving.runtime import RecRequest, Runtime
+    from sigmarec.serving.request import RecRequest
+    from sigmarec.serving.runtime import Runtime
 
     cfg, run_dir = run
     overlay = add_frame(run_dir, ItemSpace(run_dir), _held_items(run_dir, 5), "new",

@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sigmarec.serving.events import EVENT_COLUMNS, events_dir
-from sigmarec.serving.runtime import RecRequest, RequestError, Resolved, Runtime
+from sigmarec.serving.request import RecRequest, RequestError, Resolved
+from sigmarec.serving.runtime import Runtime
 from sigmarec.tasks.sft_data import most_bought, purchase_counts
 from sigmarec.tasks.text import profile_text
 

@@ -38,7 +38,8 @@ from sigmarec.core.seed import set_threads
 from sigmarec.serving.batching import MicroBatcher
 from sigmarec.serving.config import ServiceConfig
 from sigmarec.serving.metrics import ServiceMetrics
-from sigmarec.serving.runtime import RecItem, RecRequest, RequestError, Resolved, Runtime
+from sigmarec.serving.request import RecItem, RecRequest, RequestError, Resolved
+from sigmarec.serving.runtime import Runtime
 
 log = logging.getLogger("sigmarec")
 

@@ -24,7 +24,7 @@ from sigmarec.cli_common import (
 
 def _read_allow(path: Path) -> list[str]:
     """Item ids, one per line (blank lines and '#' comments skipped), or a JSON list."""
-    from sigmarec.serving.runtime import RequestError
+    from sigmarec.serving.request import RequestError
 
     try:
         text = path.read_text()
@@ -72,7 +72,8 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from sigmarec.core.seed import set_threads
-        from sigmarec.serving.runtime import RecRequest, RequestError, Runtime, request_from_json
+        from sigmarec.serving.request import RecRequest, RequestError, request_from_json
+        from sigmarec.serving.runtime import Runtime
 
         setup_logging(False)
         fields = {"task": task, "instruction": instruction, "k": k, "category": category,

@@ -39,9 +39,9 @@ from sigmarec.config import SigmaConfig
 from sigmarec.data.processed import Holdout, ProcessedData, load_holdout
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.serving.catalog import CatalogOverlay, load_overlay, stage_run_ids
+from sigmarec.serving.fusion_choice import generation_choice
 from sigmarec.serving.items import ItemSpace, add_frame, stand_in_fidelity
 from sigmarec.serving.overlay import add_to_loaded, extend_items
-from sigmarec.serving.runtime import generation_choice
 
 log = logging.getLogger("sigmarec")
 

@@ -51,7 +51,8 @@ from sigmarec.serving.kv_cache import (
     prompt_forward,
     token_keys,
 )
-from sigmarec.serving.runtime import SIGMA, RecRequest, RequestError, Runtime
+from sigmarec.serving.request import SIGMA, RecRequest, RequestError
+from sigmarec.serving.runtime import Runtime
 from sigmarec.serving.store import U2IRow, open_store
 
 if TYPE_CHECKING:

@@ -37,7 +37,8 @@ from sigmarec.serving.nearline import (
     open_kv,
     read_new_events,
 )
-from sigmarec.serving.runtime import RecRequest, Runtime
+from sigmarec.serving.request import RecRequest
+from sigmarec.serving.runtime import Runtime
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:

@@ -11,10 +11,12 @@ A request goes through two steps:
 
 * :meth:`Runtime.resolve` checks it and turns it into a :class:`Resolved` request (history as item
   indices, the profile line, the task and its parameters, the instruction text of the prompt, one
-  allow mask for all filters). Every mistake is a :class:`RequestError` naming the field.
+  allow mask for all filters). Every mistake is a :class:`RequestError` naming the field (the
+  request types: :mod:`.request`).
 * :meth:`Runtime.rank` ranks resolved requests: all SIGMA requests in one batched decoder call
   (prompts rendered exactly as the tasks stage renders evaluation instances, through
-  ``training.stage.to_examples``), each baseline over the same histories and masks.
+  ``training.stage.to_examples``; fused at the settings of :mod:`.fusion_choice`), each
+  baseline over the same histories and masks.
 
 :meth:`Runtime.recommend` is both. Filters never shorten a SIGMA list: the allow mask acts inside
 the subset search, which widens the prefix beam when needed (``SigmaDecoder``), so ``k`` items
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import threading
 import time
@@ -43,25 +44,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from sigmarec.baselines.base import Recommender
 from sigmarec.baselines.registry import restore
 from sigmarec.config import SigmaConfig
-from sigmarec.core.stage import read_manifest
 from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import SigmaError, StageError
-from sigmarec.generation.config import Fusion
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import Candidates, fuse_by_group, tuned_mode
+from sigmarec.generation.fusion import Candidates
 from sigmarec.generation.run_model import load_run_model, model_dir, read_run_inputs
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel
 from sigmarec.serving.catalog import catalog_dir, load_overlay
 from sigmarec.serving.events import events_dir, load_events
+from sigmarec.serving.fusion_choice import FusionChoice, generation_choice
 from sigmarec.serving.overlay import RuntimeParts, apply_overlay, extend_model
+from sigmarec.serving.request import (
+    SIGMA,
+    RecItem,
+    RecRequest,
+    RequestError,
+    Resolved,
+)
 from sigmarec.tasks.definitions import Cut, Task
 from sigmarec.tasks.novelty import NoveltyLister
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
@@ -79,63 +85,12 @@ from sigmarec.training.stage import to_examples
 
 log = logging.getLogger("sigmarec")
 
-SIGMA = "sigma"
 # Tasks whose instruction needs a parameter that only a free-text instruction can give.
 _NEEDS_INSTRUCTION = {"Query": "a search query", "Season": "a season", "Holiday": "a holiday"}
 
 
 # Steps 1-2 of SIGMA for a batch: (decoder, examples, n, allow (B, n_items) or None) -> candidates.
 CandidateFn = Callable[[SigmaDecoder, list[SFTExample], int, "np.ndarray | None"], Candidates]
-
-
-class RequestError(SigmaError):
-    """A bad request; ``field`` names the request field at fault (``history[2]``, ``k``...)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class RecRequest(BaseModel):
-    """One recommendation request: a known user or an explicit history (+ profile), a task or a
-    free-text instruction, ``k``, filters and the model to answer with."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    user_id: str | None = None
-    history: list[str] | None = None  # raw item ids, oldest first
-    profile: dict[str, str] | None = None  # profile column -> value (users.parquet columns)
-    task: str | None = None
-    instruction: str | None = None
-    k: int = 10
-    category: str | None = None  # a category name at any level or a path prefix "A > B"
-    exclude_bought: bool = False
-    allow_items: list[str] | None = None  # raw item ids
-    model: str = SIGMA
-
-
-class RecItem(BaseModel):
-    rank: int
-    item_id: str
-    text: str
-    prefix: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A checked request in the model's terms."""
-
-    user_idx: int  # -1 for an explicit history
-    history: np.ndarray  # full history, item indices, oldest first
-    profile: str  # the profile line of the prompt
-    task: str
-    params: dict[str, Any]
-    instruction: str  # the request line of the prompt
-    k: int
-    model: str
-    allow: np.ndarray | None  # (n_items,) bool, None = no filter
 
 
 @dataclass
@@ -176,74 +131,6 @@ def _category_index(items: pd.DataFrame) -> dict[str, np.ndarray]:
         for key in keys:
             out.setdefault(key, []).append(i)
     return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
-
-
-@dataclass(frozen=True)
-class FusionChoice:
-    """The fusion's settings as the generation stage chose them on validation (or the
-    config's, for a run without a generation stage; ``source`` says which)."""
-
-    tau: float
-    k_prefixes: int
-    copy_scale: float
-    source: str
-    # For requests with a filter: the pair sigma+rule chose on rule-filtered validation lists.
-    tau_filtered: float | None = None
-    copy_scale_filtered: float | None = None
-    # generation.fusion_per_task: {task: (tau, copy scale)}, unfiltered and filtered; a task
-    # without an entry uses the pair above.
-    per_task: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    per_task_filtered: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    # generation.fusion of the run (a manifest written before the field existed: adaptive).
-    mode: Fusion = "adaptive"
-
-    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int,
-             tasks: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Fusion of a batch (in ``mode``): rows with a filter (``filtered`` (B,) bool) at the
-        filtered pair, the others at the unfiltered one; with ``tasks`` (one per row), at
-        the pair chosen for the row's task where there is one."""
-        groups = np.array(["" for _ in range(len(filtered))] if tasks is None else
-                          [str(t) for t in tasks], dtype=object)
-        if len(groups) != len(filtered):
-            raise ValueError(f"{len(groups)} tasks for a batch of {len(filtered)}")
-        # "off" lists ranked by prefix, then score; sigma+rule is fused adaptively then.
-        rule_mode = tuned_mode(self.mode)
-        items, scores = fuse_by_group(cands, groups, self.per_task,
-                                      (self.tau, self.copy_scale), n, self.mode)
-        if filtered.any() and self.tau_filtered is not None:
-            f_items, f_scores = fuse_by_group(
-                cands, groups, self.per_task_filtered,
-                (self.tau_filtered, self.copy_scale_filtered or 1.0), n, rule_mode)
-            items = np.where(filtered[:, None], f_items, items)
-            scores = np.where(filtered[:, None], f_scores, scores)
-        return items, scores
-
-
-def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
-    """(mode, tau, K, copy scale) of the run's fusion, from its generation manifest."""
-    manifest = read_manifest(run_dir / "generation")
-    sigma = (manifest or {}).get("summary", {}).get("sigma", {})
-    if "tau" in sigma:
-        mode = sigma.get("fusion", "adaptive")
-        tuned = tuned_mode(mode)
-        scales = sigma.get("copy_scale", {})
-        rule_tau = sigma["tau"].get("rule")
-        per = sigma.get("per_task", {})
-
-        def pairs(which: str) -> dict[str, tuple[float, float]]:
-            return {t: (float(v[0]), float(v[1])) for t, v in per.get(which, {}).items()}
-
-        return FusionChoice(float(sigma["tau"][tuned]),
-                            int(sigma.get("k_prefixes", cfg.generation.k_prefixes)),
-                            float(scales.get(tuned, 1.0)),
-                            "chosen on validation by the generation stage",
-                            None if rule_tau is None else float(rule_tau),
-                            float(scales.get("rule", 1.0)), pairs(mode), pairs("rule"), mode)
-    log.warning("serving: %s has no generation manifest; SIGMA uses generation.tau (%s) and "
-                "k_prefixes (%d) from the config, not values chosen on validation",
-                run_dir / "generation", cfg.generation.tau, cfg.generation.k_prefixes)
-    return FusionChoice(cfg.generation.tau, cfg.generation.k_prefixes, 1.0,
-                        "config (no generation stage)", mode=cfg.generation.fusion)
 
 
 def _published(run_dir: Path) -> tuple[str, tuple[str, ...]]:
@@ -697,23 +584,3 @@ class Runtime:
         cut = Cut(user_idx=r.user_idx, hist_len=len(r.history), timestamp=pd.Timestamp(0),
                   split="serve", history=r.history)
         return task.allowed(r.params, cut) if task.checkable else np.ones(self.n_items, bool)
-
-
-def request_from_json(payload: str | bytes, **overrides: Any) -> RecRequest:
-    """A :class:`RecRequest` from a JSON document (``history``/``profile``...), with CLI-style
-    overrides; malformed JSON or fields are a :class:`RequestError`."""
-    from pydantic import ValidationError
-
-    try:
-        body = json.loads(payload)
-    except json.JSONDecodeError as e:
-        raise RequestError("body", f"malformed JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError("body", "expected a JSON object")
-    body.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return RecRequest(**body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "body"
-        raise RequestError(field, err["msg"]) from None
