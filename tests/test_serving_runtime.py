@@ -343,3 +343,30 @@ def test_sigma_recommend_bad_input(served, args, field):
     assert isinstance(r.exception, RequestError), r.output
     assert r.exception.field == field
 
+
+
+def test_served_sigma_score_is_what_the_docs_say(served):
+    # Joint fusion (the default, and tiny's): log P(prefix | T) + in-prefix score / tau, an
+    # unnormalised log-score (docs/serving.md), not the log-probability log P(item | T).
+    from pathlib import Path
+
+    _, _, rt = served
+    choice = rt.fusion
+    assert choice.mode == "joint"
+    req = RecRequest(user_id=_user(rt, 2), k=5)
+    r = rt.resolve(req)
+    (ex,) = rt.prompt_examples([req])
+    n = max(rt.cfg.eval.top_n, r.k)
+    cands = rt.decoder.candidates(rt.decoder.batch([ex]), n)
+    tau, scale = choice.per_task.get(r.task, (choice.tau, choice.copy_scale))
+    where = {int(i): (k, m) for k, row in enumerate(cands.items[0]) for m, i in enumerate(row)
+             if i >= 0}
+    got = rt.rank([r])[0]
+    assert len(got) == 5
+    for item in got:
+        k, m = where[rt.item_idx(item.item_id)]
+        want = cands.prefix_logp[0, k] + cands.scores(scale)[0, k, m] / tau
+        assert item.score == pytest.approx(want, rel=1e-9, abs=1e-9)
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    assert "`log P(prefix | T) + s / τ`" in doc and "fused log-probability `log P(item | T)`;" \
+        not in doc

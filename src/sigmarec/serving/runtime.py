@@ -277,6 +277,11 @@ class Runtime:
     def copy_scale(self) -> float:
         return self._state.fusion.copy_scale
 
+    @property
+    def fusion(self) -> FusionChoice:
+        """Step 3's settings (mode, tau, K, copy scale, per task) chosen on validation."""
+        return self._state.fusion
+
     def fuse(self, cands: Candidates, filtered: np.ndarray, n: int,
              tasks: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """SIGMA's step 3 for a decoded batch, at the settings chosen on validation (per
