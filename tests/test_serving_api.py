@@ -360,7 +360,8 @@ def test_readiness_while_loading_and_after_a_failed_load(served, monkeypatch):
         raise FileNotFoundError("training/model/weights.safetensors")
 
     monkeypatch.setattr(Runtime, "load", staticmethod(broken))
-    with TestClient(create_app(run_dir, cfg)) as c:
+    reasons: list[str] = []
+    with TestClient(create_app(run_dir, cfg, on_load_failure=reasons.append)) as c:
         for _ in range(200):
             r = c.get("/readyz")
             if r.json()["status"] != "loading":
@@ -368,6 +369,20 @@ def test_readiness_while_loading_and_after_a_failed_load(served, monkeypatch):
             time.sleep(0.05)
         assert r.status_code == 503 and r.json()["status"] == "failed"
         assert "weights.safetensors" in r.json()["detail"]
+        assert reasons == [r.json()["detail"]]
+
+
+def test_sigma_serve_that_cannot_load_the_run_says_why_and_exits(tmp_path):
+    # Started from another directory than `sigma run`: no run there. The reason is logged and
+    # the process ends non-zero, so a `until curl .../readyz` loop can stop waiting.
+    proc = subprocess.run(
+        [sys.executable, "-m", "sigmarec.cli", "serve", "-p", "tiny", "-o",
+         str(tmp_path / "no-run"), "--host", "127.0.0.1", "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "cannot load" in out and "not a trained run directory" in out
+    assert "run `sigma run` with the same --profile/--out" in out
 
 
 # ---------------------------------------------------------------------------- schemathesis

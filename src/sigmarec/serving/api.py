@@ -35,6 +35,7 @@ from starlette.routing import Match
 
 from sigmarec.config import SigmaConfig
 from sigmarec.core.seed import set_threads
+from sigmarec.errors import SigmaError
 from sigmarec.serving.batching import MicroBatcher
 from sigmarec.serving.config import ServiceConfig
 from sigmarec.serving.metrics import ServiceMetrics
@@ -152,11 +153,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------------------- state
 class _Service:
-    def __init__(self, run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None) -> None:
+    def __init__(self, run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None,
+                 on_load_failure: Callable[[str], None] | None = None) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.runtime = runtime
         self.error: str | None = None
+        self.on_load_failure = on_load_failure
         self.metrics = ServiceMetrics()
         svc = cfg.serving.service
         # The model thread gets the run's thread count (``threads``; faiss keeps it per
@@ -176,9 +179,14 @@ class _Service:
         t0 = time.perf_counter()
         try:
             self.runtime = Runtime.load(self.run_dir, self.cfg)
-        except Exception as e:  # reported by /readyz; the process stays up to say so
-            log.exception("serving: loading %s failed", self.run_dir)
+        except Exception as e:  # reported by /readyz and to on_load_failure
             self.error = f"{type(e).__name__}: {e}"
+            if isinstance(e, SigmaError):  # a user error names its fix: one line says it all
+                log.error("serving: cannot load %s: %s", self.run_dir, self.error)
+            else:
+                log.exception("serving: cannot load %s: %s", self.run_dir, self.error)
+            if self.on_load_failure is not None:
+                self.on_load_failure(self.error)
             return
         self.metrics.load_seconds.set(time.perf_counter() - t0)
         self.metrics.ready.set(1)
@@ -322,10 +330,12 @@ class _Guard:
 
 
 # ---------------------------------------------------------------------------------- app
-def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None) -> FastAPI:
-    """The service over ``run_dir``; a ``runtime`` already loaded (tests) skips the loading."""
+def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None,
+               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """The service over ``run_dir``; a ``runtime`` already loaded (tests) skips the loading.
+    ``on_load_failure(reason)`` is called when loading fails (``sigma serve`` stops then)."""
     svc = cfg.serving.service
-    service = _Service(Path(run_dir), cfg, runtime)
+    service = _Service(Path(run_dir), cfg, runtime, on_load_failure)
     RecommendBody, BatchBody = request_models(svc)
 
     @asynccontextmanager

@@ -124,17 +124,36 @@ def register(app: typer.Typer) -> None:
         sets: SetOpt = None,
         verbose: bool = False,
     ) -> None:
-        """Serve a finished run over HTTP (FastAPI + uvicorn); see docs/serving.md."""
+        """Serve a finished run over HTTP (FastAPI + uvicorn); see docs/serving.md. Exits
+        non-zero, with the reason, when the run cannot be loaded."""
         import uvicorn
 
         from sigmarec.core.seed import set_threads
+        from sigmarec.errors import SigmaError
         from sigmarec.serving.api import create_app
 
         setup_logging(verbose)
         cfg = command_config(profile, config, sets)
         set_threads(cfg.threads)
         svc = cfg.serving.service
-        app_ = create_app(run_dir_of(out, cfg), cfg)
-        uvicorn.run(app_, host=host or svc.host, port=svc.port if port is None else port,
-                    log_level="debug" if verbose else "info", access_log=verbose,
-                    timeout_graceful_shutdown=10)
+        run_dir = run_dir_of(out, cfg)
+        server: uvicorn.Server | None = None
+
+        def stop(reason: str) -> None:
+            # /readyz answers 503 "failed" with the reason until the server has shut down; a
+            # service that can never be ready must not wait for clients forever.
+            if server is not None:
+                server.should_exit = True
+
+        app_ = create_app(run_dir, cfg, on_load_failure=stop)
+        server = uvicorn.Server(uvicorn.Config(
+            app_, host=host or svc.host, port=svc.port if port is None else port,
+            log_level="debug" if verbose else "info", access_log=verbose,
+            timeout_graceful_shutdown=10))
+        server.run()
+        error = app_.state.service.error
+        if error is not None:
+            raise SigmaError(f"sigma serve: cannot load {run_dir.resolve()}: {error}")
+        if not server.started:  # e.g. the port is taken; uvicorn logged why
+            raise SigmaError(f"sigma serve: the server did not start on "
+                             f"{server.config.host}:{server.config.port} (see the log above)")
