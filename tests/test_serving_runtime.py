@@ -215,6 +215,25 @@ def test_instruction_is_mapped_onto_a_task_and_used_as_written(served):
     assert r.params["category"] == "COLD CEREAL" and "cold cereal" in r.instruction
 
 
+def test_category_task_takes_what_the_category_filter_takes(served):
+    # A deeper category (or a path) is asked as its level's category and filtered to itself;
+    # a broader one is refused with the level the task takes.
+    _, _, rt = served
+    u = _user(rt)
+    r = rt.resolve(RecRequest(user_id=u, task="Category", category="KIDS CEREAL", k=3))
+    assert r.task == "Category" and r.params == {"category": "COLD CEREAL", "level": 1}
+    assert r.allow is not None and r.allow.any()
+    paths = rt.data.items["category_path"].astype(str).to_numpy()
+    assert all(p.endswith("KIDS CEREAL") for p in paths[r.allow])
+    got = rt.rank([r])[0]
+    assert len(got) == 3 and all(_category_of(rt, i.item_id).endswith("KIDS CEREAL") for i in got)
+    r = rt.resolve(RecRequest(user_id=u, task="Category", category="grocery > cold cereal"))
+    assert r.params["category"] == "COLD CEREAL"
+    with pytest.raises(RequestError, match=r"path level 1 \(tasks.category_level") as e:
+        rt.resolve(RecRequest(user_id=u, task="Category", category="GROCERY"))
+    assert e.value.field == "category"
+
+
 def _category_of(rt: Runtime, item_id: str) -> str:
     return str(rt.data.items["category_path"].iloc[rt.item_idx(item_id)])
 

@@ -32,7 +32,6 @@ were not trained on: those rank after every trained item (and a strict filter dr
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import threading
 import time
@@ -58,6 +57,12 @@ from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
 from sigmarec.model.sigma import SigmaModel
 from sigmarec.serving.catalog import catalog_dir, load_overlay
+from sigmarec.serving.categories import (
+    category_index,
+    category_key,
+    task_category,
+    unknown_category,
+)
 from sigmarec.serving.events import events_dir, load_events
 from sigmarec.serving.fusion_choice import FusionChoice, generation_choice
 from sigmarec.serving.overlay import RuntimeParts, apply_overlay, extend_model
@@ -113,24 +118,6 @@ class _State:
     run_cfg: SigmaConfig  # the run's own config (its training manifest's)
     matcher: InstructionMatcher | None = None  # the text-match channel's, over this catalogue
     novelty: NoveltyLister | None = None  # the novelty channel's lists (model.novelty)
-
-
-def _category_key(text: str) -> str:
-    parts = [p.strip() for p in str(text).upper().replace(">", CATEGORY_SEP).split(
-        CATEGORY_SEP.strip())]
-    return CATEGORY_SEP.join(p for p in parts if p)
-
-
-def _category_index(items: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Every category name at any level and every path prefix -> the items under it."""
-    out: dict[str, list[int]] = {}
-    paths = items["category_path"] if "category_path" in items.columns else [""] * len(items)
-    for i, path in enumerate(paths):
-        levels = [p.strip().upper() for p in str(path or "").split(CATEGORY_SEP) if p.strip()]
-        keys = {*levels, *(CATEGORY_SEP.join(levels[:d]) for d in range(2, len(levels) + 1))}
-        for key in keys:
-            out.setdefault(key, []).append(i)
-    return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
 
 
 def _published(run_dir: Path) -> tuple[str, tuple[str, ...]]:
@@ -209,7 +196,7 @@ class Runtime:
                                                         data.users["user_idx"], strict=True)},
             item_index={str(v): i for i, v in enumerate(items["item_id"])},
             item_ids=items["item_id"].astype(str).to_numpy(),
-            categories=_category_index(items),
+            categories=category_index(items),
             profile_columns=[c for c in data.users.columns if c not in ("user_idx", "user_id")],
         )
         log.info("serving: loaded %s in %.1fs (%d items, %d users, %d tasks, baselines %s, "
@@ -439,24 +426,17 @@ class Runtime:
             if req.category is None:
                 raise RequestError("category", "task Category needs a category")
             lv = st.resources.category_level
-            names = st.resources.level_names[lv]
-            key = _category_key(req.category)
-            hit = [n for n in names if n.upper() == key]
-            if not hit:
-                raise RequestError("category", self._unknown_category(req.category, names))
-            params = {"category": hit[0], "level": lv}
+            name = task_category(req.category, lv, st.resources.level_names[lv],
+                                 st.categories, self.data.items)
+            # A deeper category (or a path) is asked as its level's category, and the category
+            # filter (_filters) keeps its own items only.
+            params = {"category": name, "level": lv}
         elif task_name == "Discover":
             params = {"level": st.resources.discover_level}
         task = st.tasks[task_name]
         # The first held-out paraphrase: the wording the model is evaluated with, and stable.
         text = task.instruction(params, held_out=True, rng=np.random.default_rng(0))
         return task_name, params, text
-
-    @staticmethod
-    def _unknown_category(given: str, names: Sequence[str]) -> str:
-        close = difflib.get_close_matches(str(given).upper(), list(names), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"unknown category {given!r}{hint}"
 
     def _filters(self, req: RecRequest, history: np.ndarray) -> np.ndarray | None:
         st = self._state
@@ -466,10 +446,10 @@ class Runtime:
         allow = np.ones(n, dtype=bool)
         field = "exclude_bought"
         if req.category is not None:
-            members = st.categories.get(_category_key(req.category))
+            members = st.categories.get(category_key(req.category))
             if members is None:
                 names = [k for k in st.categories if CATEGORY_SEP not in k]
-                raise RequestError("category", self._unknown_category(req.category, names))
+                raise RequestError("category", unknown_category(req.category, names))
             only = np.zeros(n, dtype=bool)
             only[members] = True
             allow &= only
