@@ -379,3 +379,28 @@ def test_holdout_derived_for_a_run_trained_without_it(hold_run: tuple[object, Pa
     assert data.info["holdout"]["derived"]
     with pytest.raises(SigmaError, match="some stage trained on them"):
         derive_holdout(ProcessedData.load(run_dir / "data"), plain, 20, "run")
+
+
+def test_items_add_shows_prefixes_as_tokens(run: tuple[object, Path], tmp_path: Path) -> None:
+    # `<a_11>` as prompts, serving and the docs write a prefix; the flat id only as prefix_id.
+    import re
+
+    from typer.testing import CliRunner
+
+    from sigmarec.cli import app
+
+    _, run_dir = run
+    _held_items(run_dir, 2).to_parquet(tmp_path / "two.parquet")
+    _held_items(run_dir).iloc[2:4].to_parquet(tmp_path / "two_more.parquet")
+    args = ["items", "add", "-p", "tiny", "-o", str(run_dir)]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "two.parquet"), "--json"])
+    assert res.exit_code == 0, res.output
+    added = json.loads(res.stdout)["added"]
+    sizes = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
+    for row in added:
+        assert re.fullmatch(r"(<[a-z]_\d+>)+", row["prefix"]), row
+        assert row["prefix"].count("<") == len(sizes["prefix_codebook_sizes"])
+        assert isinstance(row["prefix_id"], int)
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "two_more.parquet")])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"<a_\d+>", res.stdout)

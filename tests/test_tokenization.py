@@ -377,3 +377,10 @@ def test_flat_to_codes_inverts_prefix_ids_for_arrays_and_tensors() -> None:
     t = flat_to_codes(torch.as_tensor(flat), vocab.codebook_sizes)
     assert isinstance(t, torch.Tensor) and t.dtype == torch.long
     np.testing.assert_array_equal(t.numpy(), codes)
+
+
+def test_prefix_text_writes_a_flat_prefix_as_its_tokens() -> None:
+    from sigmarec.tokenization.hybrid import HybridVocab
+
+    assert HybridVocab([3, 4]).prefix_text(7) == "<a_1><b_3>"
+    assert HybridVocab([16]).prefix_text(11) == "<a_11>"

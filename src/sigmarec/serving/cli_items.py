@@ -44,16 +44,21 @@ def register(app: typer.Typer) -> None:
         """Onboard new items into a trained run: text embedding, semantic ID, soft token;
         published atomically as a new catalogue version."""
         from sigmarec.serving.items import add_items
+        from sigmarec.tokenization.artifacts import load_vocab
 
         setup_logging(verbose)
         cfg = command_config(profile, config, sets)
         run_dir = run_dir_of(out, cfg)
         before = _count_added(run_dir)
         overlay = add_items(run_dir, cfg, items_file)
+        vocab, _ = load_vocab(run_dir / "tokenization")
         new = overlay.items.iloc[before:] if before <= overlay.n_items else overlay.items
+        # The prefix as tokens (<a_11>), as prompts, serving and the docs show it; the flat id
+        # stays in the JSON for scripts.
         rows = [{"item_idx": int(r.item_idx), "item_id": str(r.item_id), "text": str(r.text),
                  "semantic_id": [int(c) for c in overlay.codes[i]],
-                 "prefix": int(overlay.prefix[i])}
+                 "prefix": vocab.prefix_text(int(overlay.prefix[i])),
+                 "prefix_id": int(overlay.prefix[i])}
                 for i, r in zip(range(overlay.n_items - len(new), overlay.n_items),
                                 new.itertuples(index=False), strict=True)]
         if as_json:
@@ -67,7 +72,7 @@ def register(app: typer.Typer) -> None:
             t.add_column(col)
         for r in rows[:50]:
             t.add_row(str(r["item_idx"]), r["item_id"], r["text"][:60],
-                      " ".join(map(str, r["semantic_id"])), str(r["prefix"]))
+                      " ".join(map(str, r["semantic_id"])), r["prefix"])
         console.print(t)
         if len(rows) > 50:
             console.print(f"... and {len(rows) - 50} more")

@@ -51,6 +51,11 @@ class HybridVocab:
             flat = flat * k + codes[:, lv]
         return flat
 
+    def prefix_text(self, flat: int) -> str:
+        """A flat prefix id written as its tokens (``<a_3>``, or ``<a_3><b_7>``)."""
+        codes = flat_to_codes(np.array([int(flat)]), self.codebook_sizes)[0]
+        return "".join(prefix_token(lv, int(c)) for lv, c in enumerate(codes))
+
     @property
     def n_prefixes(self) -> int:
         return int(np.prod(self.codebook_sizes))
