@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -186,6 +187,17 @@ def _bad(rt: Runtime) -> list[tuple[dict, int, str]]:
         ({"user_id": u, "allow_items": ["nope"]}, 422, "allow_items[0]"),
         ({"history": [item], "profile": {"pet": "cat"}}, 422, "profile.pet"),
     ]
+
+
+def test_unknown_paths_and_methods_name_what_is_at_fault(client):
+    r = client.get("/v1/recommendations")
+    assert (r.status_code, _field(r)) == (404, "path")
+    assert "/v1/recommendations" in r.json()["error"]["message"]
+    r = client.get("/v1/recommend")
+    assert (r.status_code, _field(r)) == (405, "method")
+    assert "POST" in r.json()["error"]["message"] and "POST" in r.headers["allow"]
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    assert "| 404 | `path` |" in doc and "| 405 | `method`" in doc
 
 
 def test_every_bad_request_is_a_4xx_naming_the_field(client, served):

@@ -146,7 +146,8 @@ def request_models(svc: ServiceConfig) -> tuple[type[BaseModel], type[BaseModel]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": why} for code, why in (
-        (400, "malformed JSON"), (404, "unknown item or user"), (413, "body too large"),
+        (400, "malformed JSON"), (404, "unknown item, user or path"),
+        (405, "method not allowed on the path"), (413, "body too large"),
         (422, "a field is invalid (the error names it)"),
         (503, "still loading, or too many requests in flight"))}
 
@@ -375,9 +376,18 @@ def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own refusals (an undecodable body, an unknown path or method) in the same
-        # shape as every other error.
+        # shape as every other error, naming what is at fault.
+        headers = dict(e.headers or {})
+        path = request.url.path
+        if e.status_code == 404:
+            return _error(404, "path", f"no endpoint {path} (the API is listed at /docs)",
+                          headers)
+        if e.status_code == 405:
+            allowed = headers.get("Allow") or headers.get("allow") or "another method"
+            return _error(405, "method", f"{request.method} is not allowed on {path}; use "
+                          f"{allowed}", headers)
         return _error(e.status_code, "body" if e.status_code == 400 else None, str(e.detail),
-                      dict(e.headers or {}))
+                      headers)
 
     @app.exception_handler(_Unavailable)
     async def _unavailable(request: Request, e: _Unavailable) -> JSONResponse:
