@@ -22,10 +22,9 @@ from sigmarec.model import (
     PromptBatch,
     SFTExample,
     SigmaModel,
-    flat_to_codes,
     load_sigma_model,
 )
-from sigmarec.tokenization.hybrid import HybridVocab
+from sigmarec.tokenization.hybrid import HybridVocab, flat_to_codes
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,8 @@ from test_model import N_ITEMS
 from test_model import make_model as _make_model
 from torch.nn import functional as F
 
-from sigmarec.model import SFTExample, SigmaModel, flat_to_codes
+from sigmarec.model import SFTExample, SigmaModel
+from sigmarec.tokenization.hybrid import flat_to_codes
 from sigmarec.training.config import TrainingConfig
 from sigmarec.training.loop import train_sigma
 

@@ -123,7 +123,7 @@ def test_rarities_survive_save_and_load_and_are_required(tmp_path: Path) -> None
 
 
 def test_items_added_for_serving_are_the_rarest() -> None:
-    from sigmarec.serving.items import extend_model
+    from sigmarec.serving.overlay import extend_model
 
     model = _rarity_model()
     before = model.item_rarity.clone()

@@ -32,7 +32,8 @@ from sigmarec.serving.nearline import (
     open_kv,
     run_nearline,
 )
-from sigmarec.serving.runtime import RecRequest, Runtime
+from sigmarec.serving.request import RecRequest
+from sigmarec.serving.runtime import Runtime
 from sigmarec.serving.store import SQLiteStore, StoreError, U2IRow, open_store
 from sigmarec.tasks.sft_data import prompt_columns
 from sigmarec.training.stage import to_examples

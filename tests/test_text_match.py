@@ -137,7 +137,8 @@ def test_bought_first_keeps_the_households_matches_then_the_best_others(words, t
 
 
 def test_to_examples_keeps_the_households_matches_and_needs_tags_resources() -> None:
-    from sigmarec.training.stage import text_matcher, to_examples
+    from sigmarec.tasks.text_match import text_matcher
+    from sigmarec.training.stage import to_examples
 
     model = _randomised(repeat_counts=True, text_match=True, text_match_bought_first=True,
                         text_match_items=1)

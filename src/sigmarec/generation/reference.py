@@ -18,9 +18,10 @@ from torch.nn import functional as F
 
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.fusion import OFF_GAP
-from sigmarec.model.batch import PromptBatch, SFTExample, flat_to_codes
+from sigmarec.model.batch import PromptBatch, SFTExample
 from sigmarec.model.sigma import SigmaModel
 from sigmarec.tasks.channels import collated_channels
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 @torch.no_grad()

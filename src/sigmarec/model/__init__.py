@@ -1,12 +1,6 @@
 """The SIGMA recommender model (hybrid item tokens in, prefix + query vector out)."""
 
-from sigmarec.model.batch import (
-    HardNegativeSampler,
-    PromptBatch,
-    SFTExample,
-    SigmaCollator,
-    flat_to_codes,
-)
+from sigmarec.model.batch import HardNegativeSampler, PromptBatch, SFTExample, SigmaCollator
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import (
     PromptCache,
@@ -18,6 +12,6 @@ from sigmarec.model.sigma import (
 
 __all__ = [
     "HardNegativeSampler", "ModelConfig", "PromptBatch", "PromptCache", "SFTExample",
-    "SigmaCollator", "SigmaModel", "build_sigma_model", "flat_to_codes", "load_sigma_model",
+    "SigmaCollator", "SigmaModel", "build_sigma_model", "load_sigma_model",
     "positions_from_mask",
 ]

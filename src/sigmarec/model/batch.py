@@ -22,6 +22,7 @@ import torch
 
 from sigmarec.tasks.channels import CHANNELS, Channel, collated_channels
 from sigmarec.tasks.config import TASK_NAMES
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 # The instruction tasks a copy gate can be offset for (``model.task_gates``), in a fixed order:
 # a saved model's offsets are rows of this table. "Align" is the catalogue-alignment samples.
@@ -79,17 +80,6 @@ def _field(example: Any, name: str, default: Any = _REQUIRED) -> Any:
     if isinstance(example, Mapping):
         return example[name] if default is _REQUIRED else example.get(name, default)
     return getattr(example, name) if default is _REQUIRED else getattr(example, name, default)
-
-
-def flat_to_codes(flat: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
-    """(n,) flat prefix ids -> (n, levels) per-level codes (inverse of HybridVocab.prefix_ids)."""
-    flat = np.asarray(flat, dtype=np.int64)
-    codes = np.zeros((len(flat), len(codebook_sizes)), dtype=np.int64)
-    rest = flat.copy()
-    for lv in range(len(codebook_sizes) - 1, -1, -1):
-        codes[:, lv] = rest % codebook_sizes[lv]
-        rest //= codebook_sizes[lv]
-    return codes
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, multiple_of: int | None = None

@@ -1,4 +1,4 @@
-"""Small tensor helpers of the SIGMA model: prefix codes, positions, modes.
+"""Small tensor helpers of the SIGMA model: positions, modes, the backbone's text config.
 
 The bottom layer of :mod:`sigmarec.model`: it imports nothing of the package, so every other
 module of the model (heads, copy prior, losses, generation, checkpoints) can use it.
@@ -17,16 +17,6 @@ from torch import nn
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens, so left padding does not shift positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def codes_tensor(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """(n,) flat prefix ids -> (n, levels) codes, on the tensor's device (no host sync)."""
-    rest, cols = flat.reshape(-1).long(), []
-    for size in reversed(sizes):
-        cols.append(rest % size)
-        rest = torch.div(rest, size, rounding_mode="floor")
-    return torch.stack(cols[::-1], dim=1)
-
 
 
 def text_config(model: nn.Module) -> Any:

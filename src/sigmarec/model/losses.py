@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from sigmarec.model.codes import codes_tensor
 from sigmarec.model.repeat import PromptSlots, column_counts, item_bias
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 def positive_mix(pos_codes: torch.Tensor, pos_ok: torch.Tensor, codes: torch.Tensor,
@@ -40,7 +40,7 @@ class Losses:
         if positives is not None and positives.numel():
             pos_ok = positives >= 0
             pos_flat = self.item_prefix[positives.clamp(min=0).view(-1)]
-            pos_codes = codes_tensor(pos_flat, self.codebook_sizes).view(
+            pos_codes = flat_to_codes(pos_flat, self.codebook_sizes).view(
                 *positives.shape, n_levels)
         ntp, correct = [], torch.ones(bsz, dtype=torch.bool, device=h.device)
         for lv in range(n_levels):
@@ -160,7 +160,7 @@ class Losses:
         if r.numel() == 0:
             return zero, zero
         target = hist_inverse[keep]  # index into the batch's distinct items
-        codes = codes_tensor(self.item_prefix[item_ids.view(-1)[keep]], self.codebook_sizes)
+        codes = flat_to_codes(self.item_prefix[item_ids.view(-1)[keep]], self.codebook_sizes)
         gates = sub = before = None
         if prompt is not None and self.repeat is not None:
             # The copy term of a history position counts only the sequence items before it:

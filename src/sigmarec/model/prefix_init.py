@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from sigmarec.model.codes import codes_tensor, eval_mode
+from sigmarec.model.codes import eval_mode
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 class PrefixInit:
@@ -49,7 +50,7 @@ class PrefixInit:
         with eval_mode(self):
             v = torch.cat([self.item_embeddings(idx).float() for idx in
                            torch.arange(self.n_items, device=self.item_prefix.device).split(8192)])
-        codes = codes_tensor(self.item_prefix, self.codebook_sizes)
+        codes = flat_to_codes(self.item_prefix, self.codebook_sizes)
         out = []
         for lv, size in enumerate(self.codebook_sizes):
             sums = torch.zeros(size, self.hidden, device=v.device).index_add_(0, codes[:, lv], v)

@@ -15,8 +15,9 @@ import torch
 from torch.nn import functional as F
 
 from sigmarec.model.batch import PromptBatch
-from sigmarec.model.codes import codes_tensor, eval_mode, positions_from_mask
+from sigmarec.model.codes import eval_mode, positions_from_mask
 from sigmarec.model.repeat import PromptSlots
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 @dataclass
@@ -172,7 +173,7 @@ class Generation:
         bsz, k = partial.shape
         if not 1 <= level < self.levels:
             raise ValueError(f"level must be in 1..{self.levels - 1}, got {level}")
-        codes = codes_tensor(partial.reshape(-1), self.codebook_sizes[:level])
+        codes = flat_to_codes(partial.reshape(-1), self.codebook_sizes[:level])
         h = self._continue(cache, codes, level, query=False)
         slots, gates = self._repeat_rows(cache, k)
         with eval_mode(self):
@@ -194,7 +195,7 @@ class Generation:
         """
         bsz, k = prefix_ids.shape
         n_levels = self.levels
-        codes = codes_tensor(prefix_ids.reshape(-1), self.codebook_sizes)  # (B*K, L)
+        codes = flat_to_codes(prefix_ids.reshape(-1), self.codebook_sizes)  # (B*K, L)
         h = self._continue(cache, codes, n_levels, query=True)
         with eval_mode(self):
             q = self.query_from_hidden(h[:, -1]).view(bsz, k, -1)

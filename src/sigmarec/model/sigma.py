@@ -51,7 +51,6 @@ from sigmarec.model.adapt import adapt_backbone, cache_keyword
 from sigmarec.model.batch import GATE_TASKS, PromptBatch, SigmaCollator
 from sigmarec.model.checkpoint import TrainableCheckpoint
 from sigmarec.model.codes import (
-    codes_tensor,
     no_autocast,
     positions_from_mask,
     text_config,
@@ -65,7 +64,7 @@ from sigmarec.model.prefix_init import PrefixInit
 from sigmarec.model.prompt_cache import Generation, PromptCache
 from sigmarec.model.repeat import RepeatGate, gate_channels, n_gates
 from sigmarec.tasks.channels import CHANNELS, active_channels, collated_channels
-from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse
+from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse, flat_to_codes
 
 if TYPE_CHECKING:
     from sigmarec.backbone.config import BackboneConfig
@@ -162,7 +161,7 @@ class SigmaModel(PrefixInit, CopyPrior, Losses, Generation, TrainableCheckpoint,
         for s in self.sources:
             self.register_buffer(f"feat_{s}", feats[s], persistent=False)
         self.register_buffer("item_prefix", prefix, persistent=False)
-        self.register_buffer("item_codes", codes_tensor(prefix, self.codebook_sizes),
+        self.register_buffer("item_codes", flat_to_codes(prefix, self.codebook_sizes),
                              persistent=False)
         # Two gates per channel, in the registry's order (sigmarec.tasks.channels).
         self.repeat = RepeatGate(self.hidden, cfg.repeat_init, n_gates(cfg),
@@ -346,7 +345,7 @@ class SigmaModel(PrefixInit, CopyPrior, Losses, Generation, TrainableCheckpoint,
             gates = self.repeat(h[:, t - 2 - self.levels], self.gate_task_ids(task_ids))
         with no_autocast(h.device.type):
             rows = self.prefix_rows()
-            codes = codes_tensor(target_prefix, self.codebook_sizes)
+            codes = flat_to_codes(target_prefix, self.codebook_sizes)
             l_ntp, correct = self.label_ntp(h, t, rows, codes, slots, gates, positives)
             if catalogue:
                 l_nce, item_acc = self._catalogue_infonce(q, v, slots, gates, target_item,

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from sigmarec.model.batch import PromptBatch
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 def level0_codes(flat_prefix: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
     """First-level code of flat prefix ids (the code generation step 1 predicts)."""
-    below = int(np.prod(codebook_sizes[1:])) if len(codebook_sizes) > 1 else 1
-    return np.asarray(flat_prefix, dtype=np.int64) // below
+    return flat_to_codes(np.asarray(flat_prefix, dtype=np.int64), codebook_sizes)[:, 0]
 
 
 def prefix_prior(train_targets: np.ndarray, codes0: np.ndarray, n_codes: int) -> np.ndarray:

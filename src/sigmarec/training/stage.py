@@ -3,7 +3,6 @@ frozen ID tower and grounded text embeddings, and train it with the accelerate l
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, ClassVar
@@ -15,14 +14,13 @@ from sigmarec.core.atomic import write_json
 from sigmarec.core.stage import Stage, StageContext
 from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
+from sigmarec.grounding.artifacts import UNGROUNDED_FILE, load_item_features
 from sigmarec.model.batch import SFTExample, gate_task_id
-from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
 from sigmarec.tasks.channels import ExampleContext, active_channels, collated_channels
-from sigmarec.tasks.config import TasksConfig
-from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.sft_data import render_prompt
-from sigmarec.tasks.text_match import InstructionMatcher, season_tags
+from sigmarec.tasks.text_match import InstructionMatcher, data_matcher
+from sigmarec.tokenization.artifacts import load_vocab
 from sigmarec.tokenization.hybrid import HybridVocab
 from sigmarec.training.diagnostics import (
     decode_diagnostics,
@@ -35,32 +33,11 @@ from sigmarec.training.loop import train_sigma
 log = logging.getLogger("sigmarec")
 
 
-def load_item_features(ctx: StageContext) -> dict[str, np.ndarray]:
-    """Frozen item features for ProjFuse: the SASRec ID tower and the text space that the
-    tokenizer quantised (grounded, or ungrounded for the ablation)."""
-    emb = ctx.config.tokenization.embedding
-    text_file = "v_text.npy" if emb == "grounded" else "v_text_ungrounded.npy"
-    feats = {"text": np.load(ctx.input("grounding") / text_file)}
-    id_path = ctx.input("baselines") / "item_embeddings.npy"
-    if id_path.is_file():
-        feats["id"] = np.load(id_path)
-    else:
-        log.info("training: no ID tower (%s); ProjFuse uses text embeddings only", id_path)
-    return feats
-
-
-def load_vocab(ctx: StageContext) -> tuple[HybridVocab, np.ndarray]:
-    meta = json.loads((ctx.input("tokenization") / "vocab.json").read_text())
-    vocab = HybridVocab(codebook_sizes=meta["prefix_codebook_sizes"],
-                        query_token=meta["query_token"])
-    return vocab, np.load(ctx.input("tokenization") / "item_prefix.npy")
-
-
 def prefix_text_states(ctx: StageContext, vocab: HybridVocab, hidden: int) -> list[np.ndarray]:
     """Per prefix level, the mean untrained-backbone text state of the items with each code."""
     from sigmarec.tokenization.semantic_ids import SemanticIds
 
-    path = ctx.input("grounding") / "v_text_ungrounded.npy"
+    path = ctx.input("grounding") / UNGROUNDED_FILE
     if not path.is_file():
         raise StageError(f"{path}: missing; model.prefix_init item_text needs the grounding "
                          "stage's ungrounded text states (or set model.prefix_init: shared)")
@@ -87,32 +64,6 @@ def _task_id(row: Any, required: bool) -> int:
                              "the prompt rows have no task column")
         return -1
     return gate_task_id(task) if required else -1
-
-
-def text_matcher(cfg: ModelConfig, items: pd.DataFrame,
-                 resources: TaskResources | None = None) -> InstructionMatcher | None:
-    """The instruction matcher a model with ``cfg.text_match`` reads, fitted on ``items`` (the
-    catalogue the model ranks; with ``cfg.text_match_tags`` also on the seasons of
-    ``resources``, the task resources of the training data); None without the channel."""
-    if not cfg.text_match:
-        return None
-    tags = None
-    if cfg.text_match_tags:
-        if resources is None:
-            raise ValueError("this model's text match carries season tags "
-                             "(model.text_match_tags): pass text_matcher(cfg.model, items, "
-                             "build_resources(data, cfg.tasks))")
-        tags = season_tags(resources, len(items))
-    return InstructionMatcher.from_items(items, cfg.text_match_items, cfg.text_match_min, tags)
-
-
-def data_matcher(cfg: ModelConfig, data: ProcessedData, tasks: TasksConfig,
-                 items: pd.DataFrame | None = None) -> InstructionMatcher | None:
-    """:func:`text_matcher` over ``data``'s catalogue (or ``items``, a served catalogue that
-    extends it), with the season tags of ``data``'s training window where the model reads
-    them (``tasks``: the run's task config, which defines the seasons)."""
-    res = build_resources(data, tasks) if cfg.text_match and cfg.text_match_tags else None
-    return text_matcher(cfg, data.items if items is None else items, res)
 
 
 def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
@@ -155,8 +106,9 @@ class TrainingStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = ctx.config
-        vocab, item_prefix = load_vocab(ctx)
-        feats = load_item_features(ctx)
+        vocab, item_prefix = load_vocab(ctx.input("tokenization"))
+        feats = load_item_features(ctx.input("grounding"), ctx.input("baselines"),
+                                   cfg.tokenization.embedding)
         model, facts = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
         if cfg.model.prefix_init == "item_text":
             model.init_prefix_rows(prefix_text_states(ctx, vocab, model.hidden))

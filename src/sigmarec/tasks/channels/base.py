@@ -8,9 +8,9 @@ prompt tables carries them, how the collator checks them and how the model scale
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
     from sigmarec.tasks.config import TasksConfig
     from sigmarec.tasks.resources import TaskResources
-    from sigmarec.tasks.text_match import InstructionMatcher
 
 # history: listed from the household's whole history before the cut (a prompt-table column);
 # instruction: listed from the instruction's words when the examples are built;
@@ -30,6 +29,17 @@ Lists = tuple[tuple[int, ...], tuple[float, ...]]
 Lister = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+class Matcher(Protocol):
+    """What the instruction channels read of :class:`sigmarec.tasks.text_match.
+    InstructionMatcher` (named by shape: the matcher's module reads the prompt templates, which
+    read the channels)."""
+
+    n_items: int
+
+    def match(self, instructions: Sequence[str], prefer: Sequence[Sequence[int]] | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+
 @dataclass
 class ExampleContext:
     """What a channel may read while the examples of a prompt table are built: the model's
@@ -37,7 +47,7 @@ class ExampleContext:
     it, by name."""
 
     model_cfg: Any
-    matcher: InstructionMatcher | None
+    matcher: Matcher | None
     lists: dict[str, list[Lists]]
 
 
