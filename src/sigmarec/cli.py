@@ -295,7 +295,8 @@ def experiment_compare(
     seeds: Annotated[str, typer.Option(help="seeds of the main runs")] = "0,1,2",
     ablations: Annotated[str, typer.Option(
         help="comma-separated variants of sigmarec.experiment.ABLATIONS (e.g. no_grounding, "
-             "two_level, no_frequent, no_task_gates, dense, align, paper_objective; "
+             "two_level, no_frequent, no_task_gates, dense, align, paper_objective, and the "
+             "backbone ablated: no_llm (zero layers), frozen_llm (no LoRA); "
              "docs/generation.md lists them), or empty; one that changes nothing in the "
              "config is refused")] = (
         "no_grounding,two_level"),

@@ -19,6 +19,11 @@ Every variant is a config overlay, never a code path of its own:
   ``batch_negatives`` (sampled instead of whole-catalogue InfoNCE): one part of the
   sample-efficient SFT objective off; ``no_copy_scale``: the copy term at its trained weight
   in fusion; ``paper_objective``: all of it off.
+* ``no_llm``: the transformer layers removed (``model.backbone_layers = 0``, backbone frozen):
+  the token and item embeddings go straight to the final norm, the heads and the copy gates,
+  so only the copy prior, the heads, ProjFuse, the new token rows and the gate offsets learn.
+* ``frozen_llm``: the pretrained layers kept but not fine-tuned (``model.finetune = frozen``,
+  no LoRA), everything else trained as usual: what the SFT of the backbone adds.
 
 An ablation run shares the main run's data, baselines and grounding stages (linked, not
 recomputed: its config does not change them) and retrains from tokenization on. The run list
@@ -68,6 +73,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_task_gates": {"model": {"task_gates": False}},
     "no_copy_scale": {"generation": {"copy_scale_grid": []}},
     "batch_negatives": {"model": {"infonce_negatives": "batch"}},
+    # The backbone itself (issue 27): what the LLM adds beyond the copy prior and the heads.
+    # Removing the layers leaves LoRA nothing to adapt, so no_llm freezes what is left (the
+    # embedding matrix and final norm; the new token rows are separate parameters and train).
+    "no_llm": {"model": {"backbone_layers": 0, "finetune": "frozen"}},
+    "frozen_llm": {"model": {"finetune": "frozen"}},
     "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
                                   "prefix_init": "shared", "repeat_aware": False,
                                   **_CHANNELS_OFF, "task_gates": False,

@@ -439,7 +439,12 @@ def build_sigma_model(
     from sigmarec.backbone.loading import load_backbone
 
     backbone, tokenizer, facts = load_backbone(backbone_cfg)
-    return SigmaModel(backbone, tokenizer, vocab, item_features, item_prefix, model_cfg), facts
+    model = SigmaModel(backbone, tokenizer, vocab, item_features, item_prefix, model_cfg)
+    # What the model reads of the loaded backbone (model.backbone_layers may cut it further).
+    facts["model_layers"] = (facts["layers_kept"] if model_cfg.backbone_layers is None
+                             else model_cfg.backbone_layers)
+    facts["finetune"] = model_cfg.finetune
+    return model, facts
 
 
 def load_sigma_model(
