@@ -161,22 +161,21 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
     )
 
 
-def truncate_layers(model: nn.Module, num_layers: int,
-                    field: str = "backbone.num_layers") -> tuple[int, int]:
+def truncate_layers(model: nn.Module, num_layers: int, field: str = "backbone.num_layers",
+                    least: int = 1) -> tuple[int, int]:
     """Keep only the first ``num_layers`` decoder blocks, in place; returns (kept, total).
 
     The config is updated too (``num_hidden_layers``, ``layer_types``), since the KV cache and
-    the attention masks are built from it. Zero layers is allowed (the SIGMA model's no_llm
-    ablation: embeddings straight into the final norm; the KV cache then has no layers);
-    ``field`` names the setting in the error.
+    the attention masks are built from it. ``least = 0`` allows zero layers (the SIGMA
+    model's no_llm ablation: embeddings straight into the final norm; the KV cache then has no
+    layers); ``field`` names the setting in the error.
     """
     parent, attr = find_decoder_layers(model)
     layers = getattr(parent, attr)
     total = len(layers)
-    if not 0 <= num_layers <= total:
+    if not least <= num_layers <= total:
         raise ConfigError(
-            f"{field} must be between {int(field == 'backbone.num_layers')} and {total} for this "
-            f"model, got {num_layers}"
+            f"{field} must be between {least} and {total} for this model, got {num_layers}"
         )
     if num_layers < total:
         setattr(parent, attr, nn.ModuleList(list(layers)[:num_layers]))

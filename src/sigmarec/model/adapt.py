@@ -20,7 +20,8 @@ def adapt_backbone(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
         # The cut is the model's (the grounding stage reads the whole loaded backbone), so it
         # happens here, where SIGMA and the GR baselines both pass, and again on every load of
         # a checkpoint (its meta holds this config).
-        truncate_layers(backbone, cfg.backbone_layers, field="model.backbone_layers")
+        truncate_layers(backbone, cfg.backbone_layers, field="model.backbone_layers",
+                        least=0)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works although only inputs_embeds (not the weights) need grads.
         kw = {"use_reentrant": False}
