@@ -4,12 +4,15 @@ the same adaptation for the comparison to be fair)."""
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 
 from torch import nn
 
 from sigmarec.backbone.loading import truncate_layers
 from sigmarec.model.config import ModelConfig
+
+log = logging.getLogger("sigmarec")
 
 
 def adapt_backbone(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -20,8 +23,10 @@ def adapt_backbone(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
         # The cut is the model's (the grounding stage reads the whole loaded backbone), so it
         # happens here, where SIGMA and the GR baselines both pass, and again on every load of
         # a checkpoint (its meta holds this config).
-        truncate_layers(backbone, cfg.backbone_layers, field="model.backbone_layers",
-                        least=0)
+        kept, total = truncate_layers(backbone, cfg.backbone_layers,
+                                      field="model.backbone_layers", least=0)
+        log.info("model: the backbone cut to %d of its %d layers (model.backbone_layers)",
+                 kept, total)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works although only inputs_embeds (not the weights) need grads.
         kw = {"use_reentrant": False}
