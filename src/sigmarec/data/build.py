@@ -141,9 +141,10 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
     inter["user_idx"] = pd.Index(user_ids).get_indexer(inter["user_id"])
     inter = inter.sort_values(["user_idx"], kind="stable").reset_index(drop=True)
     inter["pos"] = inter.groupby("user_idx", sort=False).cumcount()
-    inter["basket"] = inter.groupby("user_idx", sort=False)["basket_id"].transform(
-        lambda s: pd.factorize(s)[0]
-    )
+    # Baskets numbered per user in order of first appearance (users' rows are contiguous, so a
+    # global first-appearance numbering minus the user's first number; no per-user Python call).
+    ngroup = inter.groupby(["user_idx", "basket_id"], sort=False).ngroup()
+    inter["basket"] = ngroup - ngroup.groupby(inter["user_idx"]).transform("min")
     if cfg.split.kind == "leave_one_out":
         inter = assign_leave_one_out(inter)
     inter_full = inter  # still has user_id / basket_id, for mapping held-out purchases
