@@ -81,6 +81,9 @@ def test_leave_one_out_on_sequences(tmp_path: Path) -> None:
     items = data.items.set_index("item_idx")["item_id"]
     assert list(rows["split"]) == ["train", "train", "train", "valid", "test"]
     assert list(items.loc[rows["item_idx"]]) == ["i2", "i3", "i5", "i1", "i4"]
+    train = data.train_sequences()
+    assert len(train) == 3 and list(items.loc[train[u2]]) == ["i2", "i3", "i5"]
+    assert [len(s) for s in train] == [2, 3, 1]  # u1, u2, u3: all but the last two
     # Every user is evaluated once per split.
     assert (data.instances.groupby("split").size() == 3).all()
     text = data.items.set_index("item_id").loc["i4", "text"]
