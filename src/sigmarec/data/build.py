@@ -103,6 +103,8 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
     inter = _dedupe(inter)
 
     info: dict[str, Any] = {"dataset": ds.name, "split": cfg.split.kind, "raw": raw_counts}
+    if not ds.has_dates:
+        info["timestamps"] = "synthetic (order within a user only; no dates)"
     if cfg.split.kind == "temporal":
         inter, bounds = assign_temporal(inter, cfg.split)
         info.update(bounds)

@@ -284,4 +284,5 @@ def load(cfg: DataConfig) -> Dataset:
     users = pd.DataFrame({"user_id": pd.Series([], dtype="str")})
     return Dataset(src.name, items, inter, users, item_source=item_src,
                    interaction_source=str(seq_path),
-                   user_source="users (a sequence file has no user profiles)")
+                   user_source="users (a sequence file has no user profiles)",
+                   has_dates=False)
