@@ -49,7 +49,7 @@ def main() -> None:
             model_dir = run / "baselines" / "models" / name
             if args.exclude_seen and (model_dir / "model.pt").is_file():
                 model = SASRecRecommender.load(model_dir)
-                ranked = rank_instances(model, data, inst, top=10, exclude_seen=True)  # copies h
+                ranked = rank_instances(model, data, inst, top=10, exclude_seen=True)
                 rows.append({"run": str(run), **row(name + " (seen excluded)", ranked, inst)})
     print(pd.DataFrame(rows).to_markdown(index=False))
 
