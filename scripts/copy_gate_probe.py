@@ -16,29 +16,21 @@ import torch
 
 from sigmarec.config import load_config
 from sigmarec.data.processed import ProcessedData
+from sigmarec.generation.run_model import model_dir, read_run_inputs
 from sigmarec.model.sigma import load_sigma_model
+from sigmarec.tasks.text_match import data_matcher
 from sigmarec.training.diagnostics import decode_diagnostics
-from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
+from sigmarec.training.stage import to_examples
 
 KEYS = ("valid_prefix_ntp", "prefix_hit@10", "valid_hr10", "in_prefix_hit@10",
         "valid_hr10_JustForYou")
 
 
-class _Inputs:
-    """The two attributes of a StageContext that the training stage's loaders read."""
-
-    def __init__(self, run: Path, cfg) -> None:
-        self.run, self.config = run, cfg
-
-    def input(self, name: str) -> Path:
-        return self.run / name
-
-
 def main(run: Path, offsets: list[str]) -> None:
     cfg = load_config("default", overrides=["model.repeat_aware=true"])
-    ctx = _Inputs(run, cfg)
-    vocab, item_prefix = load_vocab(ctx)
-    model = load_sigma_model(run / "training" / "model", cfg.backbone, load_item_features(ctx),
+    inputs = read_run_inputs(run)
+    vocab, item_prefix = inputs.vocab, inputs.item_prefix
+    model = load_sigma_model(model_dir(run), inputs.config.backbone, inputs.item_features,
                              item_prefix)
     valid = pd.read_parquet(run / "tasks" / "valid.parquet")
     # The training stage's subset: same seed, same stratification by task.
@@ -49,7 +41,7 @@ def main(run: Path, offsets: list[str]) -> None:
                            for _, ix in sorted(groups.items())])
     sub = valid.iloc[np.sort(keep)]
     data = ProcessedData.load(run / "data")
-    matcher = data_matcher(model.cfg, data, cfg.tasks)
+    matcher = data_matcher(model.cfg, data, inputs.config.tasks)
     examples = to_examples(sub, model, vocab, item_prefix, with_target=False, matcher=matcher)
     targets = [np.asarray(t) for t in sub["targets"]]
     base = model.repeat.proj.bias.detach().clone()

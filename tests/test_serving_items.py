@@ -25,16 +25,8 @@ from sigmarec.errors import DataError
 from sigmarec.serving import catalog
 from sigmarec.serving.catalog import CatalogError, load_overlay
 from sigmarec.serving.config import NewItemsConfig
-from sigmarec.serving.items import (
-    PAUSE_ENV,
-    ItemSpace,
-    add_frame,
-    add_items,
-    add_to_loaded,
-    apply_overlay,
-    load_model_with_items,
-    read_new_items,
-)
+from sigmarec.serving.items import PAUSE_ENV, ItemSpace, add_frame, add_items, read_new_items
+from sigmarec.serving.overlay import add_to_loaded, apply_overlay, load_model_with_items
 
 WEEKS = 4
 ITEM_COLS = ["item_id", "title", "category_path", "brand", "attributes"]
@@ -61,16 +53,15 @@ def run(hold_run: tuple[object, Path], tmp_path: Path) -> tuple[object, Path]:
 
 @pytest.fixture(scope="module")
 def model_and_decoder(hold_run: tuple[object, Path]):  # noqa: ANN201
-    from sigmarec.core.stage import StageContext
     from sigmarec.generation.decode import SigmaDecoder
+    from sigmarec.grounding.artifacts import load_item_features
     from sigmarec.model.sigma import load_sigma_model
-    from sigmarec.training.stage import load_item_features, load_vocab
+    from sigmarec.tokenization.artifacts import load_vocab
 
     cfg, run_dir = hold_run
-    ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
-                       inputs={s: run_dir / s for s in ("baselines", "grounding", "tokenization")})
-    _, prefix = load_vocab(ctx)
-    feats = load_item_features(ctx)
+    _, prefix = load_vocab(run_dir / "tokenization")
+    feats = load_item_features(run_dir / "grounding", run_dir / "baselines",
+                               cfg.tokenization.embedding)
     return feats, prefix, lambda: (lambda m: (m, SigmaDecoder(m, 4, 8)))(
         load_sigma_model(run_dir / "training" / "model", cfg.backbone, feats, prefix))
 
@@ -227,8 +218,9 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     scores, found = decoder.index.search(overlay.item_vectors[:3], overlay.prefix[:3], 1)
     assert found[:, 0].tolist() == ids[:3].tolist()
     # And the three-step decoder can return only new items when a filter asks for them.
-    from sigmarec.serving.items import extend_items
-    from sigmarec.training.stage import data_matcher, to_examples
+    from sigmarec.serving.overlay import extend_items
+    from sigmarec.tasks.text_match import data_matcher
+    from sigmarec.training.stage import to_examples
 
     prompt = pd.DataFrame([{"targets": np.array([0]), "history": np.array([1, 2, n]),
                             "frequent": np.array([], dtype=np.int64), "instruction": "anything",
@@ -246,7 +238,7 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     assert (items[0] >= n).all()
 
     # The runtime's contract: parts extended before the model is built; the same soft tokens.
-    from sigmarec.serving.runtime import RuntimeParts
+    from sigmarec.serving.overlay import RuntimeParts
 
     data = ProcessedData.load(run_dir / "data")
     parts = RuntimeParts(data=data, item_features=feats, item_prefix=prefix, n_trained_items=n)
@@ -355,7 +347,8 @@ def test_coldstart_bench(run: tuple[object, Path]) -> None:
 
 def test_runtime_serves_added_items(run: tuple[object, Path]) -> None:
     """Wired into the serving runtime: after `items add` the new items are recommendable."""
-    from sigmarec.serving.runtime import RecRequest, Runtime
+    from sigmarec.serving.request import RecRequest
+    from sigmarec.serving.runtime import Runtime
 
     cfg, run_dir = run
     overlay = add_frame(run_dir, ItemSpace(run_dir), _held_items(run_dir, 5), "new",
@@ -386,3 +379,28 @@ def test_holdout_derived_for_a_run_trained_without_it(hold_run: tuple[object, Pa
     assert data.info["holdout"]["derived"]
     with pytest.raises(SigmaError, match="some stage trained on them"):
         derive_holdout(ProcessedData.load(run_dir / "data"), plain, 20, "run")
+
+
+def test_items_add_shows_prefixes_as_tokens(run: tuple[object, Path], tmp_path: Path) -> None:
+    # `<a_11>` as prompts, serving and the docs write a prefix; the flat id only as prefix_id.
+    import re
+
+    from typer.testing import CliRunner
+
+    from sigmarec.cli import app
+
+    _, run_dir = run
+    _held_items(run_dir, 2).to_parquet(tmp_path / "two.parquet")
+    _held_items(run_dir).iloc[2:4].to_parquet(tmp_path / "two_more.parquet")
+    args = ["items", "add", "-p", "tiny", "-o", str(run_dir)]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "two.parquet"), "--json"])
+    assert res.exit_code == 0, res.output
+    added = json.loads(res.stdout)["added"]
+    sizes = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
+    for row in added:
+        assert re.fullmatch(r"(<[a-z]_\d+>)+", row["prefix"]), row
+        assert row["prefix"].count("<") == len(sizes["prefix_codebook_sizes"])
+        assert isinstance(row["prefix_id"], int)
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "two_more.parquet")])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"<a_\d+>", res.stdout)

@@ -32,7 +32,8 @@ from sigmarec.serving.nearline import (
     open_kv,
     run_nearline,
 )
-from sigmarec.serving.runtime import RecRequest, Runtime
+from sigmarec.serving.request import RecRequest
+from sigmarec.serving.runtime import Runtime
 from sigmarec.serving.store import SQLiteStore, StoreError, U2IRow, open_store
 from sigmarec.tasks.sft_data import prompt_columns
 from sigmarec.training.stage import to_examples
@@ -177,7 +178,7 @@ def _prompts(rt: Runtime, users: list[int], extra: dict[int, list[int]] | None =
     hist = [np.concatenate([r.history, np.asarray(extra.get(u, []), dtype=np.int64)])
             for u, r in zip(users, base, strict=True)]
     st = rt._state
-    cols = [prompt_columns(h, tc, st.novelty) for h in hist]
+    cols = [prompt_columns(h, tc, st.listers) for h in hist]
     df = pd.DataFrame({
         **{k: [c[k] for c in cols] for k in cols[0]},
         "profile": [r.profile for r in base],
@@ -244,10 +245,7 @@ def test_kv_reuse_with_a_repeat_aware_model(served):
     model = copy.deepcopy(rt._state.model)
     # The tiny profile's model also reads purchase counts, text matches, rarities and novelty
     # lists (twelve gates): their update is exact too.
-    model.repeat = RepeatGate(model.hidden, 1.0, n_gates(model.cfg.repeat_counts,
-                                                         model.cfg.text_match,
-                                                         model.cfg.repeat_rarity,
-                                                         model.cfg.novelty))
+    model.repeat = RepeatGate(model.hidden, 1.0, n_gates(model.cfg))
     torch.nn.init.normal_(model.repeat.proj.weight, std=0.5)
     decoder = copy.copy(rt._state.decoder)
     decoder.model = model

@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sigmarec.serving.events import EVENT_COLUMNS, events_dir
-from sigmarec.serving.runtime import RecRequest, RequestError, Resolved, Runtime
+from sigmarec.serving.request import RecRequest, RequestError, Resolved
+from sigmarec.serving.runtime import Runtime
 from sigmarec.tasks.sft_data import most_bought, purchase_counts
 from sigmarec.tasks.text import profile_text
 
@@ -50,8 +51,8 @@ def test_same_prompt_gives_the_generation_stage_ranking(served):
     ex = rt._examples(resolved)
     for e, r in zip(ex, rows.itertuples(), strict=True):
         assert e.item_ids == [*map(int, r.frequent), *map(int, r.history)]
-        assert e.count_items == tuple(map(int, r.count_items))
-        assert e.count_values == tuple(map(int, r.count_values))
+        assert e.channel("counts")[0] == tuple(map(int, r.count_items))
+        assert e.channel("counts")[1] == tuple(map(int, r.count_values))
     for r, got in zip(rows.itertuples(), rt.rank(resolved), strict=True):
         want = gen.loc[r.instance_id]
         assert [rt.item_idx(x.item_id) for x in got] == list(want["items"][:10]), r.task
@@ -119,7 +120,25 @@ def test_known_user_gets_the_whole_history_and_profile(served):
     assert ex.item_ids == [*map(int, freq), *map(int, full[-tc.history_len:])]
     assert ex.n_context == len(freq)
     counted, counts = purchase_counts(full, tc.count_items)
-    assert ex.count_items == tuple(counted.tolist()) and ex.count_values == tuple(counts.tolist())
+    assert ex.channel("counts") == (tuple(counted.tolist()), tuple(counts.tolist()))
+
+
+def test_prompts_follow_the_runs_tasks_config_not_the_command_line(served):
+    # A `--set tasks.*` at serve time must not change the prompts the model was trained on.
+    from sigmarec.config import load_config
+
+    cfg, run_dir, rt = served
+    other = load_config("tiny", overrides=["tasks.history_len=2", "tasks.frequent_items=1"])
+    rt2 = Runtime.load(run_dir, other)
+    u = int(np.argmax([len(rt.data.sequence(i)) for i in range(rt.data.n_users)]))
+    req = RecRequest(user_id=_user(rt, u))
+    (ex,) = rt.prompt_examples([req])
+    (ex2,) = rt2.prompt_examples([req])
+    assert len(ex.item_ids) > other.tasks.history_len + other.tasks.frequent_items
+    assert ex2.input_ids == ex.input_ids and ex2.item_ids == ex.item_ids
+    assert rt2.run_config.tasks == cfg.tasks and rt2.cfg.tasks.history_len == 2
+    assert [i.item_id for i in rt2.recommend([req])[0]] == [
+        i.item_id for i in rt.recommend([req])[0]]
 
 
 def test_explicit_history_and_profile(served):
@@ -196,6 +215,25 @@ def test_instruction_is_mapped_onto_a_task_and_used_as_written(served):
     assert r.params["category"] == "COLD CEREAL" and "cold cereal" in r.instruction
 
 
+def test_category_task_takes_what_the_category_filter_takes(served):
+    # A deeper category (or a path) is asked as its level's category and filtered to itself;
+    # a broader one is refused with the level the task takes.
+    _, _, rt = served
+    u = _user(rt)
+    r = rt.resolve(RecRequest(user_id=u, task="Category", category="KIDS CEREAL", k=3))
+    assert r.task == "Category" and r.params == {"category": "COLD CEREAL", "level": 1}
+    assert r.allow is not None and r.allow.any()
+    paths = rt.data.items["category_path"].astype(str).to_numpy()
+    assert all(p.endswith("KIDS CEREAL") for p in paths[r.allow])
+    got = rt.rank([r])[0]
+    assert len(got) == 3 and all(_category_of(rt, i.item_id).endswith("KIDS CEREAL") for i in got)
+    r = rt.resolve(RecRequest(user_id=u, task="Category", category="grocery > cold cereal"))
+    assert r.params["category"] == "COLD CEREAL"
+    with pytest.raises(RequestError, match=r"path level 1 \(tasks.category_level") as e:
+        rt.resolve(RecRequest(user_id=u, task="Category", category="GROCERY"))
+    assert e.value.field == "category"
+
+
 def _category_of(rt: Runtime, item_id: str) -> str:
     return str(rt.data.items["category_path"].iloc[rt.item_idx(item_id)])
 
@@ -230,7 +268,7 @@ def test_sigma_requests_share_one_decoder_call(served, monkeypatch):
     real = decoder.candidates
 
     def counted(batch, n, allow_mask=None):
-        calls.append(batch["input_ids"].shape[0])
+        calls.append(batch.input_ids.shape[0])
         return real(batch, n, allow_mask)
 
     monkeypatch.setattr(decoder, "candidates", counted)
@@ -324,3 +362,30 @@ def test_sigma_recommend_bad_input(served, args, field):
     assert isinstance(r.exception, RequestError), r.output
     assert r.exception.field == field
 
+
+
+def test_served_sigma_score_is_what_the_docs_say(served):
+    # Joint fusion (the default, and tiny's): log P(prefix | T) + in-prefix score / tau, an
+    # unnormalised log-score (docs/serving.md), not the log-probability log P(item | T).
+    from pathlib import Path
+
+    _, _, rt = served
+    choice = rt.fusion
+    assert choice.mode == "joint"
+    req = RecRequest(user_id=_user(rt, 2), k=5)
+    r = rt.resolve(req)
+    (ex,) = rt.prompt_examples([req])
+    n = max(rt.cfg.eval.top_n, r.k)
+    cands = rt.decoder.candidates(rt.decoder.batch([ex]), n)
+    tau, scale = choice.per_task.get(r.task, (choice.tau, choice.copy_scale))
+    where = {int(i): (k, m) for k, row in enumerate(cands.items[0]) for m, i in enumerate(row)
+             if i >= 0}
+    got = rt.rank([r])[0]
+    assert len(got) == 5
+    for item in got:
+        k, m = where[rt.item_idx(item.item_id)]
+        want = cands.prefix_logp[0, k] + cands.scores(scale)[0, k, m] / tau
+        assert item.score == pytest.approx(want, rel=1e-9, abs=1e-9)
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    assert "`log P(prefix | T) + s / τ`" in doc and "fused log-probability `log P(item | T)`;" \
+        not in doc

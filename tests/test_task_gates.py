@@ -116,9 +116,7 @@ def test_task_offsets_in_the_label_ntp_and_the_catalogue_softmax() -> None:
 @pytest.mark.parametrize("sizes", [[4], [2, 2]])
 def test_decoder_with_task_offsets_equals_the_reference(sizes) -> None:
     model, exs = decoder_model_and_examples(
-        sizes, 5, lambda i: {"count_items": COUNTS[i][0], "count_values": COUNTS[i][1],
-                             "novel_items": NOVEL[i][0], "novel_values": NOVEL[i][1],
-                             "task_id": TASKS[i]},
+        sizes, 5, lambda i: {"counts": COUNTS[i], "novelty": NOVEL[i], "task_id": TASKS[i]},
         prepare=_offsets, repeat_counts=True, novelty=True, task_gates=True)
     assert_decoder_matches_reference(model, exs)
 
@@ -156,10 +154,10 @@ def test_task_offsets_let_each_task_read_its_own_channel() -> None:
             new = s % 2 == 1
             out.append(dataclasses.replace(
                 _example(model, [], hist, novel[0] if new else counted[0]),
-                count_items=tuple(counted), count_values=(int(rng.integers(5, 9)), 2, 1),
-                novel_items=tuple(novel),
-                novel_values=(1.0, *np.sort(rng.uniform(0.2, 0.6, 3))[::-1].tolist()),
-                task_id=discover if new else jfy))
+                task_id=discover if new else jfy).with_lists(
+                counts=(tuple(counted), (int(rng.integers(5, 9)), 2, 1)),
+                novelty=(tuple(novel),
+                         (1.0, *np.sort(rng.uniform(0.2, 0.6, 3))[::-1].tolist()))))
         return out
 
     # 40 steps: the offsets (zero at the start) need the gate rate above its default to get

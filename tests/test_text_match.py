@@ -9,7 +9,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -138,7 +137,8 @@ def test_bought_first_keeps_the_households_matches_then_the_best_others(words, t
 
 
 def test_to_examples_keeps_the_households_matches_and_needs_tags_resources() -> None:
-    from sigmarec.training.stage import text_matcher, to_examples
+    from sigmarec.tasks.text_match import text_matcher
+    from sigmarec.training.stage import to_examples
 
     model = _randomised(repeat_counts=True, text_match=True, text_match_bought_first=True,
                         text_match_items=1)
@@ -155,7 +155,7 @@ def test_to_examples_keeps_the_households_matches_and_needs_tags_resources() -> 
                       matcher=matcher)
     # One item kept: the household's best match (9 and 4 match equally: the lower id), and for
     # a household without purchases the best match overall (the lowest id of cosine 1).
-    assert exs[0].match_items == (4,) and exs[1].match_items == (1,)
+    assert exs[0].channel("text_match")[0] == (4,) and exs[1].channel("text_match")[0] == (1,)
     tagged = model.cfg.model_copy(update={"text_match_tags": True})
     with pytest.raises(ValueError, match="text_match_tags"):
         text_matcher(tagged, items)
@@ -167,15 +167,13 @@ MATCHES = [((25, 7), (0.9, 0.4)), ((26, 2, 19), (1.0, 0.6, 0.2)), ((), ()), ((27
 
 
 def _count_and_match(i: int) -> dict:
-    """Example i's purchase counts and text matches, as SFTExample fields."""
-    return {"count_items": COUNTS[i][0], "count_values": COUNTS[i][1],
-            "match_items": MATCHES[i][0], "match_values": MATCHES[i][1]}
+    """Example i's purchase counts and text matches, as SFTExample lists by channel."""
+    return {"counts": COUNTS[i], "text_match": MATCHES[i]}
 
 
 def _match_batch(model):
     ex, _ = _batch(model)
-    ex = [dataclasses.replace(e, count_items=ci, count_values=cv, match_items=mi, match_values=mv)
-          for e, (ci, cv), (mi, mv) in zip(ex, COUNTS, MATCHES, strict=True)]
+    ex = [e.with_lists(counts=c, text_match=m) for e, c, m in zip(ex, COUNTS, MATCHES, strict=True)]
     return ex, model.collator(hard_negatives=3)(ex, rng=np.random.default_rng(0))
 
 
@@ -185,9 +183,9 @@ def test_collator_pads_matches_and_checks_them() -> None:
     assert b["match_items"].shape == (4, 3) and b["match_items"][2].tolist() == [-1] * 3
     assert b["match_values"][0].tolist() == pytest.approx([0.9, 0.4, 0.0])
     with pytest.raises(ValueError, match="2 match_items but 1 match_values"):
-        model.collator()([dataclasses.replace(ex[0], match_values=(0.5,))])
+        model.collator()([ex[0].with_lists(text_match=(MATCHES[0][0], (0.5,)))])
     with pytest.raises(ValueError, match="cosines"):
-        model.collator()([dataclasses.replace(ex[0], match_values=(1.5, 0.2))])
+        model.collator()([ex[0].with_lists(text_match=(MATCHES[0][0], (1.5, 0.2)))])
     with pytest.raises(ValueError, match="match_items"):
         model(**{k: v for k, v in b.items() if not k.startswith("match_")})
     from sigmarec.model.config import ModelConfig
@@ -227,7 +225,7 @@ def test_decoder_with_text_matches_equals_the_reference(sizes) -> None:
     model, exs = decoder_model_and_examples(sizes, 7, _count_and_match, repeat_counts=True,
                                             text_match=True)
     items = assert_decoder_matches_reference(model, exs)
-    listed = {i for e in exs for i in (*e.item_ids, *e.count_items)}
+    listed = {i for e in exs for i in (*e.item_ids, *e.channel("counts")[0])}
     matched = {i for mi, _ in MATCHES for i in mi} - listed
     assert matched & set(items.ravel().tolist()), "no matched-only item was recommended"
 
@@ -243,8 +241,8 @@ def test_the_match_channel_learns_to_follow_the_instruction() -> None:
             items = rng.choice(N_ITEMS, size=7, replace=False).tolist()
             hist, named = items[:3], items[3:]
             values = (1.0, float(rng.uniform(0.3, 0.6)), 0.2, 0.1)
-            out.append(dataclasses.replace(_example(model, [], hist, named[0]),
-                                           match_items=tuple(named), match_values=values))
+            out.append(_example(model, [], hist, named[0]).with_lists(
+                text_match=(tuple(named), values)))
         return out
 
     acc = {on: _top1_after_training({"repeat_aware": True, "text_match": on}, samples,

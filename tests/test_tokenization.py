@@ -8,6 +8,7 @@ import math
 import faiss
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -364,3 +365,22 @@ def test_semantic_ids_feed_the_prefix_index() -> None:
     prefix = sids.encode(new)[:, 0]
     (item_id,) = index.add_items(new, prefix)
     assert index.search(new, prefix, 1)[1][0, 0] == item_id
+
+
+def test_flat_to_codes_inverts_prefix_ids_for_arrays_and_tensors() -> None:
+    from sigmarec.tokenization.hybrid import HybridVocab, flat_to_codes
+
+    vocab = HybridVocab([3, 4, 5])
+    codes = np.array([[a, b, c] for a in range(3) for b in range(4) for c in range(5)])
+    flat = vocab.prefix_ids(codes)
+    np.testing.assert_array_equal(flat_to_codes(flat, vocab.codebook_sizes), codes)
+    t = flat_to_codes(torch.as_tensor(flat), vocab.codebook_sizes)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.long
+    np.testing.assert_array_equal(t.numpy(), codes)
+
+
+def test_prefix_text_writes_a_flat_prefix_as_its_tokens() -> None:
+    from sigmarec.tokenization.hybrid import HybridVocab
+
+    assert HybridVocab([3, 4]).prefix_text(7) == "<a_1><b_3>"
+    assert HybridVocab([16]).prefix_text(11) == "<a_11>"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,10 +11,18 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
-from sigmarec.config import SigmaConfig, available_profiles, load_config
+from sigmarec.cli_common import (
+    ConfigOpt,
+    OutOpt,
+    ProfileOpt,
+    SetOpt,
+    command_config,
+    console,
+    run_dir_of,
+    setup_logging,
+)
 from sigmarec.errors import SigmaError
 from sigmarec.serving.cli_items import register as _serving_items
 from sigmarec.serving.cli_nearline import register as _serving_nearline
@@ -40,39 +47,6 @@ app.add_typer(exp_app, name="experiment")
 # Serving commands live beside their code; each module adds its own.
 for _register in (_serving_recommend, _serving_nearline, _serving_items):
     _register(app)
-# Piped output (CI logs, `| tee`) gets a width that fits the results tables.
-console = Console(width=None if sys.stdout.isatty() else 150)
-
-ConfigOpt = Annotated[
-    list[Path] | None,
-    typer.Option("--config", "-c", help="YAML file(s) layered over the profile, in order."),
-]
-ProfileOpt = Annotated[
-    str, typer.Option("--profile", "-p", help=f"named profile: {', '.join(available_profiles())}")
-]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. seed=1")]
-OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="run directory (default runs/<profile>)")
-]
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-        force=True,
-    )
-    # accelerate logs every checkpoint file at INFO; keep the run log readable
-    logging.getLogger("accelerate").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-def _config(profile: str, config: list[Path] | None, sets: list[str] | None) -> SigmaConfig:
-    return load_config(profile, files=config, overrides=sets)
-
-
-def _run_dir(out: Path | None, cfg: SigmaConfig) -> Path:
-    return out if out is not None else Path("runs") / cfg.profile
 
 
 @app.command()
@@ -93,9 +67,9 @@ def run(
     """Run every stage into the run directory, skipping stages that are up to date."""
     from sigmarec.pipeline import run_pipeline
 
-    _setup_logging(verbose)
-    cfg = _config(profile, config, sets)
-    run_dir = _run_dir(out, cfg)
+    setup_logging(verbose)
+    cfg = command_config(profile, config, sets)
+    run_dir = run_dir_of(out, cfg)
     manifests = run_pipeline(cfg, run_dir, force=force, until=until, only=only)
     _print_stage_table(manifests)
     metrics = run_dir / "evaluation" / "metrics.json"
@@ -130,9 +104,9 @@ def status(
     """Show which stages of a run directory are fresh, stale or missing."""
     from sigmarec.pipeline import status as pipeline_status
 
-    cfg = _config(profile, config, sets)
-    rows = pipeline_status(cfg, _run_dir(out, cfg))
-    t = Table(title=str(_run_dir(out, cfg)))
+    cfg = command_config(profile, config, sets)
+    rows = pipeline_status(cfg, run_dir_of(out, cfg))
+    t = Table(title=str(run_dir_of(out, cfg)))
     for col in ("stage", "state", "wall time (s)", "peak memory (MiB)"):
         t.add_column(col)
     for r in rows:
@@ -151,8 +125,8 @@ def results(
 ) -> None:
     """Print the metrics table of a finished run."""
 
-    cfg = _config(profile, config, sets)
-    path = _run_dir(out, cfg) / "evaluation" / "metrics.json"
+    cfg = command_config(profile, config, sets)
+    path = run_dir_of(out, cfg) / "evaluation" / "metrics.json"
     if not path.is_file():
         raise SigmaError(f"{path}: no metrics yet; run `sigma run` first")
     _print_metrics(path.parent)
@@ -175,13 +149,13 @@ def _print_metrics(folder: Path) -> None:
 
 
 @app.command("config")
-def show_config(
+def showcommand_config(
     config: ConfigOpt = None, profile: ProfileOpt = "default", sets: SetOpt = None
 ) -> None:
     """Print the resolved config (defaults <- profile <- files <- --set)."""
     import yaml
 
-    cfg = _config(profile, config, sets)
+    cfg = command_config(profile, config, sets)
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
@@ -203,7 +177,7 @@ def data_stats(
     from sigmarec.data.stats import dataset_stats, format_table
 
     overrides = list(sets or []) + ([f"data.source={dataset}"] if dataset else [])
-    cfg = _config(profile, config, overrides)
+    cfg = command_config(profile, config, overrides)
     stats = dataset_stats(load_source(cfg.data))
     if as_json:
         print(json.dumps(stats, indent=2, default=str))
@@ -228,22 +202,21 @@ def sft_show(
     sets: SetOpt = None, verbose: bool = False,
 ) -> None:
     """Print decoded SFT samples (prompt with item texts in place of soft tokens, and label)."""
-    import numpy as np
     import pandas as pd
 
     from sigmarec.pipeline import run_pipeline
     from sigmarec.tasks.registry import get_task_class
     from sigmarec.tasks.sft_data import decode_sample
-    from sigmarec.tokenization.hybrid import HybridVocab
+    from sigmarec.tokenization.artifacts import load_vocab
 
     task = get_task_class(task).name  # unknown: a one-line error listing the known tasks
     if split not in ("train", "valid", "test"):
         raise SigmaError(f"--split must be train, valid or test, got {split!r}")
     if n < 1 or n > 1000:
         raise SigmaError(f"-n must be between 1 and 1000, got {n}")
-    _setup_logging(verbose)
-    cfg = _config(profile, config, sets)
-    run_dir = _run_dir(out, cfg)
+    setup_logging(verbose)
+    cfg = command_config(profile, config, sets)
+    run_dir = run_dir_of(out, cfg)
     run_pipeline(cfg, run_dir, until="tasks")
     samples = pd.read_parquet(run_dir / "tasks" / f"{split}.parquet")
     samples = samples[samples["task"] == task]
@@ -251,9 +224,7 @@ def sft_show(
         raise SigmaError(f"no {split} samples for task {task!r} in {run_dir / 'tasks'} "
                          f"(the task may be unsupported by this dataset; see its stats.json)")
     items = pd.read_parquet(run_dir / "data" / "items.parquet")
-    meta = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
-    vocab = HybridVocab(meta["prefix_codebook_sizes"], meta["query_token"])
-    prefix = np.load(run_dir / "tokenization" / "item_prefix.npy")
+    vocab, prefix = load_vocab(run_dir / "tokenization")
     for i, row in enumerate(samples.head(n).itertuples(index=False)):
         console.rule(f"{task} - {split} sample {i + 1}")
         console.print(decode_sample(row, items, vocab, prefix), markup=False, highlight=False)
@@ -268,9 +239,9 @@ def bench_grounding(config: ConfigOpt = None, profile: ProfileOpt = "default", o
 
     from sigmarec.pipeline import run_pipeline
 
-    _setup_logging(verbose)
-    cfg = _config(profile, config, sets)
-    run_dir = _run_dir(out, cfg)
+    setup_logging(verbose)
+    cfg = command_config(profile, config, sets)
+    run_dir = run_dir_of(out, cfg)
     manifests = run_pipeline(cfg, run_dir, until="grounding")
     _print_stage_table(manifests)
     table = pd.read_csv(run_dir / "grounding" / "benchmark.csv")
@@ -289,9 +260,9 @@ def evaluate(config: ConfigOpt = None, profile: ProfileOpt = "default", out: Out
     to date) and print the next-basket and instruction-task tables."""
     from sigmarec.pipeline import run_pipeline
 
-    _setup_logging(verbose)
-    cfg = _config(profile, config, sets)
-    run_dir = _run_dir(out, cfg)
+    setup_logging(verbose)
+    cfg = command_config(profile, config, sets)
+    run_dir = run_dir_of(out, cfg)
     run_pipeline(cfg, run_dir, until="evaluation")
     _print_metrics(run_dir / "evaluation")
 
@@ -303,8 +274,8 @@ def report(config: ConfigOpt = None, profile: ProfileOpt = "default", out: OutOp
     utilisation, example recommendations). For a comparison directory, over its seeds."""
     from sigmarec.evaluation.markdown import write_report
 
-    cfg = _config(profile, config, sets)
-    md = write_report(_run_dir(out, cfg))
+    cfg = command_config(profile, config, sets)
+    md = write_report(run_dir_of(out, cfg))
     console.print(f"report: {md}")
 
 
@@ -324,7 +295,8 @@ def experiment_compare(
     seeds: Annotated[str, typer.Option(help="seeds of the main runs")] = "0,1,2",
     ablations: Annotated[str, typer.Option(
         help="comma-separated variants of sigmarec.experiment.ABLATIONS (e.g. no_grounding, "
-             "two_level, no_frequent, no_task_gates, dense, align, paper_objective; "
+             "two_level, no_frequent, no_task_gates, dense, align, paper_objective, and the "
+             "backbone ablated: no_llm (zero layers), frozen_llm (no LoRA); "
              "docs/generation.md lists them), or empty; one that changes nothing in the "
              "config is refused")] = (
         "no_grounding,two_level"),
@@ -341,8 +313,8 @@ def experiment_compare(
     from sigmarec.evaluation.report import print_task_results
     from sigmarec.experiment import run_comparison
 
-    _setup_logging(verbose)
-    cfg = _config(profile, config, sets)
+    setup_logging(verbose)
+    cfg = command_config(profile, config, sets)
     out_dir = out if out is not None else Path("runs") / f"{cfg.profile}-compare"
     record = run_comparison(cfg, out_dir, _ints(seeds, "seeds"),
                             [a for a in ablations.split(",") if a.strip()],
@@ -369,9 +341,9 @@ def bench_generate_cmd(config: ConfigOpt = None, profile: ProfileOpt = "default"
 
     if users < 1 or batch_size < 1:
         raise SigmaError(f"--users ({users}) and --batch-size ({batch_size}) must be >= 1")
-    _setup_logging(verbose)
-    cfg = _config(profile, config, sets)
-    run_dir = _run_dir(out, cfg)
+    setup_logging(verbose)
+    cfg = command_config(profile, config, sets)
+    run_dir = run_dir_of(out, cfg)
     run_pipeline(cfg, run_dir, until="training")
     df = bench_generate(cfg, run_dir, users, batch_size)
     write_json(run_dir / "bench_generate.json", {"users": users, "batch_size": batch_size,
@@ -410,9 +382,9 @@ def bench_sft_cmd(config: ConfigOpt = None, profile: ProfileOpt = "default",
     if bad or not precs or steps < 2:
         raise SigmaError(f"--precisions must name no/bf16/auto (got {precisions!r}) and "
                          f"--steps must be >= 2 (got {steps})")
-    _setup_logging(verbose)
-    cfg = _config(profile, config, sets)
-    run_dir = _run_dir(out, cfg)
+    setup_logging(verbose)
+    cfg = command_config(profile, config, sets)
+    run_dir = run_dir_of(out, cfg)
     run_pipeline(cfg, run_dir, until="tasks")
     df = bench_sft(cfg, run_dir, precs, steps)
     import os

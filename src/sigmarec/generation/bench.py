@@ -81,37 +81,30 @@ def time_calls(fn: Callable[[Sequence[int]], Any], n: int, batch: int,
 def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: int
                    ) -> pd.DataFrame:
     """The benchmark table (one row per method) for a run whose training stage has finished."""
-    from sigmarec.core.stage import StageContext
     from sigmarec.data.processed import ProcessedData
-    from sigmarec.generation.decode import SigmaDecoder
     from sigmarec.generation.fusion import fuse
-    from sigmarec.model.sigma import load_sigma_model, prompt_args
-    from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
+    from sigmarec.generation.run_model import load_run_model
+    from sigmarec.tasks.text_match import data_matcher
+    from sigmarec.training.stage import to_examples
 
     run_dir = Path(run_dir)
-    ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
-                       inputs={s: run_dir / s for s in ("baselines", "grounding", "tokenization",
-                                                         "tasks", "training", "data",
-                                                         "gr_baselines")})
     test = pd.read_parquet(run_dir / "tasks" / "test.parquet")
     rng = np.random.default_rng(0)
     inst = test.iloc[np.sort(rng.choice(len(test), min(n_users, len(test)), replace=False))]
-    vocab, item_prefix = load_vocab(ctx)
-    model = load_sigma_model(run_dir / "training" / "model", cfg.backbone,
-                             load_item_features(ctx), item_prefix)
-    device = model.item_prefix.device
     g = cfg.generation
     k, n = g.k_prefixes, cfg.eval.top_n
-    decoder = SigmaDecoder(model, k, g.m_per_prefix, index_backend=cfg.tokenization.index.backend)
+    run = load_run_model(run_dir, k, g.m_per_prefix)
+    model, decoder, vocab, item_prefix = run.model, run.decoder, run.vocab, run.item_prefix
+    device = model.item_prefix.device
     data = ProcessedData.load(run_dir / "data")
-    matcher = data_matcher(model.cfg, data, cfg.tasks)
+    matcher = data_matcher(model.cfg, data, run.config.tasks)
     sigma_ex = to_examples(inst, model, vocab, item_prefix, with_target=False, matcher=matcher)
     n = len(sigma_ex)
     rows: list[dict[str, Any]] = []
 
     def bare(r: Sequence[int]) -> None:
         b = decoder.batch([sigma_ex[i] for i in r])
-        model.prefix_logprobs(**prompt_args(b))
+        model.prefix_logprobs(b)
 
     def sigma(r: Sequence[int]) -> None:
         b = decoder.batch([sigma_ex[i] for i in r])
@@ -138,7 +131,7 @@ def _bench_gr(cfg: SigmaConfig, run_dir: Path, inst: pd.DataFrame, k: int,
     from sigmarec.gr.items import sid_tokens
     from sigmarec.gr.model import GRExample, build_gr_model
     from sigmarec.gr.stage import _tokenise, gr_model_config
-    from sigmarec.tasks.stage import load_vocab
+    from sigmarec.tokenization.artifacts import load_vocab
     from sigmarec.tokenization.semantic_ids import SemanticIds
 
     sids = SemanticIds.load(run_dir / "tokenization")

@@ -18,15 +18,14 @@ cache reuse, exhaustive search) that the tests compare this one with.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.fusion import Candidates, fuse
-from sigmarec.model.batch import SFTExample
-from sigmarec.model.sigma import PromptCache, SigmaModel, prompt_args
+from sigmarec.model.batch import PromptBatch, SFTExample
+from sigmarec.model.sigma import PromptCache, SigmaModel
 from sigmarec.tokenization.prefix_index import ItemSubsetIndex, make_prefix_index
 
 
@@ -118,27 +117,27 @@ class SigmaDecoder:
         self.item_prefix = model.item_prefix.cpu().numpy()
         self.collate = model.collator()
 
-    def batch(self, examples: Sequence[SFTExample]) -> dict[str, torch.Tensor]:
-        """Left-padded prompt tensors of ``examples`` on the model's device."""
+    def batch(self, examples: Sequence[SFTExample]) -> PromptBatch:
+        """The left-padded prompts of ``examples`` on the model's device."""
         dev = self.model.item_prefix.device
-        return {k: v.to(dev) for k, v in self.collate(list(examples), with_labels=False).items()}
+        return PromptBatch.from_collated(self.collate(list(examples), with_labels=False)).to(dev)
 
     @torch.no_grad()
-    def candidates(self, batch: dict[str, Any], n: int,
+    def candidates(self, batch: PromptBatch, n: int,
                    allow_mask: np.ndarray | None = None) -> Candidates:
         """Steps 1 and 2 for a collated batch; ``allow_mask`` None, (n_items,) or (B, n_items)."""
         return self.candidates_multi(batch, n, [allow_mask])[0]
 
     @torch.no_grad()
-    def candidates_multi(self, batch: dict[str, Any], n: int,
+    def candidates_multi(self, batch: PromptBatch, n: int,
                          allow_masks: Sequence[np.ndarray | None]) -> list[Candidates]:
         """Steps 1 and 2 under several filters (e.g. none and a business rule). The prompt
         forward runs once; each filter has its own beam over the same KV cache (which the
         continuations leave unchanged); the continuations, the other expensive part, run once
         for the union of the filters' prefixes, since a query vector depends only on the prompt
         and its prefix, never on the filter."""
-        _, cache = self.model.prefix_logprobs(**prompt_args(batch))
-        return self.candidates_from_cache(cache, batch["input_ids"].shape[0], n, allow_masks)
+        _, cache = self.model.prefix_logprobs(batch)
+        return self.candidates_from_cache(cache, batch.input_ids.shape[0], n, allow_masks)
 
     @torch.no_grad()
     def candidates_from_cache(self, cache: PromptCache, bsz: int, n: int,

@@ -18,8 +18,10 @@ from torch.nn import functional as F
 
 from sigmarec.generation.config import Fusion
 from sigmarec.generation.fusion import OFF_GAP
-from sigmarec.model.batch import SFTExample, flat_to_codes
+from sigmarec.model.batch import PromptBatch, SFTExample
 from sigmarec.model.sigma import SigmaModel
+from sigmarec.tasks.channels import collated_channels
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 @torch.no_grad()
@@ -49,16 +51,16 @@ class _Copy:
         ids = torch.tensor([list(ex.input_ids)], device=dev)
         n_ctx = int(ex.n_context or 0)
         seq = torch.tensor([False] * n_ctx + [True] * (len(ex.item_ids) - n_ctx), device=dev)
-        counts = [torch.tensor([list(ex.count_items or ())], dtype=torch.long, device=dev),
-                  torch.tensor([list(ex.count_values or ())], dtype=torch.float32, device=dev),
-                  torch.tensor([list(ex.match_items or ())], dtype=torch.long, device=dev),
-                  torch.tensor([list(ex.match_values or ())], dtype=torch.float32, device=dev),
-                  torch.tensor([list(ex.novel_items or ())], dtype=torch.long, device=dev),
-                  torch.tensor([list(ex.novel_values or ())], dtype=torch.float32, device=dev)]
-        self.slots = model.prompt_slots(ids, torch.ones_like(ids), torch.tensor(
-            list(ex.item_ids), dtype=torch.long, device=dev), seq, *counts)
+        lists = {}
+        for ch in collated_channels():
+            items, values = ex.lists.get(ch.name, ((), ()))
+            lists[ch.name] = (torch.tensor([list(items)], dtype=torch.long, device=dev),
+                              torch.tensor([list(values)], dtype=torch.float32, device=dev))
         task = (torch.tensor([int(ex.task_id)], device=dev) if model.cfg.task_gates
                 else None)
+        self.slots = model.prompt_slots(PromptBatch(
+            ids, torch.ones_like(ids), torch.tensor(list(ex.item_ids), dtype=torch.long,
+                                                    device=dev), seq, lists, task))
         self.gates = model.repeat(_last_hidden(model, ex, [])[None], task)
 
     def prefix(self, level: int, partial: int) -> torch.Tensor | None:

@@ -40,11 +40,12 @@ from sigmarec.generation.fusion import (
     truncate,
     tuned_mode,
 )
+from sigmarec.generation.run_model import load_run_model
 from sigmarec.metrics import accuracy_metrics, beyond_metrics, category_codes, head_mask
 from sigmarec.metrics.ranking import top_n
-from sigmarec.model.sigma import load_sigma_model
 from sigmarec.tasks.rules import instance_allow_masks, load_tasks
-from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
+from sigmarec.tasks.text_match import data_matcher
+from sigmarec.training.stage import to_examples
 
 log = logging.getLogger("sigmarec")
 
@@ -210,14 +211,11 @@ class GenerationStage(Stage):
     # ------------------------------------------------------------------------------ SIGMA
     def _sigma(self, ctx: StageContext, data: ProcessedData, inst: dict[str, pd.DataFrame],
                masks: dict[str, np.ndarray], popularity: np.ndarray, n: int) -> dict[str, Any]:
-        cfg, gcfg = ctx.config, ctx.config.generation
-        vocab, item_prefix = load_vocab(ctx)
-        model = load_sigma_model(ctx.input("training") / "model", cfg.backbone,
-                                 load_item_features(ctx), item_prefix)
-        decoder = SigmaDecoder(model, gcfg.k_prefixes, gcfg.m_per_prefix,
-                               index_backend=cfg.tokenization.index.backend)
+        gcfg = ctx.config.generation
+        run = load_run_model(ctx.run_dir, gcfg.k_prefixes, gcfg.m_per_prefix)
+        model, decoder, vocab, item_prefix = run.model, run.decoder, run.vocab, run.item_prefix
         cands, seconds, rule = {}, {}, {}
-        matcher = data_matcher(model.cfg, data, cfg.tasks)
+        matcher = data_matcher(model.cfg, data, run.config.tasks)
         for split, df in inst.items():
             if df.empty:
                 continue

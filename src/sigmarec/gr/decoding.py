@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from sigmarec.gr.model import GRModel, eval_mode
+from sigmarec.gr.model import GRModel
+from sigmarec.model.codes import eval_mode
 from sigmarec.model.sigma import positions_from_mask
 
 

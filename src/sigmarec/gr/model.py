@@ -16,11 +16,8 @@ Hugging Face ``generate`` (beam search) sees exactly the trained model.
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,8 +29,9 @@ from sigmarec.backbone.loading import add_special_tokens
 from sigmarec.gr.items import ItemTokens
 from sigmarec.model.adapt import adapt_backbone, cache_keyword
 from sigmarec.model.batch import left_pad
+from sigmarec.model.checkpoint import TrainableCheckpoint
+from sigmarec.model.codes import positions_from_mask, text_config
 from sigmarec.model.config import ModelConfig
-from sigmarec.model.sigma import positions_from_mask
 
 if TYPE_CHECKING:
     from sigmarec.backbone.config import BackboneConfig
@@ -96,15 +94,21 @@ class GRCollator:
         return batch
 
 
-class GRModel(nn.Module):
-    """GR(SID) or GR(ID) over a Hugging Face causal LM; see the module docstring."""
+class GRModel(TrainableCheckpoint, nn.Module):
+    """GR(SID) or GR(ID) over a Hugging Face causal LM; see the module docstring. Its
+    checkpoint holds the LoRA adapters and new-token rows (everything with full fine-tuning)."""
+
+    weights_file = WEIGHTS_FILE
+    meta_file = META_FILE
+    identity_keys = ("scheme", "new_token_ids", "n_items", "hidden")
+    identity_what = "another scheme, catalogue or backbone"
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, items: ItemTokens,
                  cfg: ModelConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or ModelConfig()
         self.cfg, self.tokenizer, self.items = cfg, tokenizer, items
-        text_cfg = _text_config(backbone)
+        text_cfg = text_config(backbone)
         self.hidden = int(text_cfg.hidden_size)
         self.logit_softcap = getattr(text_cfg, "final_logit_softcapping", None)
         ids = add_special_tokens(backbone, tokenizer, items.tokens)
@@ -217,54 +221,14 @@ class GRModel(nn.Module):
 
     # ------------------------------------------------------------------------------ save/load
 
-    def trainable_names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
-
-    def trainable_state(self, state: Mapping[str, torch.Tensor] | None = None
-                        ) -> dict[str, torch.Tensor]:
-        """LoRA adapters and new-token rows (everything with full fine-tuning), CPU copies."""
-        full = self.state_dict() if state is None else state
-        keep = set(self.trainable_names())
-        return {k: v.detach().to("cpu", copy=True).contiguous()
-                for k, v in full.items() if k in keep}
-
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        own = self.state_dict()
-        unknown = sorted(set(state) - set(own))
-        if unknown:
-            raise ValueError(f"weights for unknown parameters: {unknown[:3]}")
-        missing = sorted(set(self.trainable_names()) - set(state))
-        if missing:
-            raise ValueError(f"weights missing for trainable parameters: {missing[:3]}")
-        self.load_state_dict(dict(state), strict=False)
+    def weights_device(self) -> torch.device:
+        return self.token_delta.device
 
     def meta(self) -> dict[str, Any]:
         return {"format": 1, "scheme": self.items.name, "model_config":
                 self.cfg.model_dump(mode="json"), "new_token_ids": self.new_token_ids,
                 "n_items": self.items.n_items, "tokens_per_item": self.items.length,
                 "hidden": self.hidden}
-
-    def save_trainable(self, folder: Path, state: Mapping[str, torch.Tensor] | None = None
-                       ) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state(state), str(folder / WEIGHTS_FILE))
-        (folder / META_FILE).write_text(json.dumps(self.meta(), indent=2) + "\n")
-
-    def load_trainable(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        meta = json.loads((folder / META_FILE).read_text())
-        for key in ("scheme", "new_token_ids", "n_items", "hidden"):
-            if meta[key] != self.meta()[key]:
-                raise ValueError(f"{folder}: saved {key} differs from this model's; the weights "
-                                 "belong to another scheme, catalogue or backbone")
-        device = self.token_delta.device
-        self.load_trainable_state({k: v.to(device)
-                                   for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
 
 
 def build_gr_model(backbone_cfg: BackboneConfig, model_cfg: ModelConfig, items: ItemTokens
@@ -274,18 +238,3 @@ def build_gr_model(backbone_cfg: BackboneConfig, model_cfg: ModelConfig, items: 
 
     backbone, tokenizer, facts = load_backbone(backbone_cfg)
     return GRModel(backbone, tokenizer, items, model_cfg), facts
-
-
-def _text_config(model: nn.Module) -> Any:
-    get = getattr(model.config, "get_text_config", None)
-    return get() if callable(get) else model.config
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)

@@ -79,7 +79,7 @@ class GRBaselinesStage(Stage):
             raise ConfigError(f"gr.num_beams ({g.num_beams}) must be >= max(eval.ks) ({k_max}): "
                               "the beams are the ranked list")
         from sigmarec.data.processed import ProcessedData
-        from sigmarec.tasks.stage import load_vocab
+        from sigmarec.tokenization.artifacts import load_vocab
 
         data = ProcessedData.load(ctx.input("data"))
         counts = data.train_item_counts

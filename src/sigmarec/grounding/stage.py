@@ -19,6 +19,7 @@ from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import StageError
 from sigmarec.grounding import views
+from sigmarec.grounding.artifacts import ID_TOWER_FILE, TEXT_FEATURE_FILES
 from sigmarec.grounding.benchmark import benchmark_pairs, grounding_table
 from sigmarec.grounding.encoder import ItemEncoder, raw_backbone_embeddings
 from sigmarec.grounding.train import train_grounding
@@ -94,7 +95,7 @@ class GroundingStage(Stage):
             report[name] = {"pairs": len(p), "examples": views.examples(data, p, 5)}
         write_json(ctx.out / "pairs_report.json", report)
 
-        emb_path = ctx.input("baselines") / "item_embeddings.npy"
+        emb_path = ctx.input("baselines") / ID_TOWER_FILE
         id_emb = np.load(emb_path) if emb_path.is_file() else None
         if id_emb is None:
             log.info("grounding: no ID tower in %s; L_KD is off", ctx.input("baselines"))
@@ -112,10 +113,10 @@ class GroundingStage(Stage):
             raw = raw_backbone_embeddings(model, tokenizer, texts, cfg.max_text_tokens,
                                           cfg.encode_batch_size, progress="encode (untrained)")
             encoder = ItemEncoder(model, tokenizer, cfg)
-        np.save(ctx.out / "v_text_ungrounded.npy", raw)
+        np.save(ctx.out / TEXT_FEATURE_FILES["ungrounded"], raw)
         history = train_grounding(encoder, texts, pairs, cfg, id_emb, seed, ctx.scratch)
         v_text = encoder.encode(texts, progress="encode (grounded)")
-        np.save(ctx.out / "v_text.npy", v_text)
+        np.save(ctx.out / TEXT_FEATURE_FILES["grounded"], v_text)
         encoder.save(ctx.out / "encoder")
         write_json(ctx.out / "train_history.json", history)
 

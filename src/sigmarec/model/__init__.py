@@ -1,6 +1,6 @@
 """The SIGMA recommender model (hybrid item tokens in, prefix + query vector out)."""
 
-from sigmarec.model.batch import HardNegativeSampler, SFTExample, SigmaCollator, flat_to_codes
+from sigmarec.model.batch import HardNegativeSampler, PromptBatch, SFTExample, SigmaCollator
 from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import (
     PromptCache,
@@ -11,7 +11,7 @@ from sigmarec.model.sigma import (
 )
 
 __all__ = [
-    "HardNegativeSampler", "ModelConfig", "PromptCache", "SFTExample", "SigmaCollator",
-    "SigmaModel", "build_sigma_model", "flat_to_codes", "load_sigma_model",
+    "HardNegativeSampler", "ModelConfig", "PromptBatch", "PromptCache", "SFTExample",
+    "SigmaCollator", "SigmaModel", "build_sigma_model", "load_sigma_model",
     "positions_from_mask",
 ]

@@ -4,16 +4,29 @@ the same adaptation for the comparison to be fair)."""
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 
 from torch import nn
 
+from sigmarec.backbone.loading import truncate_layers
 from sigmarec.model.config import ModelConfig
+
+log = logging.getLogger("sigmarec")
 
 
 def adapt_backbone(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Activation checkpointing if asked, then LoRA adapters (``finetune: lora``) or every weight
-    trainable (``full``). Returns the module to train (the peft wrapper with LoRA)."""
+    """The backbone cut to ``backbone_layers`` (if set), activation checkpointing if asked,
+    then LoRA adapters (``finetune: lora``), every weight trainable (``full``) or none
+    (``frozen``). Returns the module to train (the peft wrapper with LoRA)."""
+    if cfg.backbone_layers is not None:
+        # The cut is the model's (the grounding stage reads the whole loaded backbone), so it
+        # happens here, where SIGMA and the GR baselines both pass, and again on every load of
+        # a checkpoint (its meta holds this config).
+        kept, total = truncate_layers(backbone, cfg.backbone_layers,
+                                      field="model.backbone_layers", least=0)
+        log.info("model: the backbone cut to %d of its %d layers (model.backbone_layers)",
+                 kept, total)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works although only inputs_embeds (not the weights) need grads.
         kw = {"use_reentrant": False}
@@ -22,7 +35,7 @@ def adapt_backbone(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
         else:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     if cfg.finetune != "lora":
-        backbone.requires_grad_(True)
+        backbone.requires_grad_(cfg.finetune == "full")
         return backbone
     from peft import LoraConfig, get_peft_model
 

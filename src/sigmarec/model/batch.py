@@ -13,14 +13,16 @@ attention mask, so left padding does not shift the real tokens' positions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from sigmarec.tasks.channels import CHANNELS, Channel, collated_channels
 from sigmarec.tasks.config import TASK_NAMES
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 # The instruction tasks a copy gate can be offset for (``model.task_gates``), in a fixed order:
 # a saved model's offsets are rows of this table. "Align" is the catalogue-alignment samples.
@@ -50,22 +52,24 @@ class SFTExample:
     # Every item admitted under the same instruction in the target basket (the target among
     # them): never negatives, and with multi-positive NTP the label is their prefix mix.
     positives: tuple[int, ...] = ()
-    # The household's purchase counts before the cut (its most bought items, not shown in the
-    # prompt): the copy prior's count channel (``model.repeat_counts``).
-    count_items: tuple[int, ...] = ()
-    count_values: tuple[int, ...] = ()
-    # The catalogue items the instruction's words match and their cosine (0, 1]: the copy
-    # prior's text-match channel (``model.text_match``, :mod:`sigmarec.tasks.text_match`).
-    match_items: tuple[int, ...] = ()
-    match_values: tuple[float, ...] = ()
-    # The most bought catalogue items of the categories the household never bought and their
-    # popularity over the best-seller's (0, 1]: the novelty channel (``model.novelty``,
-    # :mod:`sigmarec.tasks.novelty`).
-    novel_items: tuple[int, ...] = ()
-    novel_values: tuple[float, ...] = ()
+    # The copy prior's channel lists by channel name (sigmarec.tasks.channels): (items, values),
+    # e.g. "counts" the household's purchase counts before the cut (its most bought items, not
+    # shown in the prompt), "text_match" the catalogue items the instruction's words match and
+    # their cosine, "novelty" popular items of the categories the household never bought.
+    lists: Mapping[str, tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=dict)
     # The instruction's task as a row of GATE_TASKS (-1 = none): the copy gates' per-task
     # offset (``model.task_gates``).
     task_id: int = -1
+
+    def channel(self, name: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The (items, values) of channel ``name`` (empty when the example carries none)."""
+        got = self.lists.get(name)
+        return (tuple(got[0]), tuple(got[1])) if got is not None else ((), ())
+
+    def with_lists(self, **lists: tuple[Sequence[int], Sequence[float]]) -> SFTExample:
+        """A copy with the given channels' (items, values) set, by name; the others kept."""
+        return replace(self, lists={**self.lists, **{k: (tuple(i), tuple(v))
+                                                     for k, (i, v) in lists.items()}})
 
 
 _REQUIRED = object()
@@ -76,17 +80,6 @@ def _field(example: Any, name: str, default: Any = _REQUIRED) -> Any:
     if isinstance(example, Mapping):
         return example[name] if default is _REQUIRED else example.get(name, default)
     return getattr(example, name) if default is _REQUIRED else getattr(example, name, default)
-
-
-def flat_to_codes(flat: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
-    """(n,) flat prefix ids -> (n, levels) per-level codes (inverse of HybridVocab.prefix_ids)."""
-    flat = np.asarray(flat, dtype=np.int64)
-    codes = np.zeros((len(flat), len(codebook_sizes)), dtype=np.int64)
-    rest = flat.copy()
-    for lv in range(len(codebook_sizes) - 1, -1, -1):
-        codes[:, lv] = rest % codebook_sizes[lv]
-        rest //= codebook_sizes[lv]
-    return codes
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, multiple_of: int | None = None
@@ -166,11 +159,12 @@ class SigmaCollator:
     placeholder in row-major order, ``sequence_mask`` (N,) whether that placeholder belongs to
     the purchase sequence (not the context section), and with labels ``target_item``,
     ``target_prefix`` (B,), ``hard_negatives`` (B, k) with -1 for "none" and ``positives``
-    (B, P) every positive of the row (the target first), -1 padded. ``count_items`` (B, H)
-    (-1 padded) and ``count_values`` (B, H) are the examples' purchase counts (H >= 1), and
-    ``match_items`` / ``match_values`` (B, M) their text matches and ``novel_items`` /
-    ``novel_values`` (B, V) their novelty lists, padded the same way; ``task_ids`` (B,) the
-    rows of :data:`GATE_TASKS` (-1 = none).
+    (B, P) every positive of the row (the target first), -1 padded. For every copy-prior
+    channel with lists of its own (:func:`~sigmarec.tasks.channels.collated_channels`),
+    ``<key>_items`` (B, W) (-1 padded, W >= 1) and ``<key>_values`` (B, W) (0 padded), e.g.
+    ``count_items`` / ``count_values`` the purchase counts; :meth:`PromptBatch.from_collated`
+    reads them back by channel name. ``task_ids`` (B,) the rows of :data:`GATE_TASKS`
+    (-1 = none).
     """
 
     def __init__(
@@ -204,18 +198,24 @@ class SigmaCollator:
             self.query_token_id
         ]
 
-    def _weighted(self, ex: Any, i: int, name: str, valid: Callable[[float], bool],
-                  what: str) -> tuple[list[int], list[float]]:
-        """Example ``i``'s ``{name}_items`` / ``{name}_values`` lists, checked."""
-        items = [int(x) for x in (_field(ex, f"{name}_items", ()) or ())]
-        values = [float(x) for x in (_field(ex, f"{name}_values", ()) or ())]
+    def _weighted(self, ex: Any, i: int, channel: Channel) -> tuple[list[int], list[float]]:
+        """Example ``i``'s lists of ``channel``, checked: an SFTExample's ``lists`` entry, or a
+        plain row's ``<key>_items`` / ``<key>_values`` fields."""
+        name, (items_col, values_col) = channel.name, channel.columns
+        lists = _field(ex, "lists", None)
+        if lists is not None:
+            got_items, got_values = lists.get(name, ((), ()))
+        else:
+            got_items, got_values = _field(ex, items_col, ()), _field(ex, values_col, ())
+        items = [int(x) for x in (got_items if got_items is not None else ())]
+        values = [float(x) for x in (got_values if got_values is not None else ())]
         if len(items) != len(values):
-            raise ValueError(f"example {i}: {len(items)} {name}_items but {len(values)} "
-                             f"{name}_values")
+            raise ValueError(f"example {i}: {len(items)} {items_col} but {len(values)} "
+                             f"{values_col}")
         if items and not (min(items) >= 0 and max(items) < len(self.item_prefix)):
-            raise ValueError(f"example {i}: {name}_items outside 0..{len(self.item_prefix) - 1}")
-        if not all(valid(v) for v in values):
-            raise ValueError(f"example {i}: {name}_values must be {what}")
+            raise ValueError(f"example {i}: {items_col} outside 0..{len(self.item_prefix) - 1}")
+        if not all(channel.valid(v) for v in values):
+            raise ValueError(f"example {i}: {values_col} must be {channel.what}")
         return items, values
 
     def __call__(
@@ -231,12 +231,9 @@ class SigmaCollator:
         items: list[int] = []
         seq: list[bool] = []
         targets, prefixes, positives = [], [], []
-        c_items: list[list[int]] = []
-        c_values: list[list[float]] = []
-        m_items: list[list[int]] = []
-        m_values: list[list[float]] = []
-        v_items: list[list[int]] = []
-        v_values: list[list[float]] = []
+        channels = collated_channels()
+        w_items: dict[str, list[list[int]]] = {c.name: [] for c in channels}
+        w_values: dict[str, list[list[float]]] = {c.name: [] for c in channels}
         task_ids: list[int] = []
         for i, ex in enumerate(examples):
             ids = [int(t) for t in _field(ex, "input_ids")]
@@ -270,18 +267,10 @@ class SigmaCollator:
             n_ctx = int(_field(ex, "n_context", 0) or 0)
             if not 0 <= n_ctx <= len(ex_items):
                 raise ValueError(f"example {i}: n_context {n_ctx} outside 0..{len(ex_items)}")
-            ci, cv = self._weighted(ex, i, "count", lambda v: v > 0,
-                                    "positive purchase counts")
-            c_items.append(ci)
-            c_values.append(cv)
-            mi, mv = self._weighted(ex, i, "match", lambda v: 0 < v <= 1 + 1e-6,
-                                    "cosines in (0, 1]")
-            m_items.append(mi)
-            m_values.append(mv)
-            vi, vv = self._weighted(ex, i, "novel", lambda v: 0 < v <= 1 + 1e-6,
-                                    "popularity shares in (0, 1]")
-            v_items.append(vi)
-            v_values.append(vv)
+            for channel in channels:
+                wi, wv = self._weighted(ex, i, channel)
+                w_items[channel.name].append(wi)
+                w_values[channel.name].append(wv)
             tid = int(_field(ex, "task_id", -1))
             if not -1 <= tid < len(GATE_TASKS):
                 raise ValueError(f"example {i}: task_id {tid} outside -1..{len(GATE_TASKS) - 1}")
@@ -296,9 +285,10 @@ class SigmaCollator:
             "item_ids": torch.tensor(items, dtype=torch.long),
             "sequence_mask": torch.tensor(seq, dtype=torch.bool),
         }
-        batch["count_items"], batch["count_values"] = _pad_weighted(c_items, c_values)
-        batch["match_items"], batch["match_values"] = _pad_weighted(m_items, m_values)
-        batch["novel_items"], batch["novel_values"] = _pad_weighted(v_items, v_values)
+        for channel in channels:
+            items_col, values_col = channel.columns
+            batch[items_col], batch[values_col] = _pad_weighted(w_items[channel.name],
+                                                                w_values[channel.name])
         batch["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
         if with_labels:
             tgt = np.asarray(targets, dtype=np.int64)
@@ -315,3 +305,41 @@ class SigmaCollator:
             batch["hard_negatives"] = torch.from_numpy(hard)
             batch["positives"] = torch.from_numpy(pos)
         return batch
+
+
+@dataclass
+class PromptBatch:
+    """The prompt part of a collated batch, as the model reads it: ``input_ids`` /
+    ``attention_mask`` (B, T) left-padded, ``item_ids`` (N,) the item of every placeholder in
+    row-major order, ``sequence_mask`` (N,) whether it belongs to the purchase sequence (None:
+    all), ``lists`` the copy-prior channels' (items, values) (B, W) by channel name and
+    ``task_ids`` (B,) the rows of :data:`GATE_TASKS` (None where the model does not read
+    them)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    item_ids: torch.Tensor
+    sequence_mask: torch.Tensor | None = None
+    lists: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    task_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_collated(cls, batch: Mapping[str, Any]) -> PromptBatch:
+        """A :class:`SigmaCollator` batch's prompt fields (labels, if any, are left out)."""
+        lists = {}
+        for channel in CHANNELS.values():
+            items_col, values_col = channel.columns
+            if channel.collated and batch.get(items_col) is not None:
+                lists[channel.name] = (batch[items_col], batch.get(values_col))
+        return cls(batch["input_ids"], batch["attention_mask"], batch["item_ids"],
+                   batch.get("sequence_mask"), lists, batch.get("task_ids"))
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, input_ids=self.input_ids.to(device),
+                       attention_mask=self.attention_mask.to(device),
+                       item_ids=self.item_ids.to(device), sequence_mask=move(self.sequence_mask),
+                       lists={k: (move(i), move(v)) for k, (i, v) in self.lists.items()},
+                       task_ids=move(self.task_ids))

@@ -18,8 +18,16 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """The LLM around the hybrid item tokens, its adaptation and its two losses."""
 
-    finetune: Literal["lora", "full"] = Field(
-        "lora", description="lora: adapters (+ new token rows, ProjFuse, head); full: everything"
+    finetune: Literal["lora", "full", "frozen"] = Field(
+        "lora", description="lora: adapters (+ new token rows, ProjFuse, head); full: everything; "
+        "frozen: no backbone weight trains (the new token rows, ProjFuse, the head and the copy "
+        "gates still do), so the SFT of the backbone can be measured (ablation frozen_llm)",
+    )
+    backbone_layers: int | None = Field(
+        None, ge=0, description="the model keeps only the first N transformer layers of the "
+        "backbone that backbone.num_layers loaded (the grounding stage still reads all of them); "
+        "0 = none: the token and item embeddings go straight to the final norm, the heads and "
+        "the copy gates (ablation no_llm); None = all",
     )
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
@@ -135,6 +143,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _counts_need_copy(self) -> ModelConfig:
+        if self.backbone_layers == 0 and self.finetune == "lora":
+            raise ValueError("model.backbone_layers = 0 leaves LoRA no layer to adapt: set "
+                             "model.finetune to 'frozen' (or 'full', which also trains the "
+                             "embeddings and the final norm)")
         if self.repeat_counts and not self.repeat_aware:
             raise ValueError("model.repeat_counts is a channel of the copy prior: it needs "
                              "model.repeat_aware=true")

@@ -33,6 +33,10 @@ repeat-aware recommenders (RepeatNet, ReCANet) do, the scores get an explicit co
   ``model.novelty_scale``: how a Discover request reaches the scores, which every other
   channel pulls towards what the household already buys.
 
+Each channel after sequence and context is a class of the registry
+:data:`sigmarec.tasks.channels.CHANNELS` (where its lists come from, how the model scales them);
+the tables and gates below follow the registry's order.
+
 The four gates (two more per extra channel) are ``softplus`` of a linear map of the hidden
 state at the end of the prompt (the token before the first label token): the instruction can
 switch copying off (a task that asks for something new) or up (buy again). The linear map
@@ -43,84 +47,68 @@ learned from there.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-N_GATES = 4  # prefix-seq, prefix-ctx, item-seq, item-ctx (without purchase counts)
+from sigmarec.tasks.channels import CHANNELS, active_channels
+
+N_GATES = 4  # prefix-seq, prefix-ctx, item-seq, item-ctx (without further channels)
 
 
-def n_gates(counts: bool, match: bool = False, rarity: bool = False,
-            novelty: bool = False) -> int:
-    """Gates per row: one per channel (sequence, context[, purchase counts][, text match]
-    [, rarity][, novelty]) for the prefix logits and one per channel for the item scores."""
-    return 2 * (2 + int(counts) + int(match) + int(rarity) + int(novelty))
+def n_gates(model_cfg: Any) -> int:
+    """Gates per row for a model with ``model_cfg``: one per channel (sequence, context, then
+    each active channel of :data:`~sigmarec.tasks.channels.CHANNELS`) for the prefix logits and
+    one per channel for the item scores."""
+    return 2 * (2 + len(active_channels(model_cfg)))
+
+
+def gate_channels(model_cfg: Any) -> list[str]:
+    """The channels a model's gates read, in gate order (what a checkpoint records)."""
+    return ["sequence", "context", *(c.name for c in active_channels(model_cfg))]
 
 
 @dataclass
 class PromptSlots:
     """The item placeholders of a batch of prompts as a table: ``items`` (R, J) item ids in
     prompt order (-1 = padding), ``seq`` (R, J) True for the purchase sequence, False for the
-    context section; with purchase counts, ``count_items`` (R, H) (-1 = padding) and
-    ``count_values`` (R, H) the household's purchase count of each; with the text match,
-    ``match_items`` (R, M) (-1 = padding) and ``match_values`` (R, M) their scaled match;
-    with rarity, ``rarity_items`` (R, H) and ``rarity_values`` (R, H) their scaled rarity;
-    with novelty, ``novel_items`` (R, V) (-1 = padding) and ``novel_values`` (R, V) their
-    scaled popularity."""
+    context section, and ``lists`` the further channels' (items (R, W) with -1 = padding,
+    values (R, W) as the model scales them) by channel name, in gate order."""
 
     items: torch.Tensor
     seq: torch.Tensor
-    count_items: torch.Tensor | None = None
-    count_values: torch.Tensor | None = None
-    match_items: torch.Tensor | None = None
-    match_values: torch.Tensor | None = None
-    rarity_items: torch.Tensor | None = None
-    rarity_values: torch.Tensor | None = None
-    novel_items: torch.Tensor | None = None
-    novel_values: torch.Tensor | None = None
+    lists: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def weighted(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The channels after sequence and context, in gate order: (items, values) tables."""
-        out = []
-        if self.count_items is not None:
-            out.append((self.count_items, self.count_values))
-        if self.match_items is not None:
-            out.append((self.match_items, self.match_values))
-        if self.rarity_items is not None:
-            out.append((self.rarity_items, self.rarity_values))
-        if self.novel_items is not None:
-            out.append((self.novel_items, self.novel_values))
-        return out
+        return list(self.lists.values())
 
     def listed_items(self) -> torch.Tensor:
-        """(R, J + ...) every item the table names (placeholders, counted, matched, ...)."""
-        # The rarity channel lists the counted items again (SigmaModel.prompt_slots).
-        named = [self.count_items, self.match_items, self.novel_items]
-        return torch.cat([self.items, *(i for i in named if i is not None)], dim=1)
+        """(R, J + ...) every item the table names (placeholders, then each channel's items
+        that the decoder merges, in gate order)."""
+        named = [items for name, (items, _) in self.lists.items() if CHANNELS[name].merged]
+        return torch.cat([self.items, *named], dim=1)
 
     @property
     def channels(self) -> int:
-        return 2 + len(self.weighted())
+        return 2 + len(self.lists)
 
     def with_items(self, items: torch.Tensor) -> PromptSlots:
         """The same table with another placeholder-item table (e.g. column ids)."""
-        return PromptSlots(items, self.seq, self.count_items, self.count_values,
-                           self.match_items, self.match_values, self.rarity_items,
-                           self.rarity_values, self.novel_items, self.novel_values)
+        return PromptSlots(items, self.seq, dict(self.lists))
 
     @classmethod
     def from_batch(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    item_ids: torch.Tensor, sequence_mask: torch.Tensor | None,
-                   item_token_id: int, count_items: torch.Tensor | None = None,
-                   count_values: torch.Tensor | None = None,
-                   match_items: torch.Tensor | None = None,
-                   match_values: torch.Tensor | None = None,
-                   rarity_items: torch.Tensor | None = None,
-                   rarity_values: torch.Tensor | None = None,
-                   novel_items: torch.Tensor | None = None,
-                   novel_values: torch.Tensor | None = None) -> PromptSlots:
+                   item_token_id: int,
+                   lists: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+                   ) -> PromptSlots:
+        """The table of collated prompts; ``lists`` the channels' (items, values) (B, W) by
+        name, in gate order, values already scaled."""
         slots = ((input_ids == item_token_id) & attention_mask.bool()).nonzero()  # row-major
         rows = slots[:, 0]
         b = input_ids.shape[0]
@@ -133,30 +121,19 @@ class PromptSlots:
         mark = (torch.ones_like(rows, dtype=torch.bool) if sequence_mask is None
                 else sequence_mask.view(-1).to(seq.device).bool())
         seq[rows, rank] = mark
-        weighted = []
-        for name, it, val in (("count", count_items, count_values),
-                              ("match", match_items, match_values),
-                              ("rarity", rarity_items, rarity_values),
-                              ("novel", novel_items, novel_values)):
-            if it is None:
-                weighted += [None, None]
-                continue
+        weighted = {}
+        for name, (it, val) in (lists or {}).items():
+            key = CHANNELS[name].key if name in CHANNELS else name
             if val is None or val.shape != it.shape or it.shape[0] != b:
-                raise ValueError(f"{name}_items {tuple(it.shape)} and {name}_values "
+                raise ValueError(f"{key}_items {tuple(it.shape)} and {key}_values "
                                  f"{None if val is None else tuple(val.shape)}"
                                  f" must both be (B={b}, H)")
-            weighted += [it.to(items.device).long(), val.to(items.device).float()]
-        return cls(items, seq, *weighted)
+            weighted[name] = (it.to(items.device).long(), val.to(items.device).float())
+        return cls(items, seq, weighted)
 
     def rows(self, idx: torch.Tensor) -> PromptSlots:
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx]
-
-        return PromptSlots(self.items[idx], self.seq[idx], pick(self.count_items),
-                           pick(self.count_values), pick(self.match_items),
-                           pick(self.match_values), pick(self.rarity_items),
-                           pick(self.rarity_values), pick(self.novel_items),
-                           pick(self.novel_values))
+        return PromptSlots(self.items[idx], self.seq[idx],
+                           {k: (i[idx], v[idx]) for k, (i, v) in self.lists.items()})
 
     def ranks(self) -> torch.Tensor:
         """(N,) rank of each placeholder in its row, in row-major order (matches item_ids)."""
@@ -264,10 +241,9 @@ def column_counts(slots: PromptSlots, n_cols: int, before: torch.Tensor | None =
 
 def _split(gates: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     if gates.shape[1] != 2 * channels:
+        flags = " / ".join(f"model.{c.flag}" for c in CHANNELS.values())
         raise ValueError(f"{gates.shape[1]} copy gates for {channels} count channels: the "
-                         "model's model.repeat_counts / text_match / repeat_rarity / novelty "
-                         "and the prompts' purchase counts / text matches / novelty lists "
-                         "disagree")
+                         f"model's channels ({flags}) and the prompts' channel lists disagree")
     return gates[:, :channels], gates[:, channels:]
 
 

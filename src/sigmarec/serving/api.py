@@ -35,10 +35,12 @@ from starlette.routing import Match
 
 from sigmarec.config import SigmaConfig
 from sigmarec.core.seed import set_threads
+from sigmarec.errors import SigmaError
 from sigmarec.serving.batching import MicroBatcher
 from sigmarec.serving.config import ServiceConfig
 from sigmarec.serving.metrics import ServiceMetrics
-from sigmarec.serving.runtime import RecItem, RecRequest, RequestError, Resolved, Runtime
+from sigmarec.serving.request import RecItem, RecRequest, RequestError, Resolved
+from sigmarec.serving.runtime import Runtime
 
 log = logging.getLogger("sigmarec")
 
@@ -144,18 +146,21 @@ def request_models(svc: ServiceConfig) -> tuple[type[BaseModel], type[BaseModel]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": why} for code, why in (
-        (400, "malformed JSON"), (404, "unknown item or user"), (413, "body too large"),
+        (400, "malformed JSON"), (404, "unknown item, user or path"),
+        (405, "method not allowed on the path"), (413, "body too large"),
         (422, "a field is invalid (the error names it)"),
         (503, "still loading, or too many requests in flight"))}
 
 
 # ---------------------------------------------------------------------------------- state
 class _Service:
-    def __init__(self, run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None) -> None:
+    def __init__(self, run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None,
+                 on_load_failure: Callable[[str], None] | None = None) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.runtime = runtime
         self.error: str | None = None
+        self.on_load_failure = on_load_failure
         self.metrics = ServiceMetrics()
         svc = cfg.serving.service
         # The model thread gets the run's thread count (``threads``; faiss keeps it per
@@ -175,9 +180,14 @@ class _Service:
         t0 = time.perf_counter()
         try:
             self.runtime = Runtime.load(self.run_dir, self.cfg)
-        except Exception as e:  # reported by /readyz; the process stays up to say so
-            log.exception("serving: loading %s failed", self.run_dir)
+        except Exception as e:  # reported by /readyz and to on_load_failure
             self.error = f"{type(e).__name__}: {e}"
+            if isinstance(e, SigmaError):  # a user error names its fix: one line says it all
+                log.error("serving: cannot load %s: %s", self.run_dir, self.error)
+            else:
+                log.exception("serving: cannot load %s: %s", self.run_dir, self.error)
+            if self.on_load_failure is not None:
+                self.on_load_failure(self.error)
             return
         self.metrics.load_seconds.set(time.perf_counter() - t0)
         self.metrics.ready.set(1)
@@ -321,10 +331,12 @@ class _Guard:
 
 
 # ---------------------------------------------------------------------------------- app
-def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None) -> FastAPI:
-    """The service over ``run_dir``; a ``runtime`` already loaded (tests) skips the loading."""
+def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None,
+               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """The service over ``run_dir``; a ``runtime`` already loaded (tests) skips the loading.
+    ``on_load_failure(reason)`` is called when loading fails (``sigma serve`` stops then)."""
     svc = cfg.serving.service
-    service = _Service(Path(run_dir), cfg, runtime)
+    service = _Service(Path(run_dir), cfg, runtime, on_load_failure)
     RecommendBody, BatchBody = request_models(svc)
 
     @asynccontextmanager
@@ -364,9 +376,18 @@ def create_app(run_dir: Path, cfg: SigmaConfig, runtime: Runtime | None = None) 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own refusals (an undecodable body, an unknown path or method) in the same
-        # shape as every other error.
+        # shape as every other error, naming what is at fault.
+        headers = dict(e.headers or {})
+        path = request.url.path
+        if e.status_code == 404:
+            return _error(404, "path", f"no endpoint {path} (the API is listed at /docs)",
+                          headers)
+        if e.status_code == 405:
+            allowed = headers.get("Allow") or headers.get("allow") or "another method"
+            return _error(405, "method", f"{request.method} is not allowed on {path}; use "
+                          f"{allowed}", headers)
         return _error(e.status_code, "body" if e.status_code == 400 else None, str(e.detail),
-                      dict(e.headers or {}))
+                      headers)
 
     @app.exception_handler(_Unavailable)
     async def _unavailable(request: Request, e: _Unavailable) -> JSONResponse:

@@ -9,7 +9,18 @@ from typing import Annotated
 
 import typer
 
-from sigmarec.serving.cli_options import Config, Out, Profile, Sets, command_group
+from sigmarec.cli_common import (
+    ConfigOpt,
+    JsonOpt,
+    OutOpt,
+    ProfileOpt,
+    SetOpt,
+    command_config,
+    command_group,
+    console,
+    run_dir_of,
+    setup_logging,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,27 +34,31 @@ def register(app: typer.Typer) -> None:
         items_file: Annotated[Path, typer.Argument(
             help="new items: CSV/TSV/Parquet/JSONL, in the data layer's item schema or mapped "
             "by data.files.item_columns")],
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
-        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
+        as_json: JsonOpt = False,
         verbose: bool = False,
     ) -> None:
         """Onboard new items into a trained run: text embedding, semantic ID, soft token;
         published atomically as a new catalogue version."""
-        from sigmarec.cli import _config, _run_dir, _setup_logging, console
         from sigmarec.serving.items import add_items
+        from sigmarec.tokenization.artifacts import load_vocab
 
-        _setup_logging(verbose)
-        cfg = _config(profile, config, sets)
-        run_dir = _run_dir(out, cfg)
+        setup_logging(verbose)
+        cfg = command_config(profile, config, sets)
+        run_dir = run_dir_of(out, cfg)
         before = _count_added(run_dir)
         overlay = add_items(run_dir, cfg, items_file)
+        vocab, _ = load_vocab(run_dir / "tokenization")
         new = overlay.items.iloc[before:] if before <= overlay.n_items else overlay.items
+        # The prefix as tokens (<a_11>), as prompts, serving and the docs show it; the flat id
+        # stays in the JSON for scripts.
         rows = [{"item_idx": int(r.item_idx), "item_id": str(r.item_id), "text": str(r.text),
                  "semantic_id": [int(c) for c in overlay.codes[i]],
-                 "prefix": int(overlay.prefix[i])}
+                 "prefix": vocab.prefix_text(int(overlay.prefix[i])),
+                 "prefix_id": int(overlay.prefix[i])}
                 for i, r in zip(range(overlay.n_items - len(new), overlay.n_items),
                                 new.itertuples(index=False), strict=True)]
         if as_json:
@@ -57,7 +72,7 @@ def register(app: typer.Typer) -> None:
             t.add_column(col)
         for r in rows[:50]:
             t.add_row(str(r["item_idx"]), r["item_id"], r["text"][:60],
-                      " ".join(map(str, r["semantic_id"])), str(r["prefix"]))
+                      " ".join(map(str, r["semantic_id"])), r["prefix"])
         console.print(t)
         if len(rows) > 50:
             console.print(f"... and {len(rows) - 50} more")
@@ -68,10 +83,10 @@ def register(app: typer.Typer) -> None:
 
     @bench.command("coldstart")
     def coldstart(
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
         batch_size: Annotated[int, typer.Option(help="SIGMA prompts per decoder call")] = 16,
         max_instances: Annotated[int | None, typer.Option(
             help="at most this many instances of each set (seeded sample)")] = None,
@@ -79,13 +94,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Cold-start evaluation: onboard the held-out new items (data.holdout_new_items_weeks)
         with `items add`, then measure how SIGMA and the baselines recommend them."""
-        from sigmarec.cli import _config, _run_dir, _setup_logging, console
         from sigmarec.core.atomic import write_json
         from sigmarec.serving.coldstart import coldstart_table, run_coldstart
 
-        _setup_logging(verbose)
-        cfg = _config(profile, config, sets)
-        run_dir = _run_dir(out, cfg)
+        setup_logging(verbose)
+        cfg = command_config(profile, config, sets)
+        run_dir = run_dir_of(out, cfg)
         result = run_coldstart(run_dir, cfg, batch_size=batch_size, max_instances=max_instances)
         write_json(run_dir / "serving" / "coldstart.json", result)
         console.print(coldstart_table(result))

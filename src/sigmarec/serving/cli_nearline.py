@@ -12,7 +12,17 @@ from typing import Annotated, Any
 
 import typer
 
-from sigmarec.serving.cli_options import Config, Json, Out, Profile, Sets, command_group
+from sigmarec.cli_common import (
+    ConfigOpt,
+    JsonOpt,
+    OutOpt,
+    ProfileOpt,
+    SetOpt,
+    command_config,
+    command_group,
+    run_dir_of,
+    setup_logging,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,11 +33,11 @@ def register(app: typer.Typer) -> None:
         events: Annotated[Path, typer.Option(
             "--events", help="new interactions (CSV/TSV/Parquet/JSONL; columns as "
             "data.files.interaction_columns)")],
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
-        as_json: Json = False,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
+        as_json: JsonOpt = False,
         verbose: bool = False,
     ) -> None:
         """Append new interactions, recompute the users they touch for serving.nearline.tasks
@@ -36,12 +46,11 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from sigmarec.cli import _config, _run_dir, _setup_logging
         from sigmarec.serving.nearline import run_nearline
 
-        _setup_logging(verbose)
-        cfg = _config(profile, config, sets)
-        res = run_nearline(_run_dir(out, cfg), cfg, events)
+        setup_logging(verbose)
+        cfg = command_config(profile, config, sets)
+        res = run_nearline(run_dir_of(out, cfg), cfg, events)
         if as_json:
             typer.echo(json.dumps(asdict(res), indent=2))
             return
@@ -68,11 +77,11 @@ def register(app: typer.Typer) -> None:
         task: Annotated[str, typer.Option("--task", help="a task name")] = "JustForYou",
         version: Annotated[int | None, typer.Option(
             help="read as of this version (default: the newest)")] = None,
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
-        as_json: Json = False,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
+        as_json: JsonOpt = False,
     ) -> None:
         """The published list of a user and task."""
         from dataclasses import asdict
@@ -103,11 +112,11 @@ def register(app: typer.Typer) -> None:
 
     @u2i_app.command("versions")
     def u2i_versions(
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
-        as_json: Json = False,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
+        as_json: JsonOpt = False,
     ) -> None:
         """Every published version of the store, oldest first."""
         from dataclasses import asdict
@@ -135,10 +144,10 @@ def register(app: typer.Typer) -> None:
         users: Annotated[int, typer.Option(help="users whose update is timed")] = 64,
         repeats: Annotated[int, typer.Option(help="timed repetitions of each method")] = 3,
         save: Annotated[Path | None, typer.Option(help="also write the figures as JSON")] = None,
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
         verbose: bool = False,
     ) -> None:
         """Nearline update of the same users with prompt KV reuse vs from scratch, as ratios.
@@ -146,15 +155,14 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from sigmarec.cli import _config, _run_dir, _setup_logging
         from sigmarec.errors import SigmaError
         from sigmarec.serving.nearline_bench import bench_nearline
 
         if users < 1 or repeats < 1:
             raise SigmaError(f"--users ({users}) and --repeats ({repeats}) must be >= 1")
-        _setup_logging(verbose)
-        cfg = _config(profile, config, sets)
-        res = bench_nearline(_run_dir(out, cfg), cfg, users, repeats)
+        setup_logging(verbose)
+        cfg = command_config(profile, config, sets)
+        res = bench_nearline(run_dir_of(out, cfg), cfg, users, repeats)
         t = Table(title=f"bench nearline ({res['run']}, {users} users x {res['tasks']}, "
                         f"batch {res['batch_size']}, {res['threads']} threads)")
         for c in ("method", "tokens run", "prompt forward s", "speed-up", "update s",
@@ -180,11 +188,10 @@ def register(app: typer.Typer) -> None:
 def _u2i_store(profile: str, config: list[Path] | None, sets: list[str] | None,
                out: Path | None) -> Iterator[tuple[Any, Path, Any]]:
     """(config, run directory, open U2I store) of the u2i commands' shared options."""
-    from sigmarec.cli import _config, _run_dir
     from sigmarec.serving.store import open_store
 
-    cfg = _config(profile, config, sets)
-    run_dir = _run_dir(out, cfg)
+    cfg = command_config(profile, config, sets)
+    run_dir = run_dir_of(out, cfg)
     with open_store(cfg.serving.u2i_store, run_dir) as store:
         yield cfg, run_dir, store
 

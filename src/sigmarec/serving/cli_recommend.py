@@ -10,12 +10,21 @@ from typing import Annotated
 
 import typer
 
-from sigmarec.serving.cli_options import Config, Out, Profile, Sets
+from sigmarec.cli_common import (
+    ConfigOpt,
+    JsonOpt,
+    OutOpt,
+    ProfileOpt,
+    SetOpt,
+    command_config,
+    run_dir_of,
+    setup_logging,
+)
 
 
 def _read_allow(path: Path) -> list[str]:
     """Item ids, one per line (blank lines and '#' comments skipped), or a JSON list."""
-    from sigmarec.serving.runtime import RequestError
+    from sigmarec.serving.request import RequestError
 
     try:
         text = path.read_text()
@@ -52,21 +61,21 @@ def register(app: typer.Typer) -> None:
         allow: Annotated[Path | None, typer.Option(
             help="only these items: a file of item ids (one per line, or a JSON list)")] = None,
         model: Annotated[str, typer.Option(help="sigma or a baseline of the run")] = "sigma",
-        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
+        as_json: JsonOpt = False,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
     ) -> None:
         """Recommend items for one user (or an explicit history) from a finished run."""
         from rich.console import Console
         from rich.table import Table
 
-        from sigmarec.cli import _config, _run_dir, _setup_logging
         from sigmarec.core.seed import set_threads
-        from sigmarec.serving.runtime import RecRequest, RequestError, Runtime, request_from_json
+        from sigmarec.serving.request import RecRequest, RequestError, request_from_json
+        from sigmarec.serving.runtime import Runtime
 
-        _setup_logging(False)
+        setup_logging(False)
         fields = {"task": task, "instruction": instruction, "k": k, "category": category,
                   "exclude_bought": exclude_bought, "model": model,
                   "allow_items": _read_allow(allow) if allow is not None else None}
@@ -84,9 +93,9 @@ def register(app: typer.Typer) -> None:
             req = RecRequest(user_id=user, **fields)
         else:
             raise RequestError("--user", "give --user ID or --history-json FILE|-")
-        cfg = _config(profile, config, sets)
+        cfg = command_config(profile, config, sets)
         set_threads(cfg.threads)
-        rt = Runtime.load(_run_dir(out, cfg), cfg)
+        rt = Runtime.load(run_dir_of(out, cfg), cfg)
         resolved = rt.resolve(req)
         items = rt.rank([resolved])[0]
         if as_json:
@@ -109,24 +118,42 @@ def register(app: typer.Typer) -> None:
             help="bind address (default serving.service.host)")] = None,
         port: Annotated[int | None, typer.Option(
             help="port (default serving.service.port; 0 = any free port)")] = None,
-        config: Config = None,
-        profile: Profile = "default",
-        out: Out = None,
-        sets: Sets = None,
+        config: ConfigOpt = None,
+        profile: ProfileOpt = "default",
+        out: OutOpt = None,
+        sets: SetOpt = None,
         verbose: bool = False,
     ) -> None:
-        """Serve a finished run over HTTP (FastAPI + uvicorn); see docs/serving.md."""
+        """Serve a finished run over HTTP (FastAPI + uvicorn); see docs/serving.md. Exits
+        non-zero, with the reason, when the run cannot be loaded."""
         import uvicorn
 
-        from sigmarec.cli import _config, _run_dir, _setup_logging
         from sigmarec.core.seed import set_threads
+        from sigmarec.errors import SigmaError
         from sigmarec.serving.api import create_app
 
-        _setup_logging(verbose)
-        cfg = _config(profile, config, sets)
+        setup_logging(verbose)
+        cfg = command_config(profile, config, sets)
         set_threads(cfg.threads)
         svc = cfg.serving.service
-        app_ = create_app(_run_dir(out, cfg), cfg)
-        uvicorn.run(app_, host=host or svc.host, port=svc.port if port is None else port,
-                    log_level="debug" if verbose else "info", access_log=verbose,
-                    timeout_graceful_shutdown=10)
+        run_dir = run_dir_of(out, cfg)
+        server: uvicorn.Server | None = None
+
+        def stop(reason: str) -> None:
+            # /readyz answers 503 "failed" with the reason until the server has shut down; a
+            # service that can never be ready must not wait for clients forever.
+            if server is not None:
+                server.should_exit = True
+
+        app_ = create_app(run_dir, cfg, on_load_failure=stop)
+        server = uvicorn.Server(uvicorn.Config(
+            app_, host=host or svc.host, port=svc.port if port is None else port,
+            log_level="debug" if verbose else "info", access_log=verbose,
+            timeout_graceful_shutdown=10))
+        server.run()
+        error = app_.state.service.error
+        if error is not None:
+            raise SigmaError(f"sigma serve: cannot load {run_dir.resolve()}: {error}")
+        if not server.started:  # e.g. the port is taken; uvicorn logged why
+            raise SigmaError(f"sigma serve: the server did not start on "
+                             f"{server.config.host}:{server.config.port} (see the log above)")

@@ -36,18 +36,12 @@ import torch
 
 from sigmarec.baselines.registry import restore
 from sigmarec.config import SigmaConfig
-from sigmarec.core.stage import StageContext
 from sigmarec.data.processed import Holdout, ProcessedData, load_holdout
 from sigmarec.errors import SigmaError, StageError
 from sigmarec.serving.catalog import CatalogOverlay, load_overlay, stage_run_ids
-from sigmarec.serving.items import (
-    ItemSpace,
-    add_frame,
-    add_to_loaded,
-    extend_items,
-    stand_in_fidelity,
-)
-from sigmarec.serving.runtime import generation_choice
+from sigmarec.serving.fusion_choice import generation_choice
+from sigmarec.serving.items import ItemSpace, add_frame, stand_in_fidelity
+from sigmarec.serving.overlay import add_to_loaded, extend_items
 
 log = logging.getLogger("sigmarec")
 
@@ -167,15 +161,15 @@ def build_instances(data: ProcessedData, holdout: Holdout, new_idx: dict[str, in
 def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: int
              ) -> pd.DataFrame:
     """JustForYou prompt rows for the instances, as the tasks stage writes its instances."""
+    from sigmarec.tasks.columns import history_listers, prompt_columns
     from sigmarec.tasks.registry import build_tasks
     from sigmarec.tasks.resources import build_resources
-    from sigmarec.tasks.sft_data import novelty_lister, prompt_columns
 
     res = build_resources(data, cfg.tasks)
     task = build_tasks(res, ["JustForYou"])["JustForYou"]
     rng = np.random.default_rng(seed)
     t = cfg.tasks
-    novelty = novelty_lister(res, t)
+    listers = history_listers(res, t)
     rows = []
     for r in inst.itertuples(index=False):
         full = data.history(int(r.user_idx), int(r.hist_len))
@@ -184,35 +178,29 @@ def _prompts(data: ProcessedData, inst: pd.DataFrame, cfg: SigmaConfig, seed: in
                      "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
                      "task": "JustForYou",
                      "profile": res.profiles[int(r.user_idx)],
-                     **prompt_columns(full, t, novelty)})
+                     **prompt_columns(full, t, listers)})
     return pd.DataFrame(rows)
 
 
 def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: CatalogOverlay,
                  prompts: pd.DataFrame, batch_size: int, n: int
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from sigmarec.generation.decode import SigmaDecoder
     from sigmarec.generation.fusion import fuse
+    from sigmarec.generation.run_model import load_run_model
     from sigmarec.generation.stage import decode_split
-    from sigmarec.model.sigma import load_sigma_model
-    from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
+    from sigmarec.tasks.text_match import data_matcher
+    from sigmarec.training.stage import to_examples
 
-    ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
-                       inputs={s: run_dir / s for s in ("data", "baselines", "grounding",
-                                                        "tokenization", "training")})
-    vocab, item_prefix = load_vocab(ctx)
-    model = load_sigma_model(run_dir / "training" / "model", cfg.backbone,
-                             load_item_features(ctx), item_prefix)
     choice = generation_choice(run_dir, cfg)
     tau, k, how = choice.tau, choice.k_prefixes, choice.source
-    decoder = SigmaDecoder(model, k, cfg.generation.m_per_prefix,
-                           index_backend=cfg.tokenization.index.backend)
+    run = load_run_model(run_dir, k, cfg.generation.m_per_prefix)
+    model, decoder = run.model, run.decoder
     n_base = model.n_items
     t0 = time.perf_counter()
     add_to_loaded(overlay, model, decoder)
     apply_s = time.perf_counter() - t0
     matcher = data_matcher(model.cfg, data, cfg.tasks, extend_items(data, overlay).items)
-    examples = to_examples(prompts, model, vocab, model.item_prefix.cpu().numpy(),
+    examples = to_examples(prompts, model, run.vocab, model.item_prefix.cpu().numpy(),
                            with_target=False, matcher=matcher)
     # decode_split takes one mask row per example
     trained_only = np.broadcast_to(np.arange(model.n_items) < n_base,

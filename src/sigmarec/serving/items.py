@@ -18,9 +18,7 @@ training:
 
 The result is published as a new version of the catalogue overlay (:mod:`.catalog`: complete
 folder renamed into place, then ``CURRENT`` swapped), so a reader sees all of a batch or none.
-:func:`apply_overlay` extends what the serving runtime loads (item features, prefixes, item
-table) and :func:`extend_model` / :func:`extend_decoder` extend an already loaded model and its
-prefix index in place, so the new items are recommendable at once.
+Applying it to what serving loads (and to a loaded model) is :mod:`.overlay`'s job.
 """
 
 from __future__ import annotations
@@ -34,21 +32,19 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from sigmarec.config import ItemColumnMap, SigmaConfig
-from sigmarec.core.stage import read_manifest
 from sigmarec.data.build import render_item_text
-from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import ITEM_COLUMNS
 from sigmarec.data.sources.files import read_items, read_table
 from sigmarec.errors import DataError, StageError
+from sigmarec.generation.run_model import model_dir, run_config
+from sigmarec.grounding.artifacts import ID_TOWER_FILE, UNGROUNDED_FILE, text_features_file
 from sigmarec.serving.catalog import (
-    CatalogError,
     CatalogOverlay,
     catalog_dir,
     load_overlay,
@@ -58,22 +54,15 @@ from sigmarec.serving.catalog import (
     write_version,
 )
 from sigmarec.serving.config import NewItemsConfig
-from sigmarec.tokenization.hybrid import HybridVocab, ProjFuse
+from sigmarec.tokenization.artifacts import load_vocab
+from sigmarec.tokenization.hybrid import ProjFuse
 from sigmarec.tokenization.semantic_ids import SemanticIds
-
-if TYPE_CHECKING:
-    from sigmarec.generation.decode import SigmaDecoder
-    from sigmarec.model.sigma import SigmaModel
-    from sigmarec.serving.runtime import RuntimeParts
 
 log = logging.getLogger("sigmarec")
 
 # Test hook for the kill -9 tests: "<point>:<seconds>" sleeps at that point of a publication
 # ("writing": half of the version folder written; "publish": folder renamed, CURRENT not yet).
 PAUSE_ENV = "SIGMAREC_ITEMS_ADD_PAUSE"
-# Per-item buffers of SigmaModel that extend_model knows how to grow; any other buffer with one
-# row per item means the model changed and extend_model must learn it (it refuses, loudly).
-_ITEM_BUFFERS = ("item_prefix", "item_codes", "item_rarity")
 
 
 # ------------------------------------------------------------------------------- reading
@@ -154,16 +143,6 @@ def check_new_ids(items: pd.DataFrame, src: str, trained: pd.Index,
 # ------------------------------------------------------------------------------- the run
 
 
-def run_config(run_dir: Path) -> SigmaConfig:
-    """The config the run was trained with (from the training manifest): the encoder,
-    tokenizer and model settings must be the run's, whatever the command line says."""
-    m = read_manifest(Path(run_dir) / "training")
-    if m is None or not (Path(run_dir) / "training" / "model").is_dir():
-        raise StageError(f"{run_dir}: no trained model (training/); run `sigma run` with the same "
-                         "--profile/--out first")
-    return SigmaConfig.model_validate(m["config"])
-
-
 class ItemSpace:
     """What onboarding needs from a finished run, loaded once: the trained items' features,
     the codebooks, the hybrid vocabulary and the trained ProjFuse."""
@@ -173,22 +152,19 @@ class ItemSpace:
         self.run_dir = run_dir
         self.cfg = run_config(run_dir)
         self.items = pd.read_parquet(run_dir / "data" / "items.parquet")
-        emb = self.cfg.tokenization.embedding
-        self.text_file = "v_text.npy" if emb == "grounded" else "v_text_ungrounded.npy"
+        self.text_file = text_features_file(self.cfg.tokenization.embedding)
         self.text = np.load(run_dir / "grounding" / self.text_file).astype(np.float32)
-        id_path = run_dir / "baselines" / "item_embeddings.npy"
+        id_path = run_dir / "baselines" / ID_TOWER_FILE
         self.ids = np.load(id_path).astype(np.float32) if id_path.is_file() else None
         self.sids = SemanticIds.load(run_dir / "tokenization")
-        meta = json.loads((run_dir / "tokenization" / "vocab.json").read_text())
-        self.vocab = HybridVocab(meta["prefix_codebook_sizes"], meta["query_token"])
-        self.item_prefix = np.load(run_dir / "tokenization" / "item_prefix.npy")
+        self.vocab, self.item_prefix = load_vocab(run_dir / "tokenization")
         n = len(self.items)
         for name, arr in (("text features", self.text), ("item prefixes", self.item_prefix),
                           ("ID tower", self.ids)):
             if arr is not None and len(arr) != n:
                 raise StageError(f"{run_dir}: {name} have {len(arr)} rows for {n} items; the "
                                  "run's stages are out of step (rerun `sigma run`)")
-        self.fuse = _load_fuse(run_dir / "training" / "model")
+        self.fuse = _load_fuse(model_dir(run_dir))
         if set(self.fuse.sources) != ({"text", "id"} if self.ids is not None else {"text"}):
             raise StageError(f"{run_dir}: the trained ProjFuse reads {self.fuse.sources}; new "
                              "items can supply text and ID-tower stand-in vectors only")
@@ -205,7 +181,7 @@ class ItemSpace:
         g = self.cfg.grounding
         backbone, tokenizer, _ = load_backbone(self.cfg.backbone)
         with torch.no_grad():
-            if self.text_file == "v_text_ungrounded.npy":
+            if self.text_file == UNGROUNDED_FILE:
                 return raw_backbone_embeddings(backbone, tokenizer, texts, g.max_text_tokens,
                                                g.encode_batch_size)
             encoder = ItemEncoder(backbone, tokenizer, g)
@@ -404,149 +380,3 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------- applying
-
-
-def overlay_features(overlay: CatalogOverlay, sources: list[str] | tuple[str, ...]
-                     ) -> dict[str, np.ndarray]:
-    """The overlay's rows of each model feature source."""
-    have = {"text": overlay.v_text, "id": overlay.id_vectors}
-    missing = [s for s in sources if s not in have]
-    if missing:
-        raise CatalogError(f"catalogue {overlay.version}: the model reads {missing} features, "
-                           "which added items do not have")
-    return {s: have[s] for s in sources}
-
-
-def apply_overlay(parts: RuntimeParts, overlay: CatalogOverlay | None) -> RuntimeParts:
-    """The runtime's parts with the overlay's items appended: item features, prefixes and the
-    item table (the contract of :mod:`sigmarec.serving.runtime`); ``parts`` is not changed."""
-    if overlay is None or overlay.n_items == 0:
-        return parts
-    n = parts.n_trained_items
-    if overlay.n_base != n or parts.data.n_items != n or len(parts.item_prefix) != n:
-        raise CatalogError(f"catalogue {overlay.version} extends a catalogue of "
-                           f"{overlay.n_base} items; this run has {n} trained items")
-    feats = overlay_features(overlay, sorted(parts.item_features))
-    for s, f in feats.items():
-        if f.shape[1] != parts.item_features[s].shape[1]:
-            raise CatalogError(f"catalogue {overlay.version}: {s} features of width "
-                               f"{f.shape[1]}, the run's have {parts.item_features[s].shape[1]}")
-    return dataclasses.replace(
-        parts,
-        data=extend_items(parts.data, overlay),
-        item_features={s: np.concatenate([parts.item_features[s], feats[s]])
-                       for s in parts.item_features},
-        item_prefix=np.concatenate([parts.item_prefix, overlay.prefix.astype(np.int64)]),
-    )
-
-
-def extend_items(data: ProcessedData, overlay: CatalogOverlay) -> ProcessedData:
-    """``data`` with the overlay's items not yet in its item table appended (a new object:
-    cached per-item arrays such as ``train_item_counts`` are recomputed at the new size)."""
-    start = data.n_items - overlay.n_base
-    if start < 0 or start > overlay.n_items:
-        raise CatalogError(f"catalogue {overlay.version}: the item table has {data.n_items} "
-                           f"items, the overlay covers {overlay.n_base}.."
-                           f"{overlay.n_base + overlay.n_items}")
-    if start == overlay.n_items:
-        return data
-    new = overlay.items.iloc[start:]
-    items = pd.concat([data.items, new[[c for c in new.columns if c in data.items.columns]]],
-                      ignore_index=True)
-    return dataclasses.replace(data, items=items)
-
-
-def load_model_with_items(model_dir: Path, backbone_cfg: Any, parts: RuntimeParts
-                          ) -> SigmaModel:
-    """``load_sigma_model`` for parts that hold added items: the checkpoint is checked against
-    the trained catalogue, then the model is extended by the added rows."""
-    from sigmarec.model.sigma import load_sigma_model
-
-    n = parts.n_trained_items
-    model = load_sigma_model(model_dir, backbone_cfg,
-                             {s: f[:n] for s, f in parts.item_features.items()},
-                             parts.item_prefix[:n])
-    if len(parts.item_prefix) > n:
-        extend_model(model, {s: f[n:] for s, f in parts.item_features.items()},
-                     parts.item_prefix[n:])
-    return model
-
-
-@torch.no_grad()
-def extend_model(model: SigmaModel, features: Mapping[str, np.ndarray],
-                 prefix: np.ndarray) -> np.ndarray:
-    """Append items to a loaded SigmaModel in place (its frozen feature buffers and prefixes);
-    returns their item indices. Their soft tokens then come from the trained ProjFuse like
-    every other item's. Nothing trainable changes."""
-    prefix = np.asarray(prefix, dtype=np.int64)
-    n_old, n_new = model.n_items, len(prefix)
-    if set(features) != set(model.sources):
-        raise CatalogError(f"new items have features {sorted(features)}, the model reads "
-                           f"{model.sources}")
-    if len(prefix) and (prefix.min() < 0 or prefix.max() >= model.n_prefixes):
-        raise CatalogError(f"new item prefixes must lie in 0..{model.n_prefixes - 1}")
-    known = {f"feat_{s}" for s in model.sources} | set(_ITEM_BUFFERS)
-    unknown = [name for name, b in model.named_buffers(recurse=False)
-               if b.ndim and b.shape[0] == n_old and name not in known
-               and name not in ("token_row", "prefix_ids_t")]
-    if unknown:
-        raise CatalogError(f"SigmaModel has per-item buffers {unknown} that "
-                           "sigmarec.serving.items.extend_model does not extend")
-    for s in model.sources:
-        buf = getattr(model, f"feat_{s}")
-        add = torch.as_tensor(np.asarray(features[s]), dtype=buf.dtype, device=buf.device)
-        if add.shape != (n_new, buf.shape[1]):
-            raise CatalogError(f"{s} features of new items: shape {tuple(add.shape)}, expected "
-                               f"({n_new}, {buf.shape[1]})")
-        setattr(model, f"feat_{s}", torch.cat([buf, add]))
-    dev = model.item_prefix.device
-    p = torch.as_tensor(prefix, device=dev)
-    model.item_prefix = torch.cat([model.item_prefix, p])
-    if hasattr(model, "item_codes"):
-        model.item_codes = torch.cat([model.item_codes, _flat_to_codes(p, model.codebook_sizes)])
-    # Never bought in training: the rarest (the rarity channel's value of an unsold item).
-    model.item_rarity = torch.cat([model.item_rarity,
-                                   torch.ones(n_new, dtype=model.item_rarity.dtype, device=dev)])
-    model.n_items = n_old + n_new
-    return np.arange(n_old, n_old + n_new)
-
-
-def _flat_to_codes(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    rest, cols = flat.long(), []
-    for size in reversed(sizes):
-        cols.append(rest % size)
-        rest = torch.div(rest, size, rounding_mode="floor")
-    return torch.stack(cols[::-1], dim=1)
-
-
-def extend_decoder(decoder: SigmaDecoder) -> int:
-    """Add the model's items that the decoder's prefix index does not hold yet (after
-    :func:`extend_model`); returns how many were added."""
-    model = decoder.model
-    have = decoder.index.n_items
-    if have > model.n_items:
-        raise CatalogError(f"the prefix index holds {have} items, the model {model.n_items}")
-    if have < model.n_items:
-        idx = np.arange(have, model.n_items)
-        vecs = model.item_vectors(idx).cpu().numpy().astype(np.float32)
-        decoder.index.add_items(vecs, model.item_prefix[have:].cpu().numpy())
-    decoder.item_prefix = model.item_prefix.cpu().numpy()
-    decoder.collate = model.collator()
-    return model.n_items - have
-
-
-def add_to_loaded(overlay: CatalogOverlay, model: SigmaModel,
-                  decoder: SigmaDecoder | None = None) -> np.ndarray:
-    """Make the overlay's items that a loaded model (and decoder) lack recommendable now."""
-    start = model.n_items - overlay.n_base
-    if start < 0 or start > overlay.n_items:
-        raise CatalogError(f"catalogue {overlay.version} covers items {overlay.n_base}.."
-                           f"{overlay.n_base + overlay.n_items}; the model has {model.n_items}")
-    feats = overlay_features(overlay, model.sources)
-    ids = extend_model(model, {s: f[start:] for s, f in feats.items()}, overlay.prefix[start:])
-    if decoder is not None:
-        extend_decoder(decoder)
-    return ids

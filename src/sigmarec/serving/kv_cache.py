@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from sigmarec.core.atomic import atomic_path
-from sigmarec.model.batch import SFTExample, left_pad
-from sigmarec.model.sigma import PromptCache, SigmaModel, positions_from_mask, prompt_args
+from sigmarec.model.batch import PromptBatch, SFTExample, left_pad
+from sigmarec.model.sigma import PromptCache, SigmaModel, positions_from_mask
 
 log = logging.getLogger("sigmarec")
 
@@ -136,7 +136,7 @@ def split_rows(kv: Any, attention_mask: torch.Tensor, keys: Sequence[np.ndarray]
     return out
 
 
-def prompt_forward(model: SigmaModel, batch: dict[str, torch.Tensor],
+def prompt_forward(model: SigmaModel, batch: PromptBatch,
                    examples: Sequence[SFTExample], cached: Sequence[PromptKV | None] | None,
                    ) -> tuple[PromptCache, list[PromptKV] | None, ReuseStats]:
     """Generation step 1 for the collated ``batch`` of ``examples``, reusing ``cached`` KV.
@@ -181,18 +181,17 @@ def _section(ex: SFTExample, p: int, item_token_id: int, levels: int) -> str:
     return "recently bought" if p <= hist[-1] else "request"
 
 
-def _from_scratch(model: SigmaModel, batch: dict[str, torch.Tensor]
-                  ) -> tuple[torch.Tensor, PromptCache]:
-    return model.prefix_logprobs(**prompt_args(batch))
+def _from_scratch(model: SigmaModel, batch: PromptBatch) -> tuple[torch.Tensor, PromptCache]:
+    return model.prefix_logprobs(batch)
 
 
 @torch.no_grad()
-def _incremental(model: SigmaModel, batch: dict[str, torch.Tensor],
+def _incremental(model: SigmaModel, batch: PromptBatch,
                  examples: Sequence[SFTExample], cached: Sequence[PromptKV | None],
                  reuse: Sequence[int]) -> PromptCache:
     from transformers.cache_utils import DynamicCache
 
-    dev = batch["input_ids"].device
+    dev = batch.input_ids.device
     bsz = len(examples)
     width = max(reuse)
     ref = next(c for c, p in zip(cached, reuse, strict=True) if p > 0).layers
@@ -224,8 +223,8 @@ def _incremental(model: SigmaModel, batch: dict[str, torch.Tensor],
             0, model.hidden, device=dev)
         embeds = model.inputs_embeds(new_ids, new_mask, soft)
         kv = DynamicCache(ddp_cache_data=past)
-        h, kv = model._decode(embeds, mask, pos, cache=kv, use_cache=True)
-        return model.prompt_cache(h[:, -1], kv, mask, pos[:, -1] + 1, **prompt_args(batch))
+        h, kv = model.decode(embeds, mask, pos, cache=kv, use_cache=True)
+        return model.prompt_cache(h[:, -1], kv, mask, pos[:, -1] + 1, batch)
     finally:
         model.train(was)
 

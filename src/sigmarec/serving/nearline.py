@@ -31,13 +31,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from sigmarec.config import SigmaConfig
 from sigmarec.core.atomic import atomic_path
@@ -52,8 +51,14 @@ from sigmarec.serving.kv_cache import (
     prompt_forward,
     token_keys,
 )
-from sigmarec.serving.runtime import SIGMA, RecRequest, RequestError, Runtime
+from sigmarec.serving.request import SIGMA, RecRequest, RequestError
+from sigmarec.serving.runtime import Runtime
 from sigmarec.serving.store import U2IRow, open_store
+
+if TYPE_CHECKING:
+    from sigmarec.generation.decode import SigmaDecoder
+    from sigmarec.generation.fusion import Candidates
+    from sigmarec.model.batch import SFTExample
 
 log = logging.getLogger("sigmarec")
 
@@ -124,10 +129,10 @@ def read_new_events(path: Path, cfg: SigmaConfig, runtime: Runtime) -> pd.DataFr
         # A run trained on a packaged dataset maps no basket column; events name theirs.
         m.basket = BASKET_COLUMN
     raw, src = _interactions(fs)  # reads, checks columns/ids/timestamps, errors name row+column
-    users = raw["user_id"].map(runtime._state.user_index)
+    users = raw["user_id"].map(runtime.user_index)
     _first_unknown(users, raw["user_id"], src, m.user, "unknown user (nearline takes events of "
                    "users the run knows; new users need a new training run)")
-    items = raw["item_id"].map(runtime._state.item_index)
+    items = raw["item_id"].map(runtime.item_index)
     _first_unknown(items, raw["item_id"], src, m.item, "unknown item (add new items with "
                    "`sigma items add` first)")
     ev = pd.DataFrame({"user_idx": users.astype(np.int64), "item_idx": items.astype(np.int64),
@@ -210,10 +215,9 @@ class Recomputer:
     """Top-k lists of (user, task) pairs through the runtime, with prompt KV reuse for SIGMA.
 
     With reuse, step 1 (the prompt forward) is :func:`~sigmarec.serving.kv_cache.prompt_forward`
-    instead of the decoder's own, and steps 2-3 are the runtime's decoder and fusion unchanged;
-    that needs the runtime's model and decoder, which have no public accessor yet
-    (``Runtime._state``); the decoder continues from the cache through
-    :meth:`~sigmarec.generation.decode.SigmaDecoder.candidates_from_cache`."""
+    instead of the decoder's own, and steps 2-3 are the runtime's decoder and fusion unchanged
+    (:meth:`Runtime.sigma_lists` with the cached step 1); the decoder continues from the cache
+    through :meth:`~sigmarec.generation.decode.SigmaDecoder.candidates_from_cache`."""
 
     runtime: Runtime
     k: int
@@ -232,25 +236,24 @@ class Recomputer:
                 out.append((idx, np.array([r.score for r in ranked])))
             return out
         resolved = [rt.resolve(r) for r in reqs]
-        model, decoder = rt._state.model, rt._state.decoder
-        examples = rt.prompt_examples(reqs)
-        cached: list[PromptKV | None] = [
-            self.kv.best(u, token_keys(e, model.item_token_id))
-            for (u, _), e in zip(pairs, examples, strict=True)]
-        batch = decoder.batch(examples)
-        n = max(rt.cfg.eval.top_n, self.k)  # as Runtime decodes: lists independent of batching
-        masks = [r.allow for r in resolved]
-        allow = None if all(m is None for m in masks) else np.stack(
-            [np.ones(rt.n_items, dtype=bool) if m is None else m for m in masks])
-        with torch.no_grad():
+        kv = self.kv
+
+        def from_cache(decoder: SigmaDecoder, examples: list[SFTExample], n: int,
+                       allow: np.ndarray | None) -> Candidates:
+            model = decoder.model
+            cached: list[PromptKV | None] = [
+                kv.best(u, token_keys(e, model.item_token_id))
+                for (u, _), e in zip(pairs, examples, strict=True)]
+            batch = decoder.batch(examples)
             cache, entries, st = prompt_forward(model, batch, examples, cached)
             cands = decoder.candidates_from_cache(cache, len(examples), n, [allow])[0]
-        stats.add(st)
-        if entries is not None:
-            for (u, t), e in zip(pairs, entries, strict=True):
-                self.kv.put(u, t, e)
-        items, scores = rt.fuse(cands, np.array([m is not None for m in masks]), n,
-                                [r.task for r in resolved])
+            stats.add(st)
+            if entries is not None:
+                for (u, t), e in zip(pairs, entries, strict=True):
+                    kv.put(u, t, e)
+            return cands
+
+        items, scores = rt.sigma_lists(resolved, from_cache)
         out = []
         for b in range(len(pairs)):
             keep = (items[b] >= 0) & np.isfinite(scores[b])
@@ -353,7 +356,7 @@ def _recompute(rec: Recomputer, users: np.ndarray, tasks: Sequence[str], batch_s
         part = pairs[s:s + batch_size]
         for (u, t), (items, scores) in zip(part, rec.lists(part, stats), strict=True):
             rows.append(U2IRow(user_id=str(rt.data.users["user_id"].iat[u]), task=t,
-                               items=[str(x) for x in rt._state.item_ids[items]],
+                               items=[str(x) for x in rt.item_ids[items]],
                                scores=[float(x) for x in scores], model=rec.model))
         if pause:
             time.sleep(pause)

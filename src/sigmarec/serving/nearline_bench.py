@@ -37,7 +37,8 @@ from sigmarec.serving.nearline import (
     open_kv,
     read_new_events,
 )
-from sigmarec.serving.runtime import RecRequest, Runtime
+from sigmarec.serving.request import RecRequest
+from sigmarec.serving.runtime import Runtime
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:
@@ -59,7 +60,7 @@ def _new_basket(rt: Runtime, users: list[int], path: Path, seed: int = 0) -> Pat
         hist = np.unique(rt.user_history(u))
         for item in rng.choice(hist, size=min(2, len(hist)), replace=False):
             rows.append({"user_id": str(data.users["user_id"].iat[u]),
-                         "item_id": str(rt._state.item_ids[item]), "timestamp": when,
+                         "item_id": str(rt.item_ids[item]), "timestamp": when,
                          "basket_id": f"bench-{u}"})
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -69,7 +70,8 @@ def _prompt_times(rt: Runtime, kv: kc.KVCacheStore | None, pairs: list[tuple[int
                   batch_size: int, k: int) -> tuple[float, list[torch.Tensor]]:
     """Seconds of step 1 alone over ``pairs`` in batches (with KV lookups and loads when
     ``kv`` is given), and the level-1 log-probs it produced."""
-    model, decoder = rt._state.model, rt._state.decoder
+    decoder = rt.decoder
+    model = decoder.model
     users = rt.data.users["user_id"]
     seconds, out = 0.0, []
     for s in range(0, len(pairs), batch_size):

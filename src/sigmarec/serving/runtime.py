@@ -11,18 +11,20 @@ A request goes through two steps:
 
 * :meth:`Runtime.resolve` checks it and turns it into a :class:`Resolved` request (history as item
   indices, the profile line, the task and its parameters, the instruction text of the prompt, one
-  allow mask for all filters). Every mistake is a :class:`RequestError` naming the field.
+  allow mask for all filters). Every mistake is a :class:`RequestError` naming the field (the
+  request types: :mod:`.request`).
 * :meth:`Runtime.rank` ranks resolved requests: all SIGMA requests in one batched decoder call
   (prompts rendered exactly as the tasks stage renders evaluation instances, through
-  ``training.stage.to_examples``), each baseline over the same histories and masks.
+  ``training.stage.to_examples``; fused at the settings of :mod:`.fusion_choice`), each
+  baseline over the same histories and masks.
 
 :meth:`Runtime.recommend` is both. Filters never shorten a SIGMA list: the allow mask acts inside
 the subset search, which widens the prefix beam when needed (``SigmaDecoder``), so ``k`` items
 come back whenever ``k`` items pass the filters.
 
-Items added after training (contract with ``sigmarec.serving.items.apply_overlay``): the runtime
-calls ``apply_overlay(parts, overlay) -> RuntimeParts`` on the :class:`RuntimeParts` below before
-it builds the model, so the new rows of ``item_features`` / ``item_prefix`` / ``data.items`` get
+Items added after training (:mod:`sigmarec.serving.overlay`): the runtime calls
+``apply_overlay(parts, overlay) -> RuntimeParts`` on the run's :class:`RuntimeParts` before it
+builds the model, so the new rows of ``item_features`` / ``item_prefix`` / ``data.items`` get
 soft tokens through the trained ProjFuse like every other item. Baselines cannot score items they
 were not trained on: those rank after every trained item (and a strict filter drops them).
 """
@@ -30,12 +32,10 @@ were not trained on: those rank after every trained item (and a strict filter dr
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,105 +43,55 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from sigmarec.baselines.base import Recommender
 from sigmarec.baselines.registry import restore
 from sigmarec.config import SigmaConfig
-from sigmarec.core.stage import StageContext, read_manifest
 from sigmarec.data.processed import ProcessedData
 from sigmarec.data.schema import CATEGORY_SEP
 from sigmarec.errors import SigmaError, StageError
-from sigmarec.generation.config import Fusion
 from sigmarec.generation.decode import SigmaDecoder
-from sigmarec.generation.fusion import Candidates, fuse_by_group, tuned_mode
+from sigmarec.generation.fusion import Candidates
+from sigmarec.generation.run_model import load_run_model, model_dir, read_run_inputs
 from sigmarec.metrics.ranking import top_n
 from sigmarec.model.batch import SFTExample
-from sigmarec.model.sigma import SigmaModel, load_sigma_model
-from sigmarec.serving.catalog import CatalogOverlay, catalog_dir, load_overlay
+from sigmarec.model.sigma import SigmaModel
+from sigmarec.serving.catalog import catalog_dir, load_overlay
+from sigmarec.serving.categories import (
+    category_index,
+    category_key,
+    task_category,
+    unknown_category,
+)
 from sigmarec.serving.events import events_dir, load_events
+from sigmarec.serving.fusion_choice import FusionChoice, generation_choice
+from sigmarec.serving.overlay import RuntimeParts, apply_overlay, extend_model
+from sigmarec.serving.request import (
+    SIGMA,
+    RecItem,
+    RecRequest,
+    RequestError,
+    Resolved,
+)
+from sigmarec.tasks.channels import Lister
+from sigmarec.tasks.columns import history_listers, prompt_columns
 from sigmarec.tasks.definitions import Cut, Task
-from sigmarec.tasks.novelty import NoveltyLister
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
-from sigmarec.tasks.sft_data import (
-    item_description,
-    novelty_lister,
-    prefix_tokens,
-    prompt_columns,
-)
+from sigmarec.tasks.sft_data import item_description, prefix_tokens
 from sigmarec.tasks.text import profile_text
-from sigmarec.tasks.text_match import InstructionMatcher
+from sigmarec.tasks.text_match import InstructionMatcher, text_matcher
 from sigmarec.tokenization.hybrid import HybridVocab
-from sigmarec.training.stage import load_item_features, load_vocab, text_matcher, to_examples
+from sigmarec.training.stage import to_examples
 
 log = logging.getLogger("sigmarec")
 
-SIGMA = "sigma"
-# Stages whose folders the runtime reads (training.stage's loaders take a StageContext).
-_INPUTS = ("data", "baselines", "grounding", "tokenization", "tasks", "training", "generation")
 # Tasks whose instruction needs a parameter that only a free-text instruction can give.
 _NEEDS_INSTRUCTION = {"Query": "a search query", "Season": "a season", "Holiday": "a holiday"}
 
 
-class RequestError(SigmaError):
-    """A bad request; ``field`` names the request field at fault (``history[2]``, ``k``...)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class RecRequest(BaseModel):
-    """One recommendation request: a known user or an explicit history (+ profile), a task or a
-    free-text instruction, ``k``, filters and the model to answer with."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    user_id: str | None = None
-    history: list[str] | None = None  # raw item ids, oldest first
-    profile: dict[str, str] | None = None  # profile column -> value (users.parquet columns)
-    task: str | None = None
-    instruction: str | None = None
-    k: int = 10
-    category: str | None = None  # a category name at any level or a path prefix "A > B"
-    exclude_bought: bool = False
-    allow_items: list[str] | None = None  # raw item ids
-    model: str = SIGMA
-
-
-class RecItem(BaseModel):
-    rank: int
-    item_id: str
-    text: str
-    prefix: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A checked request in the model's terms."""
-
-    user_idx: int  # -1 for an explicit history
-    history: np.ndarray  # full history, item indices, oldest first
-    profile: str  # the profile line of the prompt
-    task: str
-    params: dict[str, Any]
-    instruction: str  # the request line of the prompt
-    k: int
-    model: str
-    allow: np.ndarray | None  # (n_items,) bool, None = no filter
-
-
-@dataclass
-class RuntimeParts:
-    """What a run directory provides before the model is built (``apply_overlay`` extends it)."""
-
-    data: ProcessedData
-    item_features: dict[str, np.ndarray]  # "text", optionally "id": (n_items, d)
-    item_prefix: np.ndarray  # (n_items,) flat prefix id
-    n_trained_items: int
+# Steps 1-2 of SIGMA for a batch: (decoder, examples, n, allow (B, n_items) or None) -> candidates.
+CandidateFn = Callable[[SigmaDecoder, list[SFTExample], int, "np.ndarray | None"], Candidates]
 
 
 @dataclass
@@ -161,112 +111,16 @@ class _State:
     item_ids: np.ndarray  # (n_items,) str
     categories: dict[str, np.ndarray]  # normalised category key -> item indices
     profile_columns: list[str]
+    run_cfg: SigmaConfig  # the run's own config (its training manifest's)
     matcher: InstructionMatcher | None = None  # the text-match channel's, over this catalogue
-    novelty: NoveltyLister | None = None  # the novelty channel's lists (model.novelty)
-
-
-def _category_key(text: str) -> str:
-    parts = [p.strip() for p in str(text).upper().replace(">", CATEGORY_SEP).split(
-        CATEGORY_SEP.strip())]
-    return CATEGORY_SEP.join(p for p in parts if p)
-
-
-def _category_index(items: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Every category name at any level and every path prefix -> the items under it."""
-    out: dict[str, list[int]] = {}
-    paths = items["category_path"] if "category_path" in items.columns else [""] * len(items)
-    for i, path in enumerate(paths):
-        levels = [p.strip().upper() for p in str(path or "").split(CATEGORY_SEP) if p.strip()]
-        keys = {*levels, *(CATEGORY_SEP.join(levels[:d]) for d in range(2, len(levels) + 1))}
-        for key in keys:
-            out.setdefault(key, []).append(i)
-    return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
-
-
-@dataclass(frozen=True)
-class FusionChoice:
-    """The fusion's settings as the generation stage chose them on validation (or the
-    config's, for a run without a generation stage; ``source`` says which)."""
-
-    tau: float
-    k_prefixes: int
-    copy_scale: float
-    source: str
-    # For requests with a filter: the pair sigma+rule chose on rule-filtered validation lists.
-    tau_filtered: float | None = None
-    copy_scale_filtered: float | None = None
-    # generation.fusion_per_task: {task: (tau, copy scale)}, unfiltered and filtered; a task
-    # without an entry uses the pair above.
-    per_task: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    per_task_filtered: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    # generation.fusion of the run (a manifest written before the field existed: adaptive).
-    mode: Fusion = "adaptive"
-
-    def fuse(self, cands: Candidates, filtered: np.ndarray, n: int,
-             tasks: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Fusion of a batch (in ``mode``): rows with a filter (``filtered`` (B,) bool) at the
-        filtered pair, the others at the unfiltered one; with ``tasks`` (one per row), at
-        the pair chosen for the row's task where there is one."""
-        groups = np.array(["" for _ in range(len(filtered))] if tasks is None else
-                          [str(t) for t in tasks], dtype=object)
-        if len(groups) != len(filtered):
-            raise ValueError(f"{len(groups)} tasks for a batch of {len(filtered)}")
-        # "off" lists ranked by prefix, then score; sigma+rule is fused adaptively then.
-        rule_mode = tuned_mode(self.mode)
-        items, scores = fuse_by_group(cands, groups, self.per_task,
-                                      (self.tau, self.copy_scale), n, self.mode)
-        if filtered.any() and self.tau_filtered is not None:
-            f_items, f_scores = fuse_by_group(
-                cands, groups, self.per_task_filtered,
-                (self.tau_filtered, self.copy_scale_filtered or 1.0), n, rule_mode)
-            items = np.where(filtered[:, None], f_items, items)
-            scores = np.where(filtered[:, None], f_scores, scores)
-        return items, scores
-
-
-def generation_choice(run_dir: Path, cfg: SigmaConfig) -> FusionChoice:
-    """(mode, tau, K, copy scale) of the run's fusion, from its generation manifest."""
-    manifest = read_manifest(run_dir / "generation")
-    sigma = (manifest or {}).get("summary", {}).get("sigma", {})
-    if "tau" in sigma:
-        mode = sigma.get("fusion", "adaptive")
-        tuned = tuned_mode(mode)
-        scales = sigma.get("copy_scale", {})
-        rule_tau = sigma["tau"].get("rule")
-        per = sigma.get("per_task", {})
-
-        def pairs(which: str) -> dict[str, tuple[float, float]]:
-            return {t: (float(v[0]), float(v[1])) for t, v in per.get(which, {}).items()}
-
-        return FusionChoice(float(sigma["tau"][tuned]),
-                            int(sigma.get("k_prefixes", cfg.generation.k_prefixes)),
-                            float(scales.get(tuned, 1.0)),
-                            "chosen on validation by the generation stage",
-                            None if rule_tau is None else float(rule_tau),
-                            float(scales.get("rule", 1.0)), pairs(mode), pairs("rule"), mode)
-    log.warning("serving: %s has no generation manifest; SIGMA uses generation.tau (%s) and "
-                "k_prefixes (%d) from the config, not values chosen on validation",
-                run_dir / "generation", cfg.generation.tau, cfg.generation.k_prefixes)
-    return FusionChoice(cfg.generation.tau, cfg.generation.k_prefixes, 1.0,
-                        "config (no generation stage)", mode=cfg.generation.fusion)
+    # The copy prior's history channels' listers by name (sigmarec.tasks.channels).
+    listers: dict[str, Lister | None] = dataclasses.field(default_factory=dict)
 
 
 def _published(run_dir: Path) -> tuple[str, tuple[str, ...]]:
     current = catalog_dir(run_dir) / "CURRENT"
     version = current.read_text().strip() if current.is_file() else ""
     return version, tuple(sorted(f.name for f in events_dir(run_dir).glob("[0-9]*.parquet")))
-
-
-def _apply_overlay(parts: RuntimeParts, overlay: CatalogOverlay | None) -> RuntimeParts:
-    if overlay is None:
-        return parts
-    try:
-        from sigmarec.serving.items import apply_overlay
-    except ImportError:
-        log.warning("serving: %d added items (catalogue %s) are ignored: this build has no "
-                    "sigmarec.serving.items.apply_overlay", overlay.n_items, overlay.version)
-        return parts
-    return apply_overlay(parts, overlay)
 
 
 class Runtime:
@@ -292,12 +146,9 @@ class Runtime:
     @staticmethod
     def _build(run_dir: Path, cfg: SigmaConfig, previous: _State | None = None) -> _State:
         t0 = time.perf_counter()
-        model_dir = run_dir / "training" / "model"
-        if not (run_dir / "data" / "info.json").is_file() or not model_dir.is_dir():
+        if not (run_dir / "data" / "info.json").is_file() or not model_dir(run_dir).is_dir():
             raise StageError(f"{run_dir}: not a trained run directory (needs data/ and "
                              f"training/model/); run `sigma run` with the same --profile/--out")
-        ctx = StageContext(config=cfg, run_dir=run_dir, out=run_dir,
-                           inputs={s: run_dir / s for s in _INPUTS})
         overlay = load_overlay(run_dir)
         version = overlay.version if overlay is not None else None
         if previous is not None and previous.overlay_version == version:
@@ -306,25 +157,25 @@ class Runtime:
             st.extra = Runtime._events(run_dir, st.parts.data.n_items)
             return st
         data = ProcessedData.load(run_dir / "data")
-        vocab, item_prefix = load_vocab(ctx)
-        parts = _apply_overlay(RuntimeParts(data=data, item_features=load_item_features(ctx),
-                                            item_prefix=item_prefix,
-                                            n_trained_items=data.n_items), overlay)
-        data = parts.data
-        if parts.data.n_items > parts.n_trained_items:
-            from sigmarec.serving.items import load_model_with_items
+        inputs = read_run_inputs(run_dir)
+        run_cfg = inputs.config  # prompts and tasks as the run built them, not as cfg says
+        parts = apply_overlay(RuntimeParts(data=data, item_features=inputs.item_features,
+                                           item_prefix=inputs.item_prefix,
+                                           n_trained_items=data.n_items), overlay)
+        data, n = parts.data, parts.n_trained_items
 
+        def add_items(model: SigmaModel) -> None:
             # The checkpoint is checked against the trained catalogue, then extended.
-            model = load_model_with_items(model_dir, cfg.backbone, parts)
-        else:
-            model = load_sigma_model(model_dir, cfg.backbone, parts.item_features,
-                                     parts.item_prefix)
+            extend_model(model, {s: f[n:] for s, f in parts.item_features.items()},
+                         parts.item_prefix[n:])
+
         choice = generation_choice(run_dir, cfg)
         tau, k_used = choice.tau, choice.k_prefixes
-        decoder = SigmaDecoder(model, k_used, cfg.generation.m_per_prefix,
-                               index_backend=cfg.tokenization.index.backend)
-        res = build_resources(data, cfg.tasks)
-        tasks, _ = supported(build_tasks(res, list(cfg.tasks.enabled)))
+        run = load_run_model(run_dir, k_used, cfg.generation.m_per_prefix, inputs,
+                             add_items if data.n_items > n else None)
+        model, decoder, vocab = run.model, run.decoder, run.vocab
+        res = build_resources(data, run_cfg.tasks)
+        tasks, _ = supported(build_tasks(res, list(run_cfg.tasks.enabled)))
         baselines = {}
         for name in cfg.baselines.enabled:
             folder = run_dir / "baselines" / "models" / name
@@ -335,13 +186,14 @@ class Runtime:
             parts=parts, overlay_version=version, vocab=vocab, model=model, decoder=decoder,
             fusion=choice, resources=res,
             tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items, res),
-            novelty=novelty_lister(res, cfg.tasks) if model.cfg.novelty else None,
+            listers=history_listers(res, run_cfg.tasks),
+            run_cfg=run_cfg,
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
             item_index={str(v): i for i, v in enumerate(items["item_id"])},
             item_ids=items["item_id"].astype(str).to_numpy(),
-            categories=_category_index(items),
+            categories=category_index(items),
             profile_columns=[c for c in data.users.columns if c not in ("user_idx", "user_id")],
         )
         log.info("serving: loaded %s in %.1fs (%d items, %d users, %d tasks, baselines %s, "
@@ -388,6 +240,12 @@ class Runtime:
         return self._state.parts.data.n_items
 
     @property
+    def run_config(self) -> SigmaConfig:
+        """The run's own config (its training manifest's): the tasks, tokenizer and model
+        settings the prompts are built with; ``cfg`` (the command line's) sets serving only."""
+        return self._state.run_cfg
+
+    @property
     def model_names(self) -> list[str]:
         return [SIGMA, *self._state.baselines]
 
@@ -403,6 +261,11 @@ class Runtime:
     def copy_scale(self) -> float:
         return self._state.fusion.copy_scale
 
+    @property
+    def fusion(self) -> FusionChoice:
+        """Step 3's settings (mode, tau, K, copy scale, per task) chosen on validation."""
+        return self._state.fusion
+
     def fuse(self, cands: Candidates, filtered: np.ndarray, n: int,
              tasks: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """SIGMA's step 3 for a decoded batch, at the settings chosen on validation (per
@@ -412,6 +275,22 @@ class Runtime:
     @property
     def k_prefixes(self) -> int:
         return self._state.fusion.k_prefixes
+
+    @property
+    def decoder(self) -> SigmaDecoder:
+        """SIGMA's decoder (``.model``: the loaded model) of the state loaded now; a
+        :meth:`reload` that adds items replaces it, so do not keep it across reloads."""
+        return self._state.decoder
+
+    @property
+    def user_index(self) -> Mapping[str, int]:
+        """Raw user id -> user index."""
+        return self._state.user_index
+
+    @property
+    def item_index(self) -> Mapping[str, int]:
+        """Raw item id -> item index (trained and added items)."""
+        return self._state.item_index
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -544,24 +423,17 @@ class Runtime:
             if req.category is None:
                 raise RequestError("category", "task Category needs a category")
             lv = st.resources.category_level
-            names = st.resources.level_names[lv]
-            key = _category_key(req.category)
-            hit = [n for n in names if n.upper() == key]
-            if not hit:
-                raise RequestError("category", self._unknown_category(req.category, names))
-            params = {"category": hit[0], "level": lv}
+            name = task_category(req.category, lv, st.resources.level_names[lv],
+                                 st.categories, self.data.items)
+            # A deeper category (or a path) is asked as its level's category, and the category
+            # filter (_filters) keeps its own items only.
+            params = {"category": name, "level": lv}
         elif task_name == "Discover":
             params = {"level": st.resources.discover_level}
         task = st.tasks[task_name]
         # The first held-out paraphrase: the wording the model is evaluated with, and stable.
         text = task.instruction(params, held_out=True, rng=np.random.default_rng(0))
         return task_name, params, text
-
-    @staticmethod
-    def _unknown_category(given: str, names: Sequence[str]) -> str:
-        close = difflib.get_close_matches(str(given).upper(), list(names), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"unknown category {given!r}{hint}"
 
     def _filters(self, req: RecRequest, history: np.ndarray) -> np.ndarray | None:
         st = self._state
@@ -571,10 +443,10 @@ class Runtime:
         allow = np.ones(n, dtype=bool)
         field = "exclude_bought"
         if req.category is not None:
-            members = st.categories.get(_category_key(req.category))
+            members = st.categories.get(category_key(req.category))
             if members is None:
                 names = [k for k in st.categories if CATEGORY_SEP not in k]
-                raise RequestError("category", self._unknown_category(req.category, names))
+                raise RequestError("category", unknown_category(req.category, names))
             only = np.zeros(n, dtype=bool)
             only[members] = True
             allow &= only
@@ -595,9 +467,9 @@ class Runtime:
 
     # ------------------------------------------------------------------------------ ranking
     def _examples(self, resolved: Sequence[Resolved]) -> list[SFTExample]:
-        tc = self.cfg.tasks
         st = self._state
-        cols = [prompt_columns(r.history, tc, st.novelty) for r in resolved]
+        tc = st.run_cfg.tasks  # the prompts the model was trained on, whatever --set says
+        cols = [prompt_columns(r.history, tc, st.listers) for r in resolved]
         rows = pd.DataFrame({
             **{k: [c[k] for c in cols] for k in (cols[0] if cols else {})},
             "profile": [r.profile for r in resolved],
@@ -643,6 +515,16 @@ class Runtime:
                 for r, (i, s) in enumerate(zip(items[keep], scores[keep], strict=True))]
 
     def _rank_sigma(self, resolved: Sequence[Resolved]) -> list[tuple[np.ndarray, np.ndarray]]:
+        items, scores = self.sigma_lists(resolved)
+        return [(items[b, :r.k], scores[b, :r.k]) for b, r in enumerate(resolved)]
+
+    def sigma_lists(self, resolved: Sequence[Resolved],
+                    candidates: CandidateFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SIGMA's fused lists of resolved requests, (B, n) items and scores with n =
+        max(eval.top_n, the largest k): their prompts, steps 1-2 and step 3 at the settings
+        chosen on validation. ``candidates(decoder, examples, n, allow)`` replaces the decoder's
+        own steps 1-2 (the nearline job continues from cached prompt KV); lists may end in
+        padding (item -1, score -inf)."""
         st = self._state
         # Lists are decoded at least eval.top_n long, as the generation stage decodes them, so a
         # request's top k do not depend on which requests share its batch.
@@ -652,11 +534,14 @@ class Runtime:
         if any(m is not None for m in masks):
             allow = np.stack([np.ones(self.n_items, dtype=bool) if m is None else m
                               for m in masks])
+        examples = self._examples(resolved)
         with torch.no_grad():
-            cands = st.decoder.candidates(st.decoder.batch(self._examples(resolved)), n, allow)
-        items, scores = self.fuse(cands, np.array([m is not None for m in masks]), n,
-                                  [r.task for r in resolved])
-        return [(items[b, :r.k], scores[b, :r.k]) for b, r in enumerate(resolved)]
+            if candidates is None:
+                cands = st.decoder.candidates(st.decoder.batch(examples), n, allow)
+            else:
+                cands = candidates(st.decoder, examples, n, allow)
+        return self.fuse(cands, np.array([m is not None for m in masks]), n,
+                         [r.task for r in resolved])
 
     def _rank_baseline(self, name: str, resolved: Sequence[Resolved]
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -681,23 +566,3 @@ class Runtime:
         cut = Cut(user_idx=r.user_idx, hist_len=len(r.history), timestamp=pd.Timestamp(0),
                   split="serve", history=r.history)
         return task.allowed(r.params, cut) if task.checkable else np.ones(self.n_items, bool)
-
-
-def request_from_json(payload: str | bytes, **overrides: Any) -> RecRequest:
-    """A :class:`RecRequest` from a JSON document (``history``/``profile``...), with CLI-style
-    overrides; malformed JSON or fields are a :class:`RequestError`."""
-    from pydantic import ValidationError
-
-    try:
-        body = json.loads(payload)
-    except json.JSONDecodeError as e:
-        raise RequestError("body", f"malformed JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError("body", "expected a JSON object")
-    body.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return RecRequest(**body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "body"
-        raise RequestError(field, err["msg"]) from None

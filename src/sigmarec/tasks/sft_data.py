@@ -1,4 +1,5 @@
-"""Multi-task SFT samples and evaluation instances, and the chat prompt they render to.
+"""Multi-task SFT samples and evaluation instances (the prompt they render to is
+:mod:`sigmarec.tasks.prompts`, a row's history columns :mod:`sigmarec.tasks.columns`).
 
 Training samples (``split == "train"``) come from the training period only: a cut sits at a
 basket boundary inside it, the history is everything before the cut (the prompt shows its last
@@ -20,31 +21,47 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from sigmarec.data.processed import ProcessedData
+from sigmarec.tasks.channels import novelty_lister
+from sigmarec.tasks.columns import channel_columns, history_listers, prompt_columns
 from sigmarec.tasks.config import TASK_NAMES, TasksConfig
-from sigmarec.tasks.definitions import SOFT_TOKEN, Cut, RowView, Task
-from sigmarec.tasks.novelty import NoveltyLister
+from sigmarec.tasks.definitions import Cut, RowView, Task
+from sigmarec.tasks.history import most_bought, purchase_counts
+from sigmarec.tasks.prompts import (
+    SYSTEM_PROMPT,
+    RenderedPrompt,
+    decode_sample,
+    item_description,
+    prefix_tokens,
+    render_prompt,
+)
 from sigmarec.tasks.registry import build_tasks, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.text import display_category
 
 log = logging.getLogger("sigmarec")
 
-TRAIN_COLUMNS = ["sample_id", "split", "task", "user_idx", "hist_len", "history", "frequent",
-                 "count_items", "count_values", "novel_items", "novel_values",
-                 "target", "targets", "timestamp", "instruction", "params", "profile"]
-EVAL_COLUMNS = ["instance_id", "split", "task", "user_idx", "hist_len", "targets", "timestamp",
-                "instruction", "params", "profile", "history", "frequent", "count_items",
-                "count_values", "novel_items", "novel_values"]
-SYSTEM_PROMPT = ("You are a recommender for a grocery retailer. Read the household's profile, "
-                 "what it bought recently and the request, then name the product to show.")
+
+
+def train_columns() -> list[str]:
+    """The columns of the training samples (the copy prior's history channels' from the
+    registry)."""
+    return ["sample_id", "split", "task", "user_idx", "hist_len", "history", "frequent",
+            *channel_columns(),
+            "target", "targets", "timestamp", "instruction", "params", "profile"]
+
+
+def eval_columns() -> list[str]:
+    """The columns of the evaluation instances."""
+    return ["instance_id", "split", "task", "user_idx", "hist_len", "targets", "timestamp",
+            "instruction", "params", "profile", "history", "frequent", *channel_columns()]
 
 
 @dataclass
@@ -117,50 +134,6 @@ def build_baskets(data: ProcessedData, res: TaskResources) -> Baskets:
                    season=bseason[gid], holiday=bhol[gid], first_in_category=gid == first)
     return Baskets(rows=rows, gid=gid, start=start, end=end, hist_len=pos[start], timestamp=bts,
                    split=bsplit, user=u[start], holiday=bhol, season=bseason, n_train=n_train)
-
-
-def purchase_counts(history: np.ndarray, n: int, min_count: int = 1
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` items bought most often in ``history`` (at least ``min_count`` times) and their
-    counts, most bought first; ties go to the item bought most recently. Reads only the given
-    history, so it is as leak-free as the history itself."""
-    h = np.asarray(history, dtype=np.int64)
-    if n <= 0 or not len(h):
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    items, first_rev, counts = np.unique(h[::-1], return_index=True, return_counts=True)
-    keep = counts >= min_count
-    items, first_rev, counts = items[keep], first_rev[keep], counts[keep]
-    # lexsort: last key is primary -> count descending, then most recent (smallest reversed idx).
-    order = np.lexsort((first_rev, -counts))[:n]
-    return items[order].astype(np.int64), counts[order].astype(np.int64)
-
-
-def most_bought(history: np.ndarray, n: int, min_count: int = 2) -> np.ndarray:
-    """The items of the "bought most often" section: :func:`purchase_counts` without counts."""
-    return purchase_counts(history, n, min_count)[0]
-
-
-def novelty_lister(res: TaskResources, cfg: TasksConfig) -> NoveltyLister | None:
-    """The novelty lists' source for ``cfg`` (None with ``novel_items: 0`` or a catalogue
-    without category paths, whose rows then carry empty lists)."""
-    if cfg.novel_items <= 0 or res.depth == 0:
-        return None
-    return NoveltyLister.from_resources(res, cfg.novel_items)
-
-
-def prompt_columns(history: np.ndarray, cfg: TasksConfig,
-                   novelty: NoveltyLister | None = None) -> dict[str, np.ndarray]:
-    """What a prompt row reads from the household's whole history before the cut: the recent
-    window, the "bought most often" section, the copy prior's purchase counts and, with
-    ``novelty`` (:func:`novelty_lister`), its novelty list."""
-    h = np.asarray(history, dtype=np.int64)
-    c_items, c_values = purchase_counts(h, cfg.count_items)
-    n_items, n_values = (novelty.list(h) if novelty is not None
-                         else (np.zeros(0, dtype=np.int64), np.zeros(0)))
-    return {"history": h[-cfg.history_len:].copy(),
-            "frequent": most_bought(h, cfg.frequent_items, cfg.frequent_min_count),
-            "count_items": c_items, "count_values": c_values,
-            "novel_items": n_items, "novel_values": n_values}
 
 
 def _cut(data: ProcessedData, res: TaskResources, bk: Baskets, g: int) -> Cut:
@@ -241,7 +214,7 @@ def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Bask
                    cfg: TasksConfig, n: int, seed: int) -> tuple[list[dict[str, Any]],
                                                                   dict[str, Any]]:
     rows = bk.rows
-    novelty = novelty_lister(res, cfg)
+    listers = history_listers(res, cfg)
     ok = ((rows.split == "train") & (bk.split[bk.gid] == "train")
           & (rows.hist_len >= cfg.min_history) & task.admit(rows)
           & ~_names_eval_holiday(task, res)[rows.item])
@@ -268,7 +241,7 @@ def _train_samples(task: Task, data: ProcessedData, res: TaskResources, bk: Bask
                                  f"position {cut.hist_len} reaches past the training period")
         out.append({
             "split": "train", "task": task.name, "user_idx": cut.user_idx,
-            "hist_len": cut.hist_len, **prompt_columns(cut.history, cfg, novelty),
+            "hist_len": cut.hist_len, **prompt_columns(cut.history, cfg, listers),
             "target": int(rows.item[r]), "targets": targets, "timestamp": cut.timestamp,
             "instruction": task.instruction(params, held_out=False, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
@@ -297,7 +270,7 @@ def _align_samples(tasks: Mapping[str, Task], data: ProcessedData, res: TaskReso
                                           cfg.align_samples, "weights": {}}), kinds)
     out: list[dict[str, Any]] = []
     base = {"split": "train", "task": "Align", "user_idx": -1, "hist_len": 0,
-            **prompt_columns(np.zeros(0, dtype=np.int64), cfg),
+            **prompt_columns(np.zeros(0, dtype=np.int64), cfg, {}),  # no channel lists
             "timestamp": pd.Timestamp(0), "profile": "unknown", "_repeat": False}
     holiday_words = eval_holiday_words(res)
     for kind in kinds:
@@ -346,7 +319,7 @@ def _align_samples(tasks: Mapping[str, Task], data: ProcessedData, res: TaskReso
 def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Baskets,
                     cfg: TasksConfig, split: str, seed: int) -> list[dict[str, Any]]:
     rows = bk.rows
-    novelty = novelty_lister(res, cfg)
+    listers = history_listers(res, cfg)
     admitted = np.zeros(len(bk.start), dtype=bool)
     ok = task.admit(rows) & (rows.split == split)
     np.logical_or.at(admitted, bk.gid[ok], True)
@@ -377,7 +350,7 @@ def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Bas
             "hist_len": cut.hist_len, "targets": targets, "timestamp": cut.timestamp,
             "instruction": task.instruction(params, held_out=True, rng=rng),
             "params": json.dumps(params, sort_keys=True), "profile": res.profiles[cut.user_idx],
-            **prompt_columns(cut.history, cfg, novelty),
+            **prompt_columns(cut.history, cfg, listers),
         })
     return out
 
@@ -385,7 +358,7 @@ def _eval_instances(task: Task, data: ProcessedData, res: TaskResources, bk: Bas
 def _jfy_instances(task: Task, data: ProcessedData, res: TaskResources, cfg: TasksConfig,
                    split: str, seed: int) -> list[dict[str, Any]]:
     rng = _rng(seed, split, task.name)
-    novelty = novelty_lister(res, cfg)
+    listers = history_listers(res, cfg)
     out = []
     for r in data.eval_instances(split).to_dict("records"):
         u, h = int(r["user_idx"]), int(r["hist_len"])
@@ -395,7 +368,7 @@ def _jfy_instances(task: Task, data: ProcessedData, res: TaskResources, cfg: Tas
             "user_idx": u, "hist_len": h, "targets": np.asarray(r["targets"], dtype=np.int64),
             "timestamp": pd.Timestamp(r["timestamp"]),
             "instruction": task.instruction({}, held_out=True, rng=rng), "params": "{}",
-            "profile": res.profiles[u], **prompt_columns(full, cfg, novelty),
+            "profile": res.profiles[u], **prompt_columns(full, cfg, listers),
         })
     return out
 
@@ -492,9 +465,9 @@ def build_sft_data(data: ProcessedData, cfg: TasksConfig, seed: int = 0) -> SFTD
             evals[split].extend(rows)
     t_eval = time.perf_counter() - t0 - t_res - t_train
 
-    train = pd.DataFrame(train_rows, columns=[*TRAIN_COLUMNS[1:], "_repeat"])
+    train = pd.DataFrame(train_rows, columns=[*train_columns()[1:], "_repeat"])
     train.insert(0, "sample_id", np.arange(len(train), dtype=np.int64))
-    frames = {s: pd.DataFrame(evals[s], columns=EVAL_COLUMNS) for s in ("valid", "test")}
+    frames = {s: pd.DataFrame(evals[s], columns=eval_columns()) for s in ("valid", "test")}
     for s, df in frames.items():
         frames[s] = df.astype({"instance_id": np.int64, "user_idx": np.int64,
                                "hist_len": np.int64}).reset_index(drop=True)
@@ -526,138 +499,8 @@ def build_sft_data(data: ProcessedData, cfg: TasksConfig, seed: int = 0) -> SFTD
                    skipped=skipped, resources=res, tasks=tasks)
 
 
-# ----------------------------------------------------------------------------------------------
-# prompts
-
-
-class RenderedPrompt(NamedTuple):
-    text: str  # the prompt up to the assistant turn, with one SOFT_TOKEN per history item
-    positions: list[int]  # character offset of each SOFT_TOKEN, in prompt order
-    history: list[int]  # the item behind each placeholder: the frequent section, then the history
-    label: str | None  # the target's prefix token(s) then the query token (training samples)
-    n_context: int = 0  # leading placeholders that are the frequent section, not the sequence
-
-
-def _vocab_parts(vocab: Any) -> tuple[list[int], str]:
-    if isinstance(vocab, Mapping):
-        return list(vocab["prefix_codebook_sizes"]), str(vocab.get("query_token", "<q>"))
-    return list(vocab.codebook_sizes), str(vocab.query_token)
-
-
-def prefix_tokens(item: int, vocab: Any, item_prefix: np.ndarray) -> str:
-    """The item's SID prefix written as vocabulary tokens (e.g. ``<a_3>`` or ``<a_3><b_7>``)."""
-    from sigmarec.tokenization.hybrid import prefix_token
-
-    sizes, _ = _vocab_parts(vocab)
-    flat = int(item_prefix[int(item)])
-    codes = []
-    for k in reversed(sizes):
-        codes.append(flat % k)
-        flat //= k
-    return "".join(prefix_token(lv, c) for lv, c in enumerate(reversed(codes)))
-
-
-_RESERVED = re.compile(r"<\|item\|>|<[a-z]_\d+>|<q>")
-
-
-def _sanitize(text: str, query_token: str) -> str:
-    """Free text must not smuggle placeholders or item tokens into a prompt."""
-    return _RESERVED.sub(" ", str(text).replace(query_token, " ")).strip()
-
-
-def _get(sample: Any, key: str, default: Any = None) -> Any:
-    if isinstance(sample, (Mapping, pd.Series)):
-        return sample.get(key, default)
-    return getattr(sample, key, default)
-
-
-def _chat(messages: list[dict[str, str]], tokenizer: Any) -> str:
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
-    # ChatML, the layout SmolLM2's own template produces.
-    body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return body + "<|im_start|>assistant\n"
-
-
-def render_prompt(sample: Any, items: pd.DataFrame | None, vocab: Any,
-                  item_prefix: np.ndarray, tokenizer: Any = None,
-                  system: str = SYSTEM_PROMPT, *,
-                  item_text: Callable[[int], str] | None = None) -> RenderedPrompt:
-    """Chat-style prompt of one sample: profile, "Recently bought:" with each history item as
-    its prefix token(s) followed by ``SOFT_TOKEN`` (where the model puts the item's fused
-    embedding), then the instruction. ``label`` is the target's prefix token(s) and the query
-    token. ``items`` is unused here (kept for a uniform signature with ``decode_sample``).
-
-    ``item_text`` (the GR baselines) writes each item, in the history and as the label, as
-    that string instead (e.g. its full semantic ID as tokens): same prompt, no placeholders
-    (``positions`` is empty) and no query token."""
-    _, qtok = _vocab_parts(vocab)
-    history = [int(i) for i in np.asarray(_get(sample, "history", []), dtype=np.int64)]
-    frequent = _get(sample, "frequent", None)
-    frequent = [] if frequent is None or (isinstance(frequent, float) and np.isnan(frequent)) \
-        else [int(i) for i in np.asarray(frequent, dtype=np.int64)]
-    profile = _sanitize(_get(sample, "profile", "") or "unknown", qtok)
-    instruction = _sanitize(_get(sample, "instruction", ""), qtok)
-
-    def write(items: list[int]) -> str:
-        if item_text is None:
-            return " ".join(f"{prefix_tokens(i, vocab, item_prefix)}{SOFT_TOKEN}" for i in items)
-        return " ".join(item_text(i) for i in items)
-
-    hist = write(history)
-    # The frequent section comes first: every history position (and its dense next-item loss)
-    # can then read the household's long-run favourites.
-    often = f"Bought most often (most first): {write(frequent)}\n" if frequent else ""
-    user = (f"Household profile: {profile}.\n{often}"
-            f"Recently bought (oldest first): {hist if hist else 'nothing yet'}\n"
-            f"Request: {instruction}")
-    text = _chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                 tokenizer)
-    positions = [m.start() for m in re.finditer(re.escape(SOFT_TOKEN), text)]
-    if item_text is None and len(positions) != len(frequent) + len(history):
-        raise AssertionError(f"prompt has {len(positions)} item placeholders for "
-                             f"{len(frequent)} + {len(history)} frequent + history items")
-    target = _get(sample, "target", None)
-    label = None
-    if target is not None and not (isinstance(target, float) and np.isnan(target)):
-        label = (prefix_tokens(int(target), vocab, item_prefix) + qtok if item_text is None
-                 else item_text(int(target)))
-    return RenderedPrompt(text, positions, frequent + history, label, len(frequent))
-
-
-def item_description(items: pd.DataFrame, item: int) -> str:
-    """A short readable name of an item: title, parent category, brand."""
-    r = items.iloc[int(item)]
-    parts = [str(r.get("title") or r.get("item_id"))]
-    path = [p.strip() for p in str(r.get("category_path") or "").split(" > ") if p.strip()]
-    if len(path) >= 2 and path[-2] not in parts:
-        parts.append(path[-2].lower())
-    brand = r.get("brand")
-    if isinstance(brand, str) and brand:
-        parts.append(brand)
-    return " / ".join(parts)
-
-
-def decode_sample(sample: Any, items: pd.DataFrame, vocab: Any, item_prefix: np.ndarray,
-                  tokenizer: Any = None, max_targets: int = 5) -> str:
-    """The prompt for people to read: each soft token replaced by ``[item text]``, then the
-    label (training) or the targets (evaluation)."""
-    p = render_prompt(sample, items, vocab, item_prefix, tokenizer)
-    parts, last = [], 0
-    for pos, it in zip(p.positions, p.history, strict=True):
-        parts.append(p.text[last:pos])
-        parts.append(f"[{item_description(items, it)}]")
-        last = pos + len(SOFT_TOKEN)
-    parts.append(p.text[last:])
-    text = "".join(parts)
-    if p.label is not None:
-        target = item_description(items, _get(sample, "target"))
-        text += f"{p.label}    <- label; target = [{target}]"
-    targets = [int(t) for t in np.asarray(_get(sample, "targets", []), dtype=np.int64)]
-    if targets:
-        shown = "; ".join(f"{prefix_tokens(t, vocab, item_prefix)} {item_description(items, t)}"
-                          for t in targets[:max_targets])
-        more = f" (+{len(targets) - max_targets} more)" if len(targets) > max_targets else ""
-        text += f"\n# all targets ({len(targets)}): {shown}{more}"
-    return text
+# The prompt, the history summaries and the channel columns used to live here.
+__all__ = ["SYSTEM_PROMPT", "Baskets", "RenderedPrompt", "SFTData", "allocate", "build_baskets",
+           "build_sft_data", "decode_sample", "eval_holiday_words", "item_description",
+           "mentions", "most_bought", "novelty_lister", "prefix_tokens", "prompt_columns",
+           "purchase_counts", "render_prompt"]

@@ -18,17 +18,9 @@ from sigmarec.core.stage import Stage, StageContext
 from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
 from sigmarec.tasks.sft_data import SFTData, build_sft_data, decode_sample, render_prompt
+from sigmarec.tokenization.artifacts import load_vocab
 
 log = logging.getLogger("sigmarec")
-
-
-def load_vocab(folder: Any) -> tuple[dict[str, Any], np.ndarray]:
-    """``vocab.json`` and ``item_prefix.npy`` of a tokenization stage folder."""
-    vpath, ppath = folder / "vocab.json", folder / "item_prefix.npy"
-    missing = [p.name for p in (vpath, ppath) if not p.is_file()]
-    if missing:
-        raise StageError(f"{folder}: tokenization artifacts missing {missing}; rerun tokenization")
-    return json.loads(vpath.read_text()), np.load(ppath)
 
 
 def examples(sft: SFTData, data: ProcessedData, vocab: Any, item_prefix: np.ndarray,

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
 
+from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import SigmaError
+from sigmarec.tasks.config import TasksConfig
 from sigmarec.tasks.definitions import TASK_CLASSES
-from sigmarec.tasks.resources import TaskResources
+from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.sft_data import ALIGN_ITEM_TEMPLATES
 from sigmarec.tasks.text import clean_words
 
@@ -144,3 +147,39 @@ class InstructionMatcher:
             order = np.lexsort((idx, -val, ~first))[: self.top]
             out.append((idx[order].astype(np.int64), val[order].astype(np.float32)))
         return out
+
+
+class MatchSettings(Protocol):
+    """The text-match fields of the model config (``model.text_match*``); a protocol, so the
+    tasks package reads them without importing the later model package."""
+
+    text_match: bool
+    text_match_tags: bool
+    text_match_items: int
+    text_match_min: float
+
+
+def text_matcher(cfg: MatchSettings, items: pd.DataFrame,
+                 resources: TaskResources | None = None) -> InstructionMatcher | None:
+    """The instruction matcher a model with ``cfg.text_match`` reads, fitted on ``items`` (the
+    catalogue the model ranks; with ``cfg.text_match_tags`` also on the seasons of
+    ``resources``, the task resources of the training data); None without the channel."""
+    if not cfg.text_match:
+        return None
+    tags = None
+    if cfg.text_match_tags:
+        if resources is None:
+            raise ValueError("this model's text match carries season tags "
+                             "(model.text_match_tags): pass text_matcher(cfg.model, items, "
+                             "build_resources(data, cfg.tasks))")
+        tags = season_tags(resources, len(items))
+    return InstructionMatcher.from_items(items, cfg.text_match_items, cfg.text_match_min, tags)
+
+
+def data_matcher(cfg: MatchSettings, data: ProcessedData, tasks: TasksConfig,
+                 items: pd.DataFrame | None = None) -> InstructionMatcher | None:
+    """:func:`text_matcher` over ``data``'s catalogue (or ``items``, a served catalogue that
+    extends it), with the season tags of ``data``'s training window where the model reads
+    them (``tasks``: the run's task config, which defines the seasons)."""
+    res = build_resources(data, tasks) if cfg.text_match and cfg.text_match_tags else None
+    return text_matcher(cfg, data.items if items is None else items, res)

@@ -8,13 +8,17 @@ every item distinguishable, so SID collisions do not matter and a new item needs
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 LEVEL_LETTERS = string.ascii_lowercase
+
+_Ids = TypeVar("_Ids", np.ndarray, torch.Tensor)
 
 
 def prefix_token(level: int, code: int) -> str:
@@ -47,9 +51,32 @@ class HybridVocab:
             flat = flat * k + codes[:, lv]
         return flat
 
+    def prefix_text(self, flat: int) -> str:
+        """A flat prefix id written as its tokens (``<a_3>``, or ``<a_3><b_7>``)."""
+        codes = flat_to_codes(np.array([int(flat)]), self.codebook_sizes)[0]
+        return "".join(prefix_token(lv, int(c)) for lv, c in enumerate(codes))
+
     @property
     def n_prefixes(self) -> int:
         return int(np.prod(self.codebook_sizes))
+
+
+def flat_to_codes(flat: _Ids, codebook_sizes: Sequence[int]) -> _Ids:
+    """(n,) flat prefix ids -> (n, levels) per-level codes, int64 (the inverse of
+    :meth:`HybridVocab.prefix_ids`); a tensor stays on its device (no host sync)."""
+    sizes = [int(k) for k in codebook_sizes]
+    if isinstance(flat, torch.Tensor):
+        rest, cols = flat.reshape(-1).long(), []
+        for size in reversed(sizes):
+            cols.append(rest % size)
+            rest = torch.div(rest, size, rounding_mode="floor")
+        return torch.stack(cols[::-1], dim=1)
+    rest = np.asarray(flat, dtype=np.int64).copy()
+    codes = np.zeros((len(rest), len(sizes)), dtype=np.int64)
+    for lv in range(len(sizes) - 1, -1, -1):
+        codes[:, lv] = rest % sizes[lv]
+        rest //= sizes[lv]
+    return codes
 
 
 class ProjFuse(nn.Module):

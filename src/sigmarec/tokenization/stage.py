@@ -10,12 +10,12 @@ import numpy as np
 from sigmarec.core.atomic import write_json
 from sigmarec.core.stage import Stage, StageContext
 from sigmarec.errors import StageError
+from sigmarec.grounding.artifacts import TEXT_FEATURE_FILES
+from sigmarec.tokenization.artifacts import write_vocab
 from sigmarec.tokenization.hybrid import HybridVocab
 from sigmarec.tokenization.semantic_ids import fit_semantic_ids
 
 log = logging.getLogger("sigmarec")
-
-EMBEDDING_FILES = {"grounded": "v_text.npy", "ungrounded": "v_text_ungrounded.npy"}
 
 
 class TokenizationStage(Stage):
@@ -25,7 +25,7 @@ class TokenizationStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = ctx.config.tokenization
-        path = ctx.input("grounding") / EMBEDDING_FILES[cfg.embedding]
+        path = ctx.input("grounding") / TEXT_FEATURE_FILES[cfg.embedding]
         if not path.is_file():
             raise StageError(f"{path}: missing; rerun the grounding stage")
         x = np.load(path)
@@ -33,7 +33,7 @@ class TokenizationStage(Stage):
         sids.save(ctx.out)
         vocab = HybridVocab(sids.codebook_sizes[: cfg.prefix_levels], cfg.query_token)
         prefixes = vocab.prefix_ids(sids.codes)
-        np.save(ctx.out / "item_prefix.npy", prefixes)
+        write_vocab(ctx.out, vocab, prefixes, cfg.embedding)
         stats = sids.stats()
         groups = np.bincount(prefixes, minlength=vocab.n_prefixes)
         stats["hybrid_prefix"] = {
@@ -43,12 +43,6 @@ class TokenizationStage(Stage):
             "largest_group": int(groups.max()),
             "median_group": float(np.median(groups[groups > 0])),
         }
-        write_json(ctx.out / "vocab.json", {
-            "tokens": vocab.tokens,
-            "prefix_codebook_sizes": vocab.codebook_sizes,
-            "query_token": vocab.query_token,
-            "embedding": cfg.embedding,
-        })
         write_json(ctx.out / "stats.json", stats)
         log.info("semantic IDs: %d prefixes used of %d, largest group %d items, full-SID "
                  "collision rate %.3f", stats["hybrid_prefix"]["used"], vocab.n_prefixes,

@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from sigmarec.config import SigmaConfig
-from sigmarec.core.stage import StageContext
 from sigmarec.model.sigma import build_sigma_model
+from sigmarec.tasks.channels import active_channels
 from sigmarec.training.loop import train_sigma
 from sigmarec.training.precision import detect_caps, resolve_precision
 
@@ -28,23 +28,24 @@ def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int
               ) -> pd.DataFrame:
     """One row per precision: resolved precision, s/step, tokens/s and the ratio to fp32."""
     from sigmarec.data.processed import ProcessedData
-    from sigmarec.training.stage import data_matcher, load_item_features, load_vocab, to_examples
+    from sigmarec.grounding.artifacts import load_item_features
+    from sigmarec.tasks.text_match import data_matcher
+    from sigmarec.tokenization.artifacts import load_vocab
+    from sigmarec.training.stage import to_examples
 
-    ctx = StageContext(config=cfg, run_dir=Path(run_dir), out=Path(run_dir) / "training",
-                       scratch=Path(run_dir) / "training", inputs={
-                           s: Path(run_dir) / s for s in ("baselines", "grounding",
-                                                          "tokenization", "tasks")})
-    vocab, item_prefix = load_vocab(ctx)
-    feats = load_item_features(ctx)
-    train_df = pd.read_parquet(ctx.input("tasks") / "train.parquet")
+    run_dir = Path(run_dir)
+    vocab, item_prefix = load_vocab(run_dir / "tokenization")
+    feats = load_item_features(run_dir / "grounding", run_dir / "baselines",
+                               cfg.tokenization.embedding)
+    train_df = pd.read_parquet(run_dir / "tasks" / "train.parquet")
     rows: list[dict[str, Any]] = []
     examples = None
     for prec in precisions:
         torch.manual_seed(cfg.seed)
         model, _ = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
         data = ProcessedData.load(Path(run_dir) / "data")
-        if cfg.model.repeat_rarity:
-            model.set_item_rarity(data.train_item_counts)
+        for ch in active_channels(cfg.model):
+            ch.prepare(model, data.train_item_counts)
         if examples is None:
             matcher = data_matcher(cfg.model, data, cfg.tasks)
             examples = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from sigmarec.model.sigma import prompt_args
+from sigmarec.model.batch import PromptBatch
+from sigmarec.tokenization.hybrid import flat_to_codes
 
 
 def level0_codes(flat_prefix: np.ndarray, codebook_sizes: Sequence[int]) -> np.ndarray:
     """First-level code of flat prefix ids (the code generation step 1 predicts)."""
-    below = int(np.prod(codebook_sizes[1:])) if len(codebook_sizes) > 1 else 1
-    return np.asarray(flat_prefix, dtype=np.int64) // below
+    return flat_to_codes(np.asarray(flat_prefix, dtype=np.int64), codebook_sizes)[:, 0]
 
 
 def prefix_prior(train_targets: np.ndarray, codes0: np.ndarray, n_codes: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def decode_diagnostics(model: Any, examples: Sequence[Any], targets: Sequence[np
     hits, p_hit, in_hit, nll, used = [], [], [], [], []
     for s in range(0, len(examples), batch_size):
         batch = collate(list(examples[s:s + batch_size]), with_labels=False)
-        logp, cache = model.prefix_logprobs(**prompt_args(batch))
+        logp, cache = model.prefix_logprobs(PromptBatch.from_collated(batch))
         k = min(k_prefixes, logp.shape[1])
         top_lp, top_c = logp.topk(k, dim=1)
         if model.levels == 1:

@@ -3,7 +3,6 @@ frozen ID tower and grounded text embeddings, and train it with the accelerate l
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, ClassVar
@@ -15,13 +14,13 @@ from sigmarec.core.atomic import write_json
 from sigmarec.core.stage import Stage, StageContext
 from sigmarec.data.processed import ProcessedData
 from sigmarec.errors import StageError
+from sigmarec.grounding.artifacts import UNGROUNDED_FILE, load_item_features
 from sigmarec.model.batch import SFTExample, gate_task_id
-from sigmarec.model.config import ModelConfig
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
-from sigmarec.tasks.config import TasksConfig
-from sigmarec.tasks.resources import TaskResources, build_resources
+from sigmarec.tasks.channels import ExampleContext, active_channels, collated_channels
 from sigmarec.tasks.sft_data import render_prompt
-from sigmarec.tasks.text_match import InstructionMatcher, season_tags
+from sigmarec.tasks.text_match import InstructionMatcher, data_matcher
+from sigmarec.tokenization.artifacts import load_vocab
 from sigmarec.tokenization.hybrid import HybridVocab
 from sigmarec.training.diagnostics import (
     decode_diagnostics,
@@ -34,32 +33,11 @@ from sigmarec.training.loop import train_sigma
 log = logging.getLogger("sigmarec")
 
 
-def load_item_features(ctx: StageContext) -> dict[str, np.ndarray]:
-    """Frozen item features for ProjFuse: the SASRec ID tower and the text space that the
-    tokenizer quantised (grounded, or ungrounded for the ablation)."""
-    emb = ctx.config.tokenization.embedding
-    text_file = "v_text.npy" if emb == "grounded" else "v_text_ungrounded.npy"
-    feats = {"text": np.load(ctx.input("grounding") / text_file)}
-    id_path = ctx.input("baselines") / "item_embeddings.npy"
-    if id_path.is_file():
-        feats["id"] = np.load(id_path)
-    else:
-        log.info("training: no ID tower (%s); ProjFuse uses text embeddings only", id_path)
-    return feats
-
-
-def load_vocab(ctx: StageContext) -> tuple[HybridVocab, np.ndarray]:
-    meta = json.loads((ctx.input("tokenization") / "vocab.json").read_text())
-    vocab = HybridVocab(codebook_sizes=meta["prefix_codebook_sizes"],
-                        query_token=meta["query_token"])
-    return vocab, np.load(ctx.input("tokenization") / "item_prefix.npy")
-
-
 def prefix_text_states(ctx: StageContext, vocab: HybridVocab, hidden: int) -> list[np.ndarray]:
     """Per prefix level, the mean untrained-backbone text state of the items with each code."""
     from sigmarec.tokenization.semantic_ids import SemanticIds
 
-    path = ctx.input("grounding") / "v_text_ungrounded.npy"
+    path = ctx.input("grounding") / UNGROUNDED_FILE
     if not path.is_file():
         raise StageError(f"{path}: missing; model.prefix_init item_text needs the grounding "
                          "stage's ungrounded text states (or set model.prefix_init: shared)")
@@ -77,29 +55,6 @@ def prefix_text_states(ctx: StageContext, vocab: HybridVocab, hidden: int) -> li
     return out
 
 
-def _counts(row: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A row's purchase counts (absent in rows written before the columns existed: none)."""
-    items, values = getattr(row, "count_items", None), getattr(row, "count_values", None)
-    if items is None or values is None or (isinstance(items, float) and np.isnan(items)):
-        return (), ()
-    return (tuple(int(i) for i in np.asarray(items, dtype=np.int64)),
-            tuple(int(v) for v in np.asarray(values, dtype=np.int64)))
-
-
-def _novel(row: Any, required: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """A row's novelty list; ``required`` (a model with ``model.novelty``) refuses rows
-    written before the columns existed, which would score every Discover request without it."""
-    items, values = getattr(row, "novel_items", None), getattr(row, "novel_values", None)
-    if items is None or values is None or (isinstance(items, float) and np.isnan(items)):
-        if required:
-            raise ValueError("this model reads novelty lists (model.novelty) but the prompt "
-                             "rows have no novel_items / novel_values columns: rerun the tasks "
-                             "stage (sigma run --force tasks)")
-        return (), ()
-    return (tuple(int(i) for i in np.asarray(items, dtype=np.int64)),
-            tuple(float(v) for v in np.asarray(values, dtype=np.float64)))
-
-
 def _task_id(row: Any, required: bool) -> int:
     """A row's task as a row of GATE_TASKS; -1 where the model does not read it."""
     task = getattr(row, "task", None)
@@ -109,32 +64,6 @@ def _task_id(row: Any, required: bool) -> int:
                              "the prompt rows have no task column")
         return -1
     return gate_task_id(task) if required else -1
-
-
-def text_matcher(cfg: ModelConfig, items: pd.DataFrame,
-                 resources: TaskResources | None = None) -> InstructionMatcher | None:
-    """The instruction matcher a model with ``cfg.text_match`` reads, fitted on ``items`` (the
-    catalogue the model ranks; with ``cfg.text_match_tags`` also on the seasons of
-    ``resources``, the task resources of the training data); None without the channel."""
-    if not cfg.text_match:
-        return None
-    tags = None
-    if cfg.text_match_tags:
-        if resources is None:
-            raise ValueError("this model's text match carries season tags "
-                             "(model.text_match_tags): pass text_matcher(cfg.model, items, "
-                             "build_resources(data, cfg.tasks))")
-        tags = season_tags(resources, len(items))
-    return InstructionMatcher.from_items(items, cfg.text_match_items, cfg.text_match_min, tags)
-
-
-def data_matcher(cfg: ModelConfig, data: ProcessedData, tasks: TasksConfig,
-                 items: pd.DataFrame | None = None) -> InstructionMatcher | None:
-    """:func:`text_matcher` over ``data``'s catalogue (or ``items``, a served catalogue that
-    extends it), with the season tags of ``data``'s training window where the model reads
-    them (``tasks``: the run's task config, which defines the seasons)."""
-    res = build_resources(data, tasks) if cfg.text_match and cfg.text_match_tags else None
-    return text_matcher(cfg, data.items if items is None else items, res)
 
 
 def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
@@ -151,14 +80,11 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
     if matcher is not None and matcher.n_items != len(item_prefix):
         raise ValueError(f"the text matcher was fitted on {matcher.n_items} items but the "
                          f"catalogue has {len(item_prefix)}")
-    counts = [_counts(row) for row in samples.itertuples(index=False)]
-    prefer = [c for c, _ in counts] if model.cfg.text_match_bought_first else None
-    matches = (matcher.match(samples["instruction"].astype(str).tolist(), prefer)
-               if matcher is not None else [((), ())] * len(samples))
-    need_novel = model.cfg.novelty
-    for row, (c_items, c_values), (m_items, m_values) in zip(
-            samples.itertuples(index=False), counts, matches, strict=True):
-        v_items, v_values = _novel(row, need_novel)
+    # Every channel's lists, in registry order (a channel may read the ones before it).
+    ctx = ExampleContext(model.cfg, matcher, {})
+    for ch in collated_channels():
+        ctx.lists[ch.name] = ch.example_lists(samples, ctx)
+    for r, row in enumerate(samples.itertuples(index=False)):
         task_id = _task_id(row, model.cfg.task_gates)
         rp = render_prompt(row, None, vocab, item_prefix, tok)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
@@ -166,10 +92,8 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
         positives = tuple(int(t) for t in np.asarray(row.targets)) if with_target else ()
         out.append(SFTExample(input_ids=ids, item_ids=list(rp.history), target_item=target,
                               target_prefix=int(item_prefix[target]), n_context=rp.n_context,
-                              positives=positives, count_items=c_items, count_values=c_values,
-                              match_items=tuple(int(i) for i in m_items),
-                              match_values=tuple(float(v) for v in m_values),
-                              novel_items=v_items, novel_values=v_values, task_id=task_id))
+                              positives=positives, task_id=task_id,
+                              lists={name: lists[r] for name, lists in ctx.lists.items()}))
     return out
 
 
@@ -182,8 +106,9 @@ class TrainingStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = ctx.config
-        vocab, item_prefix = load_vocab(ctx)
-        feats = load_item_features(ctx)
+        vocab, item_prefix = load_vocab(ctx.input("tokenization"))
+        feats = load_item_features(ctx.input("grounding"), ctx.input("baselines"),
+                                   cfg.tokenization.embedding)
         model, facts = build_sigma_model(cfg.backbone, cfg.model, vocab, feats, item_prefix)
         if cfg.model.prefix_init == "item_text":
             model.init_prefix_rows(prefix_text_states(ctx, vocab, model.hidden))
@@ -194,8 +119,8 @@ class TrainingStage(Stage):
         if train_df.empty:
             raise StageError(f"{ctx.input('tasks')}/train.parquet holds no SFT samples")
         data = ProcessedData.load(ctx.input("data"))
-        if cfg.model.repeat_rarity:
-            model.set_item_rarity(data.train_item_counts)
+        for ch in active_channels(cfg.model):
+            ch.prepare(model, data.train_item_counts)
         matcher = data_matcher(cfg.model, data, cfg.tasks)
         train_ex = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
         rng = np.random.default_rng(cfg.seed)
