@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_dataset
 
 from sigmarec.baselines.base import rank_instances
@@ -267,3 +268,17 @@ def test_stage_without_sasrec_skips_the_id_tower(data, tmp_path):
                        inputs={"data": tmp_path / "data"})
     summary = BaselinesStage().run(ctx)
     assert "id_tower" not in summary and not (out / "item_embeddings.npy").exists()
+
+
+def test_sasrec_loss_ignores_all_padding_columns() -> None:
+    """Dropping the columns that are padding in every row (short histories) changes nothing."""
+    torch.manual_seed(0)
+    model = SASRec(30, 16, 2, 1, 0.0, 10).eval()
+    batch = torch.zeros(3, 11, dtype=torch.long)
+    batch[0, 6:] = torch.tensor([1, 2, 3, 4, 5])
+    batch[1, 8:] = torch.tensor([7, 8, 9])
+    batch[2, 9:] = torch.tensor([3, 4])
+    inp, tgt = batch[:, :-1], batch[:, 1:]
+    valid = (tgt != 0) & (inp != 0)
+    full = F.cross_entropy(model.logits(model(inp)[valid]), tgt[valid] - 1)
+    assert torch.allclose(sasrec_loss(model, batch, "ce"), full, atol=1e-6)

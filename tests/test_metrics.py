@@ -136,3 +136,19 @@ def test_top_n_and_hit_matrix() -> None:
     assert val[0].tolist() == pytest.approx([0.5, 0.5, 0.2])
     hits = hit_matrix(np.array([[1, 2], [3, 4]]), [np.array([2]), np.array([], dtype=int)])
     assert hits.tolist() == [[False, True], [False, False]]
+
+
+def test_top_n_matches_a_stable_sort() -> None:
+    """The topk fast path gives exactly the stable full sort: ties inside the list and across
+    its cut go to the lower index, and NaN / infinite scores land where the sort puts them."""
+    gen = torch.Generator().manual_seed(0)
+    few_values = torch.randint(0, 4, (64, 300), generator=gen).float()  # ties everywhere
+    distinct = torch.randn(64, 300, generator=gen)
+    odd = distinct.clone()
+    odd[0, 5], odd[1, 7], odd[2, 9] = float("nan"), float("inf"), float("-inf")
+    for scores in (few_values, distinct, odd):
+        for n in (1, 10, 50, 300):
+            vals, idx = torch.sort(scores, dim=1, descending=True, stable=True)
+            got_idx, got_val = top_n(scores, n)
+            assert np.array_equal(got_idx, idx[:, :n].numpy())
+            assert np.array_equal(got_val, vals[:, :n].numpy(), equal_nan=True)

@@ -32,6 +32,7 @@ from sigmarec.tasks import (
     match_instruction,
     render_prompt,
 )
+from sigmarec.tasks.definitions import NO_DATES
 from sigmarec.tasks.sft_data import _cut as make_cut
 from sigmarec.tasks.sft_data import _eval_instances, allocate, build_baskets
 from sigmarec.tasks.stage import TasksStage
@@ -323,6 +324,19 @@ def test_unsupported_tasks_are_skipped_with_a_reason(caplog) -> None:
     assert "training period" in sft.skipped["Holiday"]
     assert "task Holiday skipped" in caplog.text
     assert "JustForYou" in set(sft.train["task"])
+
+
+def test_season_and_holiday_skipped_without_dates(caplog) -> None:
+    """A source with synthetic (order-only) times, such as a sequence file, has no calendar."""
+    ds = make_dataset()
+    ds.has_dates = False
+    d = build(ds, DataConfig(source="files", split=SplitConfig(kind="leave_one_out")), 0)
+    assert d.info["timestamps"].startswith("synthetic")
+    with caplog.at_level(logging.INFO, logger="sigmarec"):
+        sft = build_sft_data(d, tasks_config(), seed=0)
+    assert sft.skipped["Season"] == NO_DATES and sft.skipped["Holiday"] == NO_DATES
+    assert "task Season skipped: the data has no timestamps" in caplog.text
+    assert {"Season", "Holiday"}.isdisjoint(set(sft.train["task"]))
 
 
 # ---------------------------------------------------------------------- free instructions

@@ -74,6 +74,47 @@ class AmazonSource(_Strict):
     meta: Path | None = None
 
 
+class AtomicItemFields(_Strict):
+    """Field names (header names without their ``:type``) of a RecBole atomic ``.item`` file."""
+
+    item: str = "item_id"
+    title: str | None = "title"
+    categories: str | None = Field("categories", description="a token_seq of category levels, "
+                                   "top first, or a token holding one category")
+    brand: str | None = "brand"
+    price: str | None = "price"
+    attributes: list[str] = Field(default_factory=list, description="further fields kept as "
+                                  "item attributes (JSON), e.g. ['sales_type']")
+
+
+class ExpectedCounts(_Strict):
+    """Published statistics of a dataset, compared with what was read (a mismatch warns)."""
+
+    users: int | None = Field(None, ge=1)
+    items: int | None = Field(None, ge=1)
+    interactions: int | None = Field(None, ge=1)
+
+
+class SequencesSource(_Strict):
+    """One user a line (``USER_ID ITEM ITEM ...``, time order) plus a RecBole atomic item file.
+
+    Relative paths resolve against the current working directory (the repository root when run
+    from there); ``sequences`` and ``items`` are taken inside ``root`` when it is set.
+    """
+
+    name: str = Field("sequences", min_length=1, description="dataset name in run info")
+    root: Path | None = Field(None, description="folder holding the two files (None = the "
+                              "paths below stand alone)")
+    sequences: Path = Path("user_sequence.txt")
+    items: Path | None = Field(None, description="RecBole atomic .item file; None = no "
+                               "metadata (items titled by their id)")
+    item_fields: AtomicItemFields = Field(default_factory=AtomicItemFields)
+    expected: ExpectedCounts = Field(default_factory=ExpectedCounts)
+
+    def path(self, p: Path) -> Path:
+        return self.root / p if self.root is not None else p
+
+
 class SplitConfig(_Strict):
     kind: Literal["temporal", "leave_one_out"] = "temporal"
     # Temporal: either explicit cut-off dates or window lengths counted back from the last event.
@@ -95,9 +136,15 @@ class SplitConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["completejourney", "ml100k", "files", "amazon"] = "completejourney"
+    source: Literal["completejourney", "ml100k", "files", "amazon", "sequences"] = (
+        "completejourney")
     files: FilesSource = Field(default_factory=FilesSource)
     amazon: AmazonSource = Field(default_factory=AmazonSource)
+    # Left out of the config dump (and so of the stage hash) while at its defaults, so runs made
+    # before this source existed stay fresh.
+    sequences: SequencesSource = Field(
+        default_factory=SequencesSource, exclude_if=lambda v: v == SequencesSource()
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
     # Catalogue and user filters, counted on the training period only (no look-ahead).
     min_item_count: int = Field(1, ge=1)

@@ -103,6 +103,8 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
     inter = _dedupe(inter)
 
     info: dict[str, Any] = {"dataset": ds.name, "split": cfg.split.kind, "raw": raw_counts}
+    if not ds.has_dates:
+        info["timestamps"] = "synthetic (order within a user only; no dates)"
     if cfg.split.kind == "temporal":
         inter, bounds = assign_temporal(inter, cfg.split)
         info.update(bounds)
@@ -141,9 +143,10 @@ def build(ds: Dataset, cfg: DataConfig, seed: int) -> ProcessedData:
     inter["user_idx"] = pd.Index(user_ids).get_indexer(inter["user_id"])
     inter = inter.sort_values(["user_idx"], kind="stable").reset_index(drop=True)
     inter["pos"] = inter.groupby("user_idx", sort=False).cumcount()
-    inter["basket"] = inter.groupby("user_idx", sort=False)["basket_id"].transform(
-        lambda s: pd.factorize(s)[0]
-    )
+    # Baskets numbered per user in order of first appearance (users' rows are contiguous, so a
+    # global first-appearance numbering minus the user's first number; no per-user Python call).
+    ngroup = inter.groupby(["user_idx", "basket_id"], sort=False).ngroup()
+    inter["basket"] = ngroup - ngroup.groupby(inter["user_idx"]).transform("min")
     if cfg.split.kind == "leave_one_out":
         inter = assign_leave_one_out(inter)
     inter_full = inter  # still has user_id / basket_id, for mapping held-out purchases

@@ -103,11 +103,14 @@ class ProcessedData:
 
     def train_sequences(self) -> list[np.ndarray]:
         """Per user, the training-period items in order (empty arrays for users with none)."""
+        # Cut one sorted array at the user boundaries: iterating a pandas groupby costs ~17 ms a
+        # user here (string columns sliced per group), 6 minutes on Amazon Beauty's 22,363 users.
         tr = self.train()
-        out = [np.empty(0, dtype=np.int64) for _ in range(self.n_users)]
-        for u, grp in tr.groupby("user_idx", sort=False):
-            out[int(u)] = grp["item_idx"].to_numpy(np.int64)
-        return out
+        users = tr["user_idx"].to_numpy(np.int64)
+        order = np.argsort(users, kind="stable")  # rows are (user, pos)-sorted; stable keeps pos
+        items = tr["item_idx"].to_numpy(np.int64)[order]
+        counts = np.bincount(users, minlength=self.n_users)
+        return [a.copy() for a in np.split(items, np.cumsum(counts)[:-1])]
 
     def eval_instances(self, split: str) -> pd.DataFrame:
         if split not in ("valid", "test"):

@@ -30,6 +30,9 @@ class Dataset:
     item_source: str = "items"
     interaction_source: str = "interactions"
     user_source: str = "users"
+    # False where the source has no times and orders events by a synthetic time (the sequence
+    # position): only the order within a user means anything, so no task may read dates.
+    has_dates: bool = True
 
     @property
     def profile_columns(self) -> list[str]:

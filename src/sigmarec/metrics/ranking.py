@@ -21,9 +21,21 @@ def top_n(scores: torch.Tensor | np.ndarray, n: int) -> tuple[np.ndarray, np.nda
     """Indices and scores of the ``n`` best items per row, best first (ties: lower index)."""
     t = torch.as_tensor(scores)
     n = min(n, t.shape[1])
-    # A stable sort keeps ties in item order, so lists are reproducible across runs.
-    vals, idx = torch.sort(t, dim=1, descending=True, stable=True)
-    return idx[:, :n].numpy(), vals[:, :n].numpy()
+    # Ties go to the lower index, so lists are reproducible across runs. A full stable sort of
+    # every row gives that but costs most of a full-catalogue evaluation (22,363 rows of 12,101
+    # on Amazon Beauty); topk then orders its n picks by (score, index), and only rows where a
+    # tie straddles the cut (or a NaN) fall back to the stable sort.
+    vals, idx = torch.topk(t, n, dim=1)
+    order = torch.argsort(idx, dim=1)
+    idx, vals = idx.gather(1, order), vals.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    idx, vals = idx.gather(1, order), vals.gather(1, order)
+    redo = ((t >= vals[:, -1:]).sum(1) > n) | torch.isnan(vals).any(1)
+    if redo.any():
+        rows = redo.nonzero().squeeze(1)
+        v, i = torch.sort(t[rows], dim=1, descending=True, stable=True)
+        idx[rows], vals[rows] = i[:, :n], v[:, :n]
+    return idx.numpy(), vals.numpy()
 
 
 def hit_matrix(ranked: np.ndarray, targets: Sequence[np.ndarray]) -> np.ndarray:

@@ -20,6 +20,7 @@ from sigmarec.tasks.resources import TaskResources
 from sigmarec.tasks.text import clean_words, display_category
 
 SOFT_TOKEN = "<|item|>"
+NO_DATES = "the data has no timestamps (its times are sequence positions, no calendar)"
 
 
 @dataclass
@@ -342,6 +343,8 @@ class Season(Task):
     rule_text = "the item is in the season's item set (training lift >= season_min_lift)"
 
     def supports(self, data: Any = None) -> tuple[bool, str]:
+        if not self.res.has_dates:
+            return False, NO_DATES
         if not self.res.season_items.any():
             return False, "no item's purchase rate rises in any season of the training period"
         return True, ""
@@ -396,6 +399,8 @@ class Holiday(Task):
                                + [np.zeros(res.n_items, dtype=bool)])
 
     def supports(self, data: Any = None) -> tuple[bool, str]:
+        if not self.res.has_dates:
+            return False, NO_DATES
         train = [h for h, s in self.res.holiday_split.items()
                  if s == "train" and self.res.holiday_items[h].any()]
         if not train:

@@ -59,6 +59,7 @@ class TaskResources:
     discover_level: int
     discover_min_history: int
     notes: dict[str, str] = field(default_factory=dict)
+    has_dates: bool = True  # False: times are synthetic (sequence positions), no calendar
 
     @property
     def query_names(self) -> list[str]:
@@ -247,4 +248,5 @@ def build_resources(data: ProcessedData, cfg: TasksConfig) -> TaskResources:
         category_level=min(cfg.category_level, last_level),
         discover_level=min(cfg.discover_level, last_level),
         discover_min_history=cfg.discover_min_history,
+        has_dates="timestamps" not in info,
     )

@@ -14,6 +14,7 @@ SOURCES = {
     "ml100k": "sigmarec.data.sources.movielens",
     "files": "sigmarec.data.sources.files",
     "amazon": "sigmarec.data.sources.amazon",
+    "sequences": "sigmarec.data.sources.sequences",
 }
 
 

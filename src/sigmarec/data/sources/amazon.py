@@ -66,9 +66,17 @@ def _first(rec: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]
     return None, None
 
 
-def _clean(v: Any) -> str:
-    """Metadata text carries HTML entities (``&amp;``) in the 2018 release."""
-    return html.unescape(str(v)).strip()
+def clean_text(v: Any) -> str:
+    """Metadata text with HTML entities (``&amp;``, in the 2014 and 2018 releases and their
+    derivatives) decoded and runs of whitespace (tabs, newlines inside a title) made one space."""
+    return " ".join(html.unescape(str(v)).split())
+
+
+def category_path(levels: list[Any] | tuple[Any, ...]) -> str:
+    """Category levels (top first) as one ``CATEGORY_SEP``-joined path, cleaned; a level that
+    holds the separator itself is rewritten so the path splits back into the same levels."""
+    cleaned = (clean_text(c) for c in levels)
+    return CATEGORY_SEP.join(c.replace(CATEGORY_SEP, " / ") for c in cleaned if c)
 
 
 def _epoch_ms(rec: dict[str, Any], path: Path, lineno: int) -> int:
@@ -140,11 +148,10 @@ def _category_path(rec: dict[str, Any]) -> str:
         cats = rec.get("category")
     if isinstance(cats, list) and cats and isinstance(cats[0], list | tuple):
         cats = cats[0]  # 2014: a list of paths; the first is the product's main one
-    levels = [_clean(c) for c in cats] if isinstance(cats, list | tuple) else []
-    levels = [c.replace(CATEGORY_SEP, " / ") for c in levels if c]
-    if not levels and (main := _main_category(rec)):
-        levels = [main]
-    return CATEGORY_SEP.join(levels)
+    path = category_path(cats) if isinstance(cats, list | tuple) else ""
+    if not path and (main := _main_category(rec)):
+        path = category_path([main])
+    return path
 
 
 def _main_category(rec: dict[str, Any]) -> str:
@@ -155,7 +162,7 @@ def _main_category(rec: dict[str, Any]) -> str:
     if main.lstrip().startswith("<img"):  # 2018 writes some as an <img alt="..."> tag
         m = _IMG_ALT.search(main)
         main = m.group(1) if m else ""
-    return _clean(main)
+    return clean_text(main)
 
 
 def _attributes(rec: dict[str, Any], path_: str) -> str:
@@ -164,7 +171,7 @@ def _attributes(rec: dict[str, Any], path_: str) -> str:
     if isinstance(price, int | float) and not isinstance(price, bool) and price == price:
         attrs["price"] = float(price)
     elif isinstance(price, str) and 0 < len(price.strip()) <= 20 and price.strip() != "None":
-        attrs["price"] = _clean(price)  # 2018: "$12.99"; longer strings are scraped HTML
+        attrs["price"] = clean_text(price)  # 2018: "$12.99"; longer strings are scraped HTML
     main = _main_category(rec)
     if main and not path_.startswith(main):
         attrs["main_category"] = main
@@ -188,8 +195,8 @@ def _meta(path: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
             continue
         cat = _category_path(rec)
         brand = rec.get("brand") or rec.get("store")
-        brand = _clean(brand) if brand is not None else ""
-        title = _clean(rec["title"]) if rec.get("title") is not None else ""
+        brand = clean_text(brand) if brand is not None else ""
+        title = clean_text(rec["title"]) if rec.get("title") is not None else ""
         out[iid] = {
             "title": title or iid,
             "category_path": cat,
