@@ -23,8 +23,10 @@ class ModelConfig(_Strict):
         "frozen: no backbone weight trains (the new token rows, ProjFuse, the head and the copy "
         "gates still do), so the SFT of the backbone can be measured (ablation frozen_llm)",
     )
+    # Left out of the config dump (and so of the stage hash) while None, so runs made before
+    # this option existed stay fresh.
     backbone_layers: int | None = Field(
-        None, ge=0, description="the model keeps only the first N transformer layers of the "
+        None, ge=0, exclude_if=lambda v: v is None, description="the model keeps only the first N transformer layers of the "
         "backbone that backbone.num_layers loaded (the grounding stage still reads all of them); "
         "0 = none: the token and item embeddings go straight to the final norm, the heads and "
         "the copy gates (ablation no_llm); None = all",
