@@ -26,7 +26,8 @@ class ModelConfig(_Strict):
     # Left out of the config dump (and so of the stage hash) while None, so runs made before
     # this option existed stay fresh.
     backbone_layers: int | None = Field(
-        None, ge=0, exclude_if=lambda v: v is None, description="the model keeps only the first N transformer layers of the "
+        None, ge=0, exclude_if=lambda v: v is None,
+        description="the model keeps only the first N transformer layers of the "
         "backbone that backbone.num_layers loaded (the grounding stage still reads all of them); "
         "0 = none: the token and item embeddings go straight to the final norm, the heads and "
         "the copy gates (ablation no_llm); None = all",
