@@ -18,12 +18,18 @@ from sigmarec.baselines.popularity import MostPop
 from sigmarec.baselines.registry import REGISTRY, create
 from sigmarec.baselines.repurchase import Repurchase
 from sigmarec.baselines.sasrec import SASRec, SASRecCE, SASRecRecommender
-from sigmarec.baselines.sasrec.train import sasrec_loss, training_windows
+from sigmarec.baselines.sasrec.train import (
+    sasrec_loss,
+    training_windows,
+    unseen_negatives,
+    validation_instances,
+)
 from sigmarec.baselines.stage import BaselinesStage, id_tower_source
 from sigmarec.config import CooccurrenceConfig, DataConfig, SASRecConfig, SigmaConfig
 from sigmarec.core.stage import StageContext
 from sigmarec.data.build import build
 from sigmarec.data.processed import ProcessedData
+from sigmarec.errors import ConfigError
 from sigmarec.metrics import top_n
 
 TINY_SASREC = {"hidden": 16, "blocks": 1, "heads": 2, "max_len": 8, "batch_size": 16,
@@ -282,3 +288,51 @@ def test_sasrec_loss_ignores_all_padding_columns() -> None:
     valid = (tgt != 0) & (inp != 0)
     full = F.cross_entropy(model.logits(model(inp)[valid]), tgt[valid] - 1)
     assert torch.allclose(sasrec_loss(model, batch, "ce"), full, atol=1e-6)
+
+
+def test_unseen_negatives_avoid_every_item_of_their_window() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # A small catalogue, so uniform draws hit the window often and the redraw has work to do.
+    windows = torch.zeros(64, 11, dtype=torch.long)
+    for r in range(64):
+        windows[r, 3:] = torch.randperm(20, generator=gen)[:8] + 1
+    neg = unseen_negatives(windows, n_items=20, width=10, generator=gen)
+    assert neg.shape == (64, 10) and neg.min() >= 1 and neg.max() <= 20
+    assert not (neg.unsqueeze(-1) == windows.unsqueeze(1)).any()
+    uniform = torch.randint(1, 21, (64, 10), generator=gen)
+    assert (uniform.unsqueeze(-1) == windows.unsqueeze(1)).any()  # the check can fail
+
+
+def test_sasrec_bce_default_negatives_are_the_uniform_draw() -> None:
+    """The default ("uniform") consumes the generator exactly as before the option existed."""
+    torch.manual_seed(0)
+    model = SASRec(30, 16, 1, 1, 0.0, 8).eval()
+    batch = torch.randint(1, 31, (6, 9))
+    batch[:2, :3] = 0
+    inp, tgt = batch[:, :-1], batch[:, 1:]
+    valid = (tgt != 0) & (inp != 0)
+    h, pos = model(inp)[valid], tgt[valid]
+    neg = torch.randint(1, 31, pos.shape, generator=torch.Generator().manual_seed(4))
+    pos_logit = (h * model.item_emb(pos)).sum(-1)
+    neg_logit = (h * model.item_emb(neg)).sum(-1)
+    old = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit)) + \
+        F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
+    got = sasrec_loss(model, batch, "bce", torch.Generator().manual_seed(4))
+    assert torch.allclose(got, old, atol=1e-6)
+    unseen = sasrec_loss(model, batch, "bce", torch.Generator().manual_seed(4), negatives="unseen")
+    assert torch.isfinite(unseen) and not torch.allclose(unseen, old)
+    with pytest.raises(ConfigError, match="negatives"):
+        sasrec_loss(model, batch, "bce", negatives="popular")
+
+
+def test_sasrec_validates_every_nth_epoch_on_a_fixed_user_subset(data):
+    cfg = {**TINY_SASREC, "max_epochs": 5, "patience": 5, "valid_every": 2, "valid_users": 10}
+    model = create("sasrec_bce", config(sasrec=cfg))
+    summary = model.fit(data)
+    validated = [row["epoch"] for row in summary["history"] if "valid_ndcg10" in row]
+    assert validated == [2, 4, 5]  # and the last epoch, which is no multiple of 2
+    assert summary["best_epoch"] in validated
+    sub = validation_instances(data, 10, seed=0)
+    assert sub["user_idx"].nunique() == 10
+    assert sub.equals(validation_instances(data, 10, seed=0))
+    assert len(validation_instances(data, None, seed=0)) == len(data.eval_instances("valid"))

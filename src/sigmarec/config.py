@@ -211,6 +211,18 @@ class SASRecConfig(_Strict):
         "random each step) that cost full-catalogue logits; the logits are nearly all of a CE "
         "step's time, and neighbouring targets of a window carry much the same gradient"
     )
+    # BCE loss only: where the one negative per position comes from. "uniform": the whole
+    # catalogue (the positive and the user's own items included); "unseen": redrawn until it is
+    # no item of the training window, as the original SASRec samples outside the user's items.
+    negatives: Literal["uniform", "unseen"] = "uniform"
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="the original SASRec uses 0.98")
+    # Validation every epoch over every user is a large share of a short BCE epoch; a long
+    # schedule can validate less often and/or on a fixed seeded subset of the users.
+    valid_every: int = Field(1, ge=1, description="epochs between validations; patience "
+                             "counts validations")
+    valid_users: int | None = Field(
+        None, ge=1, description="validate on this many users drawn once with the seed "
+        "(None = all); early stopping then picks the epoch on that subset")
     # Hyper-parameter grid searched on validation: {"lr": [...], "dropout": [...]}.
     tune: dict[str, list[Any]] = Field(default_factory=dict)
     device: str = "auto"

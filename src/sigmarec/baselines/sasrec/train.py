@@ -5,8 +5,9 @@ to ``max_len`` targets; long histories are cut into windows ending every ``windo
 (default ``max_len``: no overlap), so every training purchase is a target at least once.
 
 Two objectives, chosen by name:
-  * ``bce`` - one uniformly sampled negative per position and binary cross-entropy, the original
-    SASRec recipe and the one the generative-recommendation papers compare against;
+  * ``bce`` - one sampled negative per position and binary cross-entropy, the original SASRec
+    recipe and the one the generative-recommendation papers compare against; the negative is
+    uniform over the catalogue or (``negatives: unseen``, as in SASRec) outside the window;
   * ``ce``  - full softmax cross-entropy over the catalogue, usually clearly stronger.
 """
 
@@ -20,6 +21,7 @@ import time
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -65,14 +67,33 @@ def training_windows(
     return np.stack(rows)
 
 
+def unseen_negatives(
+    windows: torch.Tensor, n_items: int, width: int, generator: torch.Generator | None = None,
+    rounds: int = 20,
+) -> torch.Tensor:
+    """(B, width) shifted item ids drawn uniformly from the items that are not in their row of
+    ``windows`` (B, *): every hit is redrawn, up to ``rounds`` times (a row that holds nearly the
+    whole catalogue may keep a hit; on real catalogues one round leaves ~1e-3 of them)."""
+    rows = windows.cpu()
+    neg = torch.randint(1, n_items + 1, (len(rows), width), generator=generator)
+    for _ in range(rounds):
+        hit = (neg.unsqueeze(-1) == rows.unsqueeze(1)).any(-1)
+        n_hit = int(hit.sum())
+        if not n_hit:
+            break
+        neg[hit] = torch.randint(1, n_items + 1, (n_hit,), generator=generator)
+    return neg
+
+
 def sasrec_loss(
     model: SASRec, batch: torch.Tensor, loss: str, generator: torch.Generator | None = None,
-    ce_target_fraction: float = 1.0,
+    ce_target_fraction: float = 1.0, negatives: str = "uniform",
 ) -> torch.Tensor:
     """Mean next-item loss over the non-padding targets of a (B, max_len + 1) window batch.
 
     ``ce_target_fraction`` < 1 (CE only): a uniform random subset of that share of the targets
-    is scored, an unbiased estimate of the same mean at that share of the logits' cost."""
+    is scored, an unbiased estimate of the same mean at that share of the logits' cost.
+    ``negatives`` (BCE only): "uniform" over the catalogue, or "unseen" (no item of the window)."""
     # Leading columns that are padding in every row are dropped: the model right-aligns
     # positions and masks padding, so the states of the kept positions are the same, and short
     # histories (Amazon Beauty: median 6 items in windows of 51) then cost only their length.
@@ -92,7 +113,13 @@ def sasrec_loss(
             h, pos = h[pick], pos[pick]
         return F.cross_entropy(model.logits(h), pos - 1)
     if loss == "bce":
-        neg = torch.randint(1, model.n_items + 1, pos.shape, generator=generator)
+        if negatives == "uniform":
+            neg = torch.randint(1, model.n_items + 1, pos.shape, generator=generator)
+        elif negatives == "unseen":
+            neg = unseen_negatives(batch, model.n_items, tgt.shape[1], generator)
+            neg = neg[valid.cpu()]
+        else:
+            raise ConfigError(f"unknown SASRec negatives {negatives!r}; use uniform or unseen")
         neg = neg.to(pos.device)
         pos_logit = (h * model.item_emb(pos)).sum(-1)
         neg_logit = (h * model.item_emb(neg)).sum(-1)
@@ -117,8 +144,19 @@ class _Frozen(Recommender):
         return score_histories(self.model, histories)
 
 
-def validation_ndcg(model: SASRec, data: ProcessedData, eval_cfg: EvalConfig) -> float:
+def validation_instances(data: ProcessedData, users: int | None, seed: int) -> pd.DataFrame:
+    """The validation instances, or those of ``users`` users drawn once with ``seed``."""
     inst = data.eval_instances("valid")
+    if users is None or users >= inst["user_idx"].nunique():
+        return inst
+    pick = np.random.default_rng(seed).choice(inst["user_idx"].unique(), users, replace=False)
+    return inst[inst["user_idx"].isin(pick)].reset_index(drop=True)
+
+
+def validation_ndcg(
+    model: SASRec, data: ProcessedData, eval_cfg: EvalConfig, inst: pd.DataFrame | None = None
+) -> float:
+    inst = data.eval_instances("valid") if inst is None else inst
     # Batches of similar history length pad to little (every epoch ranks every user; on Amazon
     # Beauty most histories are a few items, the longest 200); the mean does not depend on order.
     inst = inst.iloc[np.argsort(inst["hist_len"].to_numpy(), kind="stable")]
@@ -157,11 +195,13 @@ def train_sasrec(
         raise ConfigError("sasrec: no user has two training interactions; nothing to learn")
     model = SASRec(data.n_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, cfg.adam_beta2))
     steps = math.ceil(len(windows) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    has_valid = len(data.eval_instances("valid")) > 0
+    valid_inst = validation_instances(data, cfg.valid_users, seed)
+    has_valid = len(valid_inst) > 0
 
     best, best_epoch, best_state, bad = -1.0, 0, None, 0
     history: list[dict[str, float]] = []
@@ -176,7 +216,7 @@ def train_sasrec(
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = windows[idx].to(device)
-            value = sasrec_loss(model, batch, loss, gen, cfg.ce_target_fraction)
+            value = sasrec_loss(model, batch, loss, gen, cfg.ce_target_fraction, cfg.negatives)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -184,8 +224,11 @@ def train_sasrec(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         bar.close()
         row = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5)}
-        if has_valid:
-            score = validation_ndcg(model, data, eval_cfg)
+        # The last epoch is always validated, so a cap that is no multiple of valid_every still
+        # gets its final weights compared.
+        validate = has_valid and (epoch % cfg.valid_every == 0 or epoch == cfg.max_epochs)
+        if validate:
+            score = validation_ndcg(model, data, eval_cfg, valid_inst)
             row["valid_ndcg10"] = round(score, 5)
             improved = score > best
             if improved:
@@ -198,7 +241,7 @@ def train_sasrec(
         else:
             log.info("%s epoch %d: loss %.4f", label, epoch, row["loss"])
         history.append(row)
-        if has_valid and bad >= cfg.patience:
+        if validate and bad >= cfg.patience:
             break
     if best_state is not None:
         model.load_state_dict(best_state)  # early stopping keeps the best epoch, not the last
