@@ -145,7 +145,8 @@ class TasksConfig(_Strict):
     # Left out of the config dump (and so of the stage hash) while empty, so runs made before
     # this option existed stay fresh.
     task_caps: dict[TaskName, SplitCaps] = Field(
-        default_factory=dict, exclude_if=lambda v: not v, description="per-task caps overriding eval_instances_per_task / "
+        default_factory=dict, exclude_if=lambda v: not v,
+        description="per-task caps overriding eval_instances_per_task / "
         "valid_instances_per_task for the split they name, e.g. "
         "{JustForYou: {test: all, valid: 2000}}"
     )
