@@ -260,6 +260,18 @@ class BaselinesConfig(_Strict):
 class ViewConfig(_Strict):
     weight: float = Field(1.0, ge=0, description="share of training pairs drawn from this view")
     budget: int = Field(20_000, ge=0, description="most pairs mined")
+    # co_interaction only. Left out of the config dump while None (runs made before these
+    # existed stay fresh). A sequence source has one item per basket, so window 1 (the same
+    # basket) finds no pair there: neighbours in the sequence are the co-interactions.
+    window: int | None = Field(
+        None, ge=1, exclude_if=lambda v: v is None,
+        description="co_interaction: a context is a basket and the next window - 1 baskets of "
+        "the same user (None = 1, the same basket)",
+    )
+    min_count: int | None = Field(
+        None, ge=1, exclude_if=lambda v: v is None,
+        description="co_interaction: fewest contexts a pair must share (None = 3)",
+    )
 
 
 def _default_views() -> dict[str, ViewConfig]:
@@ -307,6 +319,10 @@ class GroundingConfig(_Strict):
         unknown = set(v) - known
         if unknown:
             raise ValueError(f"unknown grounding view(s) {sorted(unknown)}; known: {sorted(known)}")
+        for name, vc in v.items():
+            extra = [f for f in ("window", "min_count") if getattr(vc, f) is not None]
+            if name != "co_interaction" and extra:
+                raise ValueError(f"grounding.views.{name}: {extra} apply to co_interaction only")
         return v
 
 
