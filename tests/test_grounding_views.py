@@ -113,3 +113,24 @@ def test_co_interaction_window_pairs_sequence_neighbours() -> None:
     with pytest.raises(ValidationError, match="co_interaction only"):
         GroundingConfig(views={"search": ViewConfig(window=2)})
     assert "window" not in GroundingConfig().model_dump()["views"]["co_interaction"]
+
+
+def test_benchmark_pairs_on_leave_one_out_are_next_item_pairs() -> None:
+    """One validation item per user pairs nothing inside the validation period: the benchmark's
+    collaborative pairs are then (last training item, validation item), never a test item."""
+    from sigmarec.grounding.benchmark import benchmark_pairs
+
+    ds = make_dataset(n_users=30, n_items=25, baskets_per_user=6)
+    ds.interactions["basket_id"] = None  # each row its own event
+    d = build(validate(ds), DataConfig(source="files", split=SplitConfig(kind="leave_one_out"),
+                                       shuffle_within_baskets=False), seed=0)
+    co = benchmark_pairs(d, n_pairs=1000)["collaborative"]
+    assert len(co) > 0
+    want = set()
+    for _, g in d.interactions.sort_values("pos").groupby("user_idx"):
+        tr, va = g[g["split"] == "train"], g[g["split"] == "valid"]
+        a, b = int(tr["item_idx"].iloc[-1]), int(va["item_idx"].iloc[0])
+        if a != b:
+            want.add((min(a, b), max(a, b)))
+    assert set(zip(co["a"], co["b"], strict=True)) == want
+    assert co["score"].is_monotonic_decreasing
