@@ -1,7 +1,12 @@
-"""Recall@K / NDCG@K of every ``baselines/rankings/<model>_<split>.parquet`` of run directories,
-on all instances of the split (the columns of the published Amazon Beauty table).
+"""Recall@K / NDCG@K of every model of run directories on the next-item instances of every user
+(the columns of the published Amazon Beauty table).
 
     python scripts/beauty_metrics.py runs/beauty [runs/other ...] [--split test] [--exclude-seen]
+
+Reads ``baselines/rankings`` (the leave-one-out instances of the data stage) and, where the run
+went further, the rankings of the generation, GR and ranker stages on the JustForYou instances
+of the tasks stage (the same users and targets; ``+rule`` lists are left out, JustForYou has no
+rule). A model that ranked fewer instances than the split has is reported with its count.
 
 ``--exclude-seen`` re-ranks the saved SASRec models with the user's history removed from the
 ranking (a diagnostic: some published harnesses mask history items, this project does not).
@@ -21,10 +26,13 @@ from sigmarec.data.processed import ProcessedData
 from sigmarec.metrics import accuracy_metrics
 
 KS = [5, 10]
+STAGES = ("generation", "gr_baselines", "ranker")
 
 
 def row(name: str, ranked: pd.DataFrame, inst: pd.DataFrame) -> dict[str, object]:
-    ranked = ranked.set_index("instance_id").loc[inst["instance_id"]]
+    ranked = ranked.set_index("instance_id")
+    inst = inst[inst["instance_id"].isin(ranked.index)]
+    ranked = ranked.loc[inst["instance_id"]]
     m = accuracy_metrics(np.stack(ranked["items"].to_list()), list(inst["targets"]), KS)
     out: dict[str, object] = {"model": name, "instances": len(inst)}
     for k in KS:
@@ -51,6 +59,17 @@ def main() -> None:
                 model = SASRecRecommender.load(model_dir)
                 ranked = rank_instances(model, data, inst, top=10, exclude_seen=True)
                 rows.append({"run": str(run), **row(name + " (seen excluded)", ranked, inst)})
+        tasks = run / "tasks" / f"{args.split}.parquet"
+        if not tasks.is_file():
+            continue
+        jfy = pd.read_parquet(tasks, columns=["instance_id", "task", "targets"])
+        jfy = jfy[jfy["task"] == "JustForYou"].reset_index(drop=True)
+        for stage in STAGES:
+            for path in sorted((run / stage / "rankings").glob(f"*_{args.split}.parquet")):
+                name = path.name.removesuffix(f"_{args.split}.parquet")
+                if "+rule" in name or (stage == "generation" and not name.startswith("sigma")):
+                    continue  # the baselines' lists there are those of baselines/ again
+                rows.append({"run": str(run), **row(name, pd.read_parquet(path), jfy)})
     print(pd.DataFrame(rows).to_markdown(index=False))
 
 

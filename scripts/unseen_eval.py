@@ -1,11 +1,12 @@
 """SIGMA on instructions never seen in training, end to end through the serving path.
 
     python scripts/unseen_eval.py --profile default --out runs/default [--per-task 30] [--seed 0]
+        [--wordings src/sigmarec/tasks/unseen_instructions_b.yaml]
 
 For up to ``--per-task`` test instances of every task (a seeded sample), one held-out wording
-(``src/sigmarec/tasks/unseen_instructions.yaml``, cycled over the instances) is filled with the
-instance's parameters and answered by the serving runtime (``sigmarec.serving.runtime``) with the
-instance's history before its cut, three ways:
+(``--wordings``, by default ``src/sigmarec/tasks/unseen_instructions.yaml``; cycled over the
+instances) is filled with the instance's parameters and answered by the serving runtime
+(``sigmarec.serving.runtime``) with the instance's history before its cut, three ways:
 
 * ``template``: the instance's own evaluation instruction and task, as the generation stage
   asks it (the reference);
@@ -17,7 +18,8 @@ instance's history before its cut, three ways:
 
 HR@10 is scored against the instance's targets, rule@10 against the intended task's rule.
 Writes ``<out>/unseen/unseen_eval.json`` and ``unseen_eval.md`` (per task, router accuracy
-beside the three ways' HR@10 and rule@10) and prints the table.
+beside the three ways' HR@10 and rule@10; ``unseen_eval_<file stem>.*`` for another wordings
+file) and prints the table. ``scripts/router_eval.py`` measures the router alone (no model).
 """
 
 from __future__ import annotations
@@ -34,20 +36,10 @@ from sigmarec.config import load_config
 from sigmarec.data.processed import ProcessedData
 from sigmarec.metrics import accuracy_metrics
 from sigmarec.serving.runtime import Resolved, Runtime
-from sigmarec.tasks.registry import match_instruction
 from sigmarec.tasks.rules import instance_allow_masks, load_tasks
-from sigmarec.tasks.unseen import ROUTED_PARAMS, fill, load_unseen
+from sigmarec.tasks.unseen import UNSEEN_FILE, load_unseen, route_instances, sample_instances
 
 WAYS = ("template", "unseen+router", "unseen, router off")
-
-
-def _sample(df: pd.DataFrame, per_task: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    parts = []
-    for _, g in df.groupby("task", sort=True):
-        keep = np.sort(rng.choice(len(g), min(per_task, len(g)), replace=False))
-        parts.append(g.iloc[keep])
-    return pd.concat(parts).reset_index(drop=True)
 
 
 def main() -> None:
@@ -57,39 +49,34 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--wordings", type=Path, default=UNSEEN_FILE,
+                    help="held-out wordings file (default: the packaged first file)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     cfg = load_config(args.profile)
     run = args.out
     data = ProcessedData.load(run / "data")
-    inst = _sample(pd.read_parquet(run / "tasks" / "test.parquet"), args.per_task, args.seed)
+    inst = sample_instances(pd.read_parquet(run / "tasks" / "test.parquet"), args.per_task,
+                            args.seed)
     allow = instance_allow_masks(data, inst, load_tasks(data, cfg.tasks))
     rt = Runtime.load(run, cfg)
     res, tasks = rt._state.resources, rt._state.tasks  # the runtime's own, as requests see them
-    wordings = load_unseen()
-    seen: dict[str, int] = {}
+    wordings = load_unseen(args.wordings)
+    routed = route_instances(res, tasks, inst, wordings)
+    routed_ok = [r.task_ok for r in routed]
+    params_ok = [r.params_ok for r in routed]
     rows: dict[str, list[Resolved]] = {w: [] for w in WAYS}
-    routed_ok, params_ok = [], []
-    for r in inst.itertuples(index=False):
-        i = seen.get(r.task, 0)
-        seen[r.task] = i + 1
-        params = json.loads(r.params)
-        text = fill(tasks[r.task], wordings[r.task][i % len(wordings[r.task])], params)
-        got, gp = match_instruction(text, res)
-        if got not in tasks:
-            got, gp = "JustForYou", {"text": text}
-        key = ROUTED_PARAMS.get(r.task)
-        routed_ok.append(got == r.task)
-        params_ok.append(got == r.task and (key is None or gp.get(key) == params.get(key)))
+    for r, ro in zip(inst.itertuples(index=False), routed, strict=True):
         hist = data.history(int(r.user_idx), int(r.hist_len))
         base = {"user_idx": int(r.user_idx), "history": hist,
                 "profile": rt.profile_of(int(r.user_idx)), "k": 10, "model": "sigma",
                 "allow": None}
-        rows["template"].append(Resolved(task=r.task, params=params,
+        rows["template"].append(Resolved(task=r.task, params=json.loads(r.params),
                                          instruction=str(r.instruction), **base))
-        rows["unseen+router"].append(Resolved(task=got, params=gp, instruction=text, **base))
-        rows["unseen, router off"].append(Resolved(task="JustForYou", params={"text": text},
-                                                   instruction=text, **base))
+        rows["unseen+router"].append(Resolved(task=ro.task, params=ro.params,
+                                              instruction=ro.text, **base))
+        rows["unseen, router off"].append(Resolved(task="JustForYou", params={"text": ro.text},
+                                                   instruction=ro.text, **base))
     targets = list(inst["targets"])
     per_way: dict[str, dict[str, np.ndarray]] = {}
     for way, resolved in rows.items():
@@ -121,15 +108,17 @@ def main() -> None:
         table[name] = {k: round(v, 4) for k, v in row.items()}
     out = run / "unseen"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "unseen_eval.json").write_text(json.dumps(
-        {"per_task": args.per_task, "seed": args.seed, "table": table,
-         "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+    default = args.wordings.resolve() == UNSEEN_FILE.resolve()
+    stem = "unseen_eval" if default else f"unseen_eval_{args.wordings.stem}"
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"per_task": args.per_task, "seed": args.seed, "wordings": str(args.wordings),
+         "table": table, "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     cols = ["n", "router_task_acc", "router_params_acc",
             *[f"{w} {m}" for m in ("HR@10", "rule@10") for w in WAYS]]
     lines = ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {t} | " + " | ".join(f"{v[c]:g}" for c in cols) + " |" for t, v in
               table.items()]
-    (out / "unseen_eval.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

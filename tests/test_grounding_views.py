@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import make_dataset
+from pydantic import ValidationError
 
 from sigmarec.config import DataConfig, SplitConfig
 from sigmarec.data.build import build
@@ -83,3 +85,52 @@ def test_visual_view_uses_image_embeddings():
     p = views.visual(d, budget=100, neighbours=1)
     ids = d.items["item_id"].str[1:].astype(int).to_numpy()
     assert ((ids[p["a"]] // 2) == (ids[p["b"]] // 2)).all()
+
+
+def test_co_interaction_window_pairs_sequence_neighbours() -> None:
+    """One item per basket (a sequence source): the same basket pairs nothing, a window of
+    baskets pairs neighbours, and the run config reaches the view."""
+    from sigmarec.config import GroundingConfig, ViewConfig
+    from sigmarec.grounding.stage import mine_views
+
+    tiny_data = _data(make_dataset(n_users=25, n_items=30, baskets_per_user=15))
+    tr = tiny_data.train()
+    seq = tr.assign(basket=np.arange(len(tr)))  # every interaction its own basket
+    assert views.co_pairs(seq, tiny_data.n_items, 10_000, min_count=1, window=1).empty
+    near = views.co_pairs(seq, tiny_data.n_items, 10_000, min_count=1, window=2)
+    assert len(near) > 0
+    # Every pair lies within one position of the same user's sequence.
+    close = set()
+    for _, g in seq.sort_values("basket").groupby("user_idx"):
+        it = g["item_idx"].to_numpy()
+        close.update(tuple(sorted((int(x), int(y)))) for x, y in zip(it[:-1], it[1:],
+                                                                      strict=True) if x != y)
+    assert set(zip(near["a"], near["b"], strict=True)) <= close
+    cfg = GroundingConfig(views={"co_interaction": ViewConfig(budget=50, window=2, min_count=1),
+                                 "search": ViewConfig(budget=0)})
+    assert len(mine_views(tiny_data, cfg, 0)["co_interaction"]) == len(
+        views.co_interaction(tiny_data, 50, min_count=1, window=2))
+    with pytest.raises(ValidationError, match="co_interaction only"):
+        GroundingConfig(views={"search": ViewConfig(window=2)})
+    assert "window" not in GroundingConfig().model_dump()["views"]["co_interaction"]
+
+
+def test_benchmark_pairs_on_leave_one_out_are_next_item_pairs() -> None:
+    """One validation item per user pairs nothing inside the validation period: the benchmark's
+    collaborative pairs are then (last training item, validation item), never a test item."""
+    from sigmarec.grounding.benchmark import benchmark_pairs
+
+    ds = make_dataset(n_users=30, n_items=25, baskets_per_user=6)
+    ds.interactions["basket_id"] = None  # each row its own event
+    d = build(validate(ds), DataConfig(source="files", split=SplitConfig(kind="leave_one_out"),
+                                       shuffle_within_baskets=False), seed=0)
+    co = benchmark_pairs(d, n_pairs=1000)["collaborative"]
+    assert len(co) > 0
+    want = set()
+    for _, g in d.interactions.sort_values("pos").groupby("user_idx"):
+        tr, va = g[g["split"] == "train"], g[g["split"] == "valid"]
+        a, b = int(tr["item_idx"].iloc[-1]), int(va["item_idx"].iloc[0])
+        if a != b:
+            want.add((min(a, b), max(a, b)))
+    assert set(zip(co["a"], co["b"], strict=True)) == want
+    assert co["score"].is_monotonic_decreasing

@@ -314,6 +314,41 @@ def test_mixture_and_caps(data) -> None:
     pd.testing.assert_frame_equal(sft.train, again.train)
 
 
+def test_task_caps_override_the_global_caps_per_split(data) -> None:
+    """JustForYou over every instance (the published Beauty protocol) beside capped tasks."""
+    base = dict(total_samples=300, enabled=["JustForYou", "Category"], eval_instances_per_task=3,
+                valid_instances_per_task=2)
+    full = build_sft_data(data, tasks_config(**base), seed=1)
+    every = build_sft_data(data, tasks_config(**{**base, "eval_instances_per_task": None,
+                                                 "valid_instances_per_task": None}), seed=1)
+    n_jfy = int((every.test["task"] == "JustForYou").sum())
+    assert n_jfy > 3
+    capped = build_sft_data(data, tasks_config(**base, task_caps={
+        "JustForYou": {"test": "all"}, "Category": {"valid": 1}}), seed=1)
+    size = {s: df.groupby("task").size().to_dict() for s, df in
+            (("valid", capped.valid), ("test", capped.test))}
+    assert size["test"]["JustForYou"] == n_jfy
+    assert size["valid"]["JustForYou"] == 2  # split not named: the global validation cap
+    assert size["test"]["Category"] == min(3, int((every.test["task"] == "Category").sum()))
+    assert size["valid"]["Category"] == 1
+    # The capped tasks' instances are those of the run without the override.
+    pd.testing.assert_frame_equal(
+        capped.test[capped.test["task"] == "Category"].reset_index(drop=True)
+        .drop(columns="instance_id"),
+        full.test[full.test["task"] == "Category"].reset_index(drop=True)
+        .drop(columns="instance_id"))
+    with pytest.raises(ValidationError):
+        tasks_config(task_caps={"JustForYou": {"test": 0}})
+    with pytest.raises(ValidationError):
+        tasks_config(task_caps={"NoSuchTask": {"test": 5}})
+    with pytest.raises(ValidationError):
+        tasks_config(task_caps={"JustForYou": {"test": "every"}})
+    # The dump (manifests, serving's copy of the run config) reads back to the same caps.
+    cfg = tasks_config(task_caps={"JustForYou": {"test": "all"}})
+    again = type(cfg).model_validate(cfg.model_dump())
+    assert again.eval_cap("JustForYou", "valid") == cfg.eval_cap("JustForYou", "valid")
+
+
 def test_unsupported_tasks_are_skipped_with_a_reason(caplog) -> None:
     ds = make_dataset(start="2015-01-01")  # no holiday window of the calendar in range
     ds.items["category_path"] = ""

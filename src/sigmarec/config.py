@@ -214,15 +214,19 @@ class SASRecConfig(_Strict):
     # BCE loss only: where the one negative per position comes from. "uniform": the whole
     # catalogue (the positive and the user's own items included); "unseen": redrawn until it is
     # no item of the training window, as the original SASRec samples outside the user's items.
-    negatives: Literal["uniform", "unseen"] = "uniform"
-    adam_beta2: float = Field(0.999, gt=0, lt=1, description="the original SASRec uses 0.98")
+    # These four options leave the config dump while at their defaults, so the stage hashes of
+    # runs made before they existed (the default profile's) stay the same.
+    negatives: Literal["uniform", "unseen"] = Field(
+        "uniform", exclude_if=lambda v: v == "uniform")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, exclude_if=lambda v: v == 0.999,
+                              description="the original SASRec uses 0.98")
     # Validation every epoch over every user is a large share of a short BCE epoch; a long
     # schedule can validate less often and/or on a fixed seeded subset of the users.
-    valid_every: int = Field(1, ge=1, description="epochs between validations; patience "
-                             "counts validations")
+    valid_every: int = Field(1, ge=1, exclude_if=lambda v: v == 1, description="epochs "
+                             "between validations; patience counts validations")
     valid_users: int | None = Field(
-        None, ge=1, description="validate on this many users drawn once with the seed "
-        "(None = all); early stopping then picks the epoch on that subset")
+        None, ge=1, exclude_if=lambda v: v is None, description="validate on this many users "
+        "drawn once with the seed (None = all); early stopping then picks the epoch on that subset")
     # Hyper-parameter grid searched on validation: {"lr": [...], "dropout": [...]}.
     tune: dict[str, list[Any]] = Field(default_factory=dict)
     device: str = "auto"
@@ -272,6 +276,18 @@ class BaselinesConfig(_Strict):
 class ViewConfig(_Strict):
     weight: float = Field(1.0, ge=0, description="share of training pairs drawn from this view")
     budget: int = Field(20_000, ge=0, description="most pairs mined")
+    # co_interaction only. Left out of the config dump while None (runs made before these
+    # existed stay fresh). A sequence source has one item per basket, so window 1 (the same
+    # basket) finds no pair there: neighbours in the sequence are the co-interactions.
+    window: int | None = Field(
+        None, ge=1, exclude_if=lambda v: v is None,
+        description="co_interaction: a context is a basket and the next window - 1 baskets of "
+        "the same user (None = 1, the same basket)",
+    )
+    min_count: int | None = Field(
+        None, ge=1, exclude_if=lambda v: v is None,
+        description="co_interaction: fewest contexts a pair must share (None = 3)",
+    )
 
 
 def _default_views() -> dict[str, ViewConfig]:
@@ -319,6 +335,10 @@ class GroundingConfig(_Strict):
         unknown = set(v) - known
         if unknown:
             raise ValueError(f"unknown grounding view(s) {sorted(unknown)}; known: {sorted(known)}")
+        for name, vc in v.items():
+            extra = [f for f in ("window", "min_count") if getattr(vc, f) is not None]
+            if name != "co_interaction" and extra:
+                raise ValueError(f"grounding.views.{name}: {extra} apply to co_interaction only")
         return v
 
 

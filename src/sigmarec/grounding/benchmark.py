@@ -49,9 +49,28 @@ def benchmark_pairs(data: ProcessedData, n_pairs: int = 5000, seed: int = 0,
     valid = data.interactions[data.interactions["split"] == "valid"]
     rng = np.random.default_rng(seed)
     co = co_pairs(valid, data.n_items, budget=n_pairs, min_count=2, per_item=5)
+    if co.empty and not valid.empty:
+        co = next_item_pairs(data, valid, n_pairs)
     cats = data.items["category_path"].map(lambda p: category_at(p, category_level))
     same_cat = _group_pairs(cats, n_pairs, rng, per_item=1)
     return {"collaborative": co, "semantic": same_cat}
+
+
+def next_item_pairs(data: ProcessedData, valid: pd.DataFrame, n_pairs: int) -> pd.DataFrame:
+    """Leave-one-out data has one validation item per user, so no validation basket pairs two
+    items: the collaborative pairs are then (the user's last training item, the validation item),
+    the next-item relation the models are asked for. Pairs seen most often come first."""
+    tr = data.train()
+    last = tr.sort_values(["user_idx", "timestamp"], kind="stable").groupby("user_idx").tail(1)
+    both = valid[["user_idx", "item_idx"]].merge(
+        last[["user_idx", "item_idx"]], on="user_idx", suffixes=("_v", "_t"))
+    ab = np.sort(both[["item_idx_t", "item_idx_v"]].to_numpy(np.int64), axis=1)
+    ab = ab[ab[:, 0] != ab[:, 1]]
+    df = pd.DataFrame({"a": ab[:, 0], "b": ab[:, 1]})
+    df = df.value_counts(["a", "b"]).rename("score").reset_index()
+    df["score"] = df["score"].astype(np.float64)
+    return df.sort_values(["score", "a", "b"], ascending=[False, True, True],
+                          kind="stable").head(n_pairs).reset_index(drop=True)
 
 
 def grounding_table(spaces: dict[str, np.ndarray], pairs: dict[str, pd.DataFrame],

@@ -35,8 +35,13 @@ def mine_views(data: ProcessedData, cfg: Any, seed: int) -> dict[str, pd.DataFra
             log.info("view %s: disabled by config", name)
             continue
         fn = views.VIEWS[name]
-        out[name] = fn(data, vc.budget, rng) if name in ("search", "knowledge") else fn(
-            data, vc.budget)
+        if name in ("search", "knowledge"):
+            out[name] = fn(data, vc.budget, rng)
+        elif name == "co_interaction":
+            out[name] = fn(data, vc.budget, **{f: getattr(vc, f) for f in ("window", "min_count")
+                                                if getattr(vc, f) is not None})
+        else:
+            out[name] = fn(data, vc.budget)
         log.info("view %s: %d pairs over %d items", name, len(out[name]),
                  len(np.union1d(out[name]["a"], out[name]["b"])))
     return out

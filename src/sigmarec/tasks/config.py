@@ -64,6 +64,22 @@ def default_holidays() -> list[HolidayWindow]:
     ]
 
 
+class SplitCaps(_Strict):
+    """Caps of one task's evaluation instances: a number, "all", or None (the global cap)."""
+
+    valid: int | Literal["all"] | None = Field(
+        None, description="validation cap; \"all\" = no cap; null = valid_instances_per_task")
+    test: int | Literal["all"] | None = Field(
+        None, description="test cap; \"all\" = no cap; null = eval_instances_per_task")
+
+    @field_validator("valid", "test")
+    @classmethod
+    def _positive(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a task cap must be >= 1 or \"all\", got {v}")
+        return v
+
+
 def default_seasons() -> dict[str, list[int]]:
     return {"winter": [12, 1, 2], "spring": [3, 4, 5], "summer": [6, 7, 8], "fall": [9, 10, 11]}
 
@@ -124,6 +140,16 @@ class TasksConfig(_Strict):
         None, ge=1, description="validation cap per task when it should differ (tau choice "
         "needs fewer than a low-noise test); None = eval_instances_per_task"
     )
+    # Amazon Beauty reports JustForYou (next item) over every user, as the published table does,
+    # while the instruction tasks keep a few hundred instances each.
+    # Left out of the config dump (and so of the stage hash) while empty, so runs made before
+    # this option existed stay fresh.
+    task_caps: dict[TaskName, SplitCaps] = Field(
+        default_factory=dict, exclude_if=lambda v: not v,
+        description="per-task caps overriding eval_instances_per_task / "
+        "valid_instances_per_task for the split they name, e.g. "
+        "{JustForYou: {test: all, valid: 2000}}"
+    )
     # Which basket of a user in an evaluation window becomes the instance: strictly the first
     # (dropped when the task admits none of its items), or the first that holds a target.
     eval_basket: Literal["first", "first_with_target"] = "first"
@@ -160,6 +186,16 @@ class TasksConfig(_Strict):
         if not v:
             raise ValueError("tasks.enabled must name at least one task")
         return list(dict.fromkeys(v))
+
+    def eval_cap(self, task: str, split: str) -> int | None:
+        """How many ``split`` instances of ``task`` are kept (None = all)."""
+        caps = self.task_caps.get(task)  # type: ignore[call-overload]
+        cap = None if caps is None else getattr(caps, split)
+        if cap is not None:
+            return None if cap == "all" else int(cap)
+        if split == "valid" and self.valid_instances_per_task is not None:
+            return self.valid_instances_per_task
+        return self.eval_instances_per_task
 
     @field_validator("weights")
     @classmethod

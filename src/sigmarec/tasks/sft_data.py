@@ -454,10 +454,7 @@ def build_sft_data(data: ProcessedData, cfg: TasksConfig, seed: int = 0) -> SFTD
                 rows = _jfy_instances(task, data, res, cfg, split, seed)
             else:
                 rows = _eval_instances(task, data, res, bk, cfg, split, seed)
-            cap = cfg.eval_instances_per_task
-            if split == "valid" and cfg.valid_instances_per_task is not None:
-                cap = cfg.valid_instances_per_task
-            rows = _cap(rows, cap, seed, split, name)
+            rows = _cap(rows, cfg.eval_cap(name, split), seed, split, name)
             for r in rows:
                 if "instance_id" not in r:
                     r["instance_id"] = next_id

@@ -1,11 +1,14 @@
 """Instructions never seen in training: the held-out wordings file and the router's accuracy.
 
 ``unseen_instructions.yaml`` (packaged beside this module) holds at least 15 wordings per task,
-written apart from every training and evaluation template. A wording's slots are filled the way
-the templates fill them (:meth:`Task.display` of an instance's parameters), so the same
-evaluation instances can be asked in words the model never read. :func:`router_accuracy`
+written apart from every training and evaluation template; ``unseen_instructions_b.yaml`` is a
+second such file written blind to the router (the router's word lists were tuned on the first
+file's misses, so only the second gives an honest router figure). A wording's slots are
+filled the way the templates fill them (:meth:`Task.display` of an instance's parameters), so
+the same evaluation instances can be asked in words the model never read. :func:`router_accuracy`
 measures how often :func:`sigmarec.tasks.registry.match_instruction` maps them to the intended
-task (and, for tasks with parameters, to the intended ones).
+task (and, for tasks with parameters, to the intended ones); :func:`route_instances` routes
+evaluation instances asked in held-out words, as ``scripts/unseen_eval.py`` asks the model.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import json
 import re
 import string
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from sigmarec.errors import DataError
@@ -27,6 +32,7 @@ from sigmarec.tasks.registry import match_instruction
 from sigmarec.tasks.resources import TaskResources
 
 UNSEEN_FILE = Path(__file__).with_name("unseen_instructions.yaml")
+UNSEEN_FILE_B = Path(__file__).with_name("unseen_instructions_b.yaml")
 MIN_WORDINGS = 15
 # Parameters the router must recover for the request to mean the same thing.
 ROUTED_PARAMS = {"Query": "query", "Category": "category", "Season": "season",
@@ -111,4 +117,46 @@ def router_accuracy(res: TaskResources, tasks: Mapping[str, Task],
                     misses.append({"text": text, "got": got, "params": gp})
         out[name] = {"n": n, "task_acc": round(hits / max(n, 1), 4),
                      "params_acc": round(exact / max(n, 1), 4), "misses": misses}
+    return out
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One instance asked in held-out words and what the router made of it."""
+
+    text: str  # the filled wording
+    task: str  # the routed task (JustForYou when the router's pick is not an enabled task)
+    params: dict[str, Any]  # the routed parameters
+    task_ok: bool  # routed to the instance's task
+    params_ok: bool  # ... and to its routed parameter (ROUTED_PARAMS), where it has one
+
+
+def sample_instances(df: pd.DataFrame, per_task: int, seed: int) -> pd.DataFrame:
+    """Up to ``per_task`` instances of every task (a seeded sample, frame order kept)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _, g in df.groupby("task", sort=True):
+        keep = np.sort(rng.choice(len(g), min(per_task, len(g)), replace=False))
+        parts.append(g.iloc[keep])
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def route_instances(res: TaskResources, tasks: Mapping[str, Task], inst: pd.DataFrame,
+                    wordings: Mapping[str, list[str]]) -> list[Routed]:
+    """Every instance (``task``, ``params`` columns) asked with its task's held-out wordings,
+    cycled in file order over the task's instances, and routed as a served request is."""
+    seen: dict[str, int] = {}
+    out: list[Routed] = []
+    for name, raw in zip(inst["task"], inst["params"], strict=True):
+        i = seen.get(name, 0)
+        seen[name] = i + 1
+        params = json.loads(raw)
+        text = fill(tasks[name], wordings[name][i % len(wordings[name])], params)
+        got, gp = match_instruction(text, res)
+        if got not in tasks:
+            got, gp = "JustForYou", {"text": text}
+        key = ROUTED_PARAMS.get(name)
+        ok = got == name
+        out.append(Routed(text=text, task=got, params=gp, task_ok=ok,
+                          params_ok=ok and (key is None or gp.get(key) == params.get(key))))
     return out
