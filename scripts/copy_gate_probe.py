@@ -42,7 +42,8 @@ def main(run: Path, offsets: list[str]) -> None:
     sub = valid.iloc[np.sort(keep)]
     data = ProcessedData.load(run / "data")
     matcher = data_matcher(model.cfg, data, inputs.config.tasks)
-    examples = to_examples(sub, model, vocab, item_prefix, with_target=False, matcher=matcher)
+    examples = to_examples(sub, model, vocab, item_prefix, with_target=False, matcher=matcher,
+                           style=inputs.prompt)
     targets = [np.asarray(t) for t in sub["targets"]]
     base = model.repeat.proj.bias.detach().clone()
     print("learned gate biases (softplus):", torch.nn.functional.softplus(base).tolist())

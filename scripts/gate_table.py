@@ -35,7 +35,8 @@ def main(run: Path, per_task: int) -> None:
     sub = valid.groupby("task").head(per_task)
     data = ProcessedData.load(run / "data")
     examples = to_examples(sub, model, vocab, item_prefix, with_target=False,
-                           matcher=data_matcher(model.cfg, data, inputs.config.tasks))
+                           matcher=data_matcher(model.cfg, data, inputs.config.tasks),
+                           style=inputs.prompt)
     collate = model.collator()
     states, means = [], []
     with torch.no_grad():

@@ -171,6 +171,7 @@ def toy(monkeypatch):
 
 
 def test_a_toy_channel_flows_through_examples_training_and_both_decoders(toy) -> None:
+    from sigmarec.tasks.prompt_style import DEFAULT_STYLE
     from sigmarec.tokenization.hybrid import HybridVocab
     from sigmarec.training.stage import to_examples
 
@@ -188,7 +189,8 @@ def test_a_toy_channel_flows_through_examples_training_and_both_decoders(toy) ->
         rows.append({**cols, "instruction": "something", "target": target,
                      "targets": np.array([target]), "profile": "unknown"})
     df = pd.DataFrame(rows)
-    exs = to_examples(df, model, HybridVocab(model.codebook_sizes), model.item_prefix.numpy())
+    exs = to_examples(df, model, HybridVocab(model.codebook_sizes), model.item_prefix.numpy(),
+                      style=DEFAULT_STYLE)
     assert all(e.channel("toy")[0] == (e.target_item,) for e in exs)
     batch = model.collator()(exs)
     assert batch["toy_items"].shape == (16, 1)

@@ -109,12 +109,14 @@ def test_collator_pads_novelty_lists_and_the_model_requires_them() -> None:
 
 
 def test_to_examples_refuses_rows_without_novelty_lists() -> None:
+    from sigmarec.tasks.prompt_style import DEFAULT_STYLE
     from sigmarec.training.stage import to_examples
 
     model = _randomised(novelty=True)
     rows = pd.DataFrame({"instruction": ["something new"], "targets": [np.array([1])]})
     with pytest.raises(ValueError, match="novel_items"):
-        to_examples(rows, model, None, model.item_prefix.numpy(), with_target=False)
+        to_examples(rows, model, None, model.item_prefix.numpy(), with_target=False,
+                    style=DEFAULT_STYLE)
 
 
 def test_novelty_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:

@@ -219,6 +219,7 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     assert found[:, 0].tolist() == ids[:3].tolist()
     # And the three-step decoder can return only new items when a filter asks for them.
     from sigmarec.serving.overlay import extend_items
+    from sigmarec.tasks.prompt_style import load_prompt_style
     from sigmarec.tasks.text_match import data_matcher
     from sigmarec.training.stage import to_examples
 
@@ -232,7 +233,7 @@ def test_new_items_get_the_runs_embeddings(run: tuple[object, Path], model_and_d
     data = ProcessedData.load(run_dir / "data")
     matcher = data_matcher(model.cfg, data, cfg.tasks, extend_items(data, overlay).items)
     ex = to_examples(prompt, model, model.vocab, model.item_prefix.numpy(), with_target=False,
-                     matcher=matcher)
+                     matcher=matcher, style=load_prompt_style(run_dir / "tasks"))
     allow = np.arange(model.n_items) >= n
     items, _ = decoder.recommend(ex, 5, allow_mask=allow)
     assert (items[0] >= n).all()

@@ -186,7 +186,7 @@ def _prompts(rt: Runtime, users: list[int], extra: dict[int, list[int]] | None =
         "task": [r.task for r in base],
         "targets": [np.zeros(1, dtype=np.int64)] * len(users)})
     return to_examples(df, st.model, st.vocab, st.parts.item_prefix, with_target=False,
-                       matcher=st.matcher)
+                       matcher=st.matcher, style=st.prompt)
 
 
 def _step2(model, cache, k=6):

@@ -128,7 +128,8 @@ def test_prompts_follow_the_runs_tasks_config_not_the_command_line(served):
     from sigmarec.config import load_config
 
     cfg, run_dir, rt = served
-    other = load_config("tiny", overrides=["tasks.history_len=2", "tasks.frequent_items=1"])
+    other = load_config("tiny", overrides=["tasks.history_len=2", "tasks.frequent_items=1",
+                                           "tasks.system_prompt=Recommend anything."])
     rt2 = Runtime.load(run_dir, other)
     u = int(np.argmax([len(rt.data.sequence(i)) for i in range(rt.data.n_users)]))
     req = RecRequest(user_id=_user(rt, u))
@@ -139,6 +140,45 @@ def test_prompts_follow_the_runs_tasks_config_not_the_command_line(served):
     assert rt2.run_config.tasks == cfg.tasks and rt2.cfg.tasks.history_len == 2
     assert [i.item_id for i in rt2.recommend([req])[0]] == [
         i.item_id for i in rt.recommend([req])[0]]
+
+
+def test_prompts_read_the_prompt_style_the_runs_tasks_stage_chose(served):
+    """Serving renders the style in the run's tasks/prompt.json, as training and generation do
+    (to_examples over the stage's rows): a run whose tasks stage chose another system prompt
+    and no profile line is served with exactly those prompts."""
+    from sigmarec.tasks.prompt_style import (
+        PROMPT_FILE,
+        SYSTEM_PROMPT,
+        PromptStyle,
+        load_prompt_style,
+        save_prompt_style,
+    )
+    from sigmarec.training.stage import to_examples
+
+    cfg, run_dir, rt = served
+    assert rt._state.prompt == load_prompt_style(run_dir / "tasks") == PromptStyle()
+    inst = pd.read_parquet(run_dir / "tasks" / "test.parquet").groupby("task").head(1)
+    resolved = [Resolved(user_idx=int(r.user_idx),
+                         history=rt.data.history(int(r.user_idx), int(r.hist_len)),
+                         profile=r.profile, task=r.task, params=json.loads(r.params),
+                         instruction=r.instruction, k=10, model="sigma", allow=None)
+                for r in inst.itertuples()]
+    style = PromptStyle(system="Recommend a product.", profile_line=False)
+    saved = (run_dir / "tasks" / PROMPT_FILE).read_text()
+    save_prompt_style(run_dir / "tasks", style)
+    try:
+        rt3 = Runtime.load(run_dir, cfg)
+    finally:
+        (run_dir / "tasks" / PROMPT_FILE).write_text(saved)
+    st = rt3._state
+    served_ex = rt3._examples(resolved)
+    trained_ex = to_examples(inst, st.model, st.vocab, st.parts.item_prefix, with_target=False,
+                             matcher=st.matcher, style=style)
+    assert [e.input_ids for e in served_ex] == [e.input_ids for e in trained_ex]
+    text = st.model.tokenizer.decode(served_ex[0].input_ids)
+    assert "Recommend a product." in text and SYSTEM_PROMPT not in text
+    assert "Household profile" not in text
+    assert served_ex[0].input_ids != rt._examples(resolved[:1])[0].input_ids
 
 
 def test_explicit_history_and_profile(served):

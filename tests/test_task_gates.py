@@ -87,6 +87,7 @@ def test_task_ids_are_checked_and_required() -> None:
 
 
 def test_to_examples_reads_the_rows_task() -> None:
+    from sigmarec.tasks.prompt_style import DEFAULT_STYLE
     from sigmarec.training.stage import to_examples
 
     model = _randomised(task_gates=True)
@@ -95,7 +96,7 @@ def test_to_examples_reads_the_rows_task() -> None:
     # The prompt renderer needs a vocabulary; the task is read before it, so check that part.
     with pytest.raises(ValueError, match="no task column"):
         to_examples(rows.drop(columns="task"), model, None, model.item_prefix.numpy(),
-                    with_target=False)
+                    with_target=False, style=DEFAULT_STYLE)
     from sigmarec.training.stage import _task_id
 
     assert [_task_id(r, True) for r in rows.itertuples()] == [gate_task_id("Discover"),

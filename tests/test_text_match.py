@@ -137,6 +137,7 @@ def test_bought_first_keeps_the_households_matches_then_the_best_others(words, t
 
 
 def test_to_examples_keeps_the_households_matches_and_needs_tags_resources() -> None:
+    from sigmarec.tasks.prompt_style import DEFAULT_STYLE
     from sigmarec.tasks.text_match import text_matcher
     from sigmarec.training.stage import to_examples
 
@@ -152,7 +153,7 @@ def test_to_examples_keeps_the_households_matches_and_needs_tags_resources() -> 
     from sigmarec.tokenization.hybrid import HybridVocab
 
     exs = to_examples(rows, model, HybridVocab(model.codebook_sizes), prefix, with_target=False,
-                      matcher=matcher)
+                      matcher=matcher, style=DEFAULT_STYLE)
     # One item kept: the household's best match (9 and 4 match equally: the lower id), and for
     # a household without purchases the best match overall (the lowest id of cosine 1).
     assert exs[0].channel("text_match")[0] == (4,) and exs[1].channel("text_match")[0] == (1,)
@@ -195,16 +196,18 @@ def test_collator_pads_matches_and_checks_them() -> None:
 
 
 def test_to_examples_needs_the_matcher_of_a_text_match_model() -> None:
+    from sigmarec.tasks.prompt_style import DEFAULT_STYLE
     from sigmarec.training.stage import to_examples
 
     model = _randomised(text_match=True)
     rows = pd.DataFrame({"instruction": ["potato chips"], "targets": [np.array([1])]})
     with pytest.raises(ValueError, match="matcher"):
-        to_examples(rows, model, None, model.item_prefix.numpy(), with_target=False)
+        to_examples(rows, model, None, model.item_prefix.numpy(), with_target=False,
+                    style=DEFAULT_STYLE)
     small = InstructionMatcher.from_items(ITEMS, 5, 0.1)
     with pytest.raises(ValueError, match="fitted on 7 items"):
         to_examples(rows, model, None, model.item_prefix.numpy(), with_target=False,
-                    matcher=small)
+                    matcher=small, style=DEFAULT_STYLE)
 
 
 def test_match_channel_in_the_label_ntp_and_the_catalogue_softmax() -> None:

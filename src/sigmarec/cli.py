@@ -205,6 +205,7 @@ def sft_show(
     import pandas as pd
 
     from sigmarec.pipeline import run_pipeline
+    from sigmarec.tasks.prompt_style import load_prompt_style
     from sigmarec.tasks.registry import get_task_class
     from sigmarec.tasks.sft_data import decode_sample
     from sigmarec.tokenization.artifacts import load_vocab
@@ -225,9 +226,11 @@ def sft_show(
                          f"(the task may be unsupported by this dataset; see its stats.json)")
     items = pd.read_parquet(run_dir / "data" / "items.parquet")
     vocab, prefix = load_vocab(run_dir / "tokenization")
+    style = load_prompt_style(run_dir / "tasks")
     for i, row in enumerate(samples.head(n).itertuples(index=False)):
         console.rule(f"{task} - {split} sample {i + 1}")
-        console.print(decode_sample(row, items, vocab, prefix), markup=False, highlight=False)
+        console.print(decode_sample(row, items, vocab, prefix, style=style), markup=False,
+                      highlight=False)
 
 
 @bench_app.command("grounding")

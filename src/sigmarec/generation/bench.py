@@ -98,7 +98,8 @@ def bench_generate(cfg: SigmaConfig, run_dir: Path, n_users: int, batch_size: in
     device = model.item_prefix.device
     data = ProcessedData.load(run_dir / "data")
     matcher = data_matcher(model.cfg, data, run.config.tasks)
-    sigma_ex = to_examples(inst, model, vocab, item_prefix, with_target=False, matcher=matcher)
+    sigma_ex = to_examples(inst, model, vocab, item_prefix, with_target=False, matcher=matcher,
+                           style=run.prompt)
     n = len(sigma_ex)
     rows: list[dict[str, Any]] = []
 

@@ -4,8 +4,8 @@ The generation stage, the generation bench, the serving runtime and cold start a
 things from a run directory: the vocabulary and prefixes (tokenization), the frozen item features
 (grounding, baselines), the trained checkpoint (training) and a decoder over it.
 :func:`load_run_model` reads them with the run's OWN config (the training manifest's: the
-backbone, tokenizer, model and tasks settings the checkpoint and its prompts were made with),
-whatever config the caller was started with.
+backbone, tokenizer, model and tasks settings the checkpoint and its prompts were made with)
+and the prompt style its tasks stage chose, whatever config the caller was started with.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sigmarec.errors import StageError
 from sigmarec.generation.decode import SigmaDecoder
 from sigmarec.grounding.artifacts import load_item_features
 from sigmarec.model.sigma import SigmaModel, load_sigma_model
+from sigmarec.tasks.prompt_style import PromptStyle, load_prompt_style
 from sigmarec.tokenization.artifacts import load_vocab
 from sigmarec.tokenization.hybrid import HybridVocab
 
@@ -52,16 +53,19 @@ class RunInputs:
     vocab: HybridVocab
     item_prefix: np.ndarray  # (n trained items,) flat prefix ids
     item_features: dict[str, np.ndarray]  # the trained items' frozen features
+    prompt: PromptStyle  # how its prompts read (its tasks stage's prompt.json)
 
 
 def read_run_inputs(run_dir: Path) -> RunInputs:
-    """The run's config (:func:`run_config`), vocabulary, prefixes and item features."""
+    """The run's config (:func:`run_config`), vocabulary, prefixes, item features and prompt
+    style."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     vocab, item_prefix = load_vocab(run_dir / "tokenization")
     feats = load_item_features(run_dir / "grounding", run_dir / "baselines",
                                cfg.tokenization.embedding)
-    return RunInputs(config=cfg, vocab=vocab, item_prefix=item_prefix, item_features=feats)
+    return RunInputs(config=cfg, vocab=vocab, item_prefix=item_prefix, item_features=feats,
+                     prompt=load_prompt_style(run_dir / "tasks"))
 
 
 @dataclass

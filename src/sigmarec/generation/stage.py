@@ -219,7 +219,8 @@ class GenerationStage(Stage):
         for split, df in inst.items():
             if df.empty:
                 continue
-            ex = to_examples(df, model, vocab, item_prefix, with_target=False, matcher=matcher)
+            ex = to_examples(df, model, vocab, item_prefix, with_target=False, matcher=matcher,
+                             style=run.prompt)
             allow = None
             if gcfg.exclude_seen:
                 allow = np.ones((len(df), data.n_items), dtype=bool)

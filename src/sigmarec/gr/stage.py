@@ -23,6 +23,7 @@ import pandas as pd
 
 from sigmarec.core.stage import Stage, StageContext
 from sigmarec.errors import ConfigError, DataError, StageError
+from sigmarec.tasks.prompt_style import PromptStyle, load_prompt_style
 
 if TYPE_CHECKING:
     from sigmarec.config import SigmaConfig
@@ -112,12 +113,12 @@ class GRBaselinesStage(Stage):
         return sid_tokens(sids.codes, sids.codebook_sizes, ctx.config.gr.dedup_level, priority)
 
 
-def _tokenise(df: pd.DataFrame, tok: Any, items: Any, vocab: Any, item_prefix: np.ndarray
-              ) -> list[list[int]]:
+def _tokenise(df: pd.DataFrame, tok: Any, items: Any, vocab: Any, item_prefix: np.ndarray,
+              style: PromptStyle) -> list[list[int]]:
     from sigmarec.tasks.sft_data import render_prompt
 
-    texts = [render_prompt(r, None, vocab, item_prefix, tok, item_text=items.item_text).text
-             for r in df.itertuples(index=False)]
+    texts = [render_prompt(r, None, vocab, item_prefix, tok, style=style,
+                           item_text=items.item_text).text for r in df.itertuples(index=False)]
     return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
@@ -133,9 +134,10 @@ def _train_and_rank(ctx: StageContext, name: str, items: Any, frames: dict[str, 
     torch.manual_seed(cfg.seed)  # the same LoRA init whichever baselines run before this one
     model, facts = build_gr_model(cfg.backbone, gr_model_config(cfg), items)
     tok = model.tokenizer
+    style = load_prompt_style(ctx.input("tasks"))  # SIGMA's prompts, items written as text
     train_df = frames["train"]
     train_ex = [GRExample(ids, int(t)) for ids, t in
-                zip(_tokenise(train_df, tok, items, vocab, item_prefix), train_df["target"],
+                zip(_tokenise(train_df, tok, items, vocab, item_prefix, style), train_df["target"],
                     strict=True)]
     valid_df = frames["valid"]
     rng = np.random.default_rng(cfg.seed)
@@ -143,7 +145,8 @@ def _train_and_rank(ctx: StageContext, name: str, items: Any, frames: dict[str, 
     vsub = valid_df.iloc[np.sort(rng.choice(len(valid_df), n_valid, replace=False))]
     # An evaluation instance has no single target: its first target is the validation label.
     valid_ex = [GRExample(ids, int(np.asarray(t)[0])) for ids, t in
-                zip(_tokenise(vsub, tok, items, vocab, item_prefix), vsub["targets"], strict=True)]
+                zip(_tokenise(vsub, tok, items, vocab, item_prefix, style), vsub["targets"],
+                    strict=True)]
     over = {"steps": g.steps, "per_device_batch_size": g.per_device_batch_size, "lr": g.lr}
     tcfg = cfg.training.model_copy(update={k: v for k, v in over.items() if v is not None})
     trie = ItemTrie(model.item_seqs.numpy(), model.vocab_rows, popular)
@@ -173,7 +176,7 @@ def _train_and_rank(ctx: StageContext, name: str, items: Any, frames: dict[str, 
     for split in SPLITS:
         df = frames[split]
         t0 = time.perf_counter()
-        ids = _tokenise(df, tok, items, vocab, item_prefix)
+        ids = _tokenise(df, tok, items, vocab, item_prefix, style)
         order = np.argsort([len(x) for x in ids], kind="stable")  # less padding per batch
         top = np.full((len(df), g.num_beams), -1, dtype=np.int64)
         sc = np.full((len(df), g.num_beams), -np.inf, dtype=np.float32)

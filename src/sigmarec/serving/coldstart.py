@@ -201,7 +201,7 @@ def _sigma_lists(run_dir: Path, cfg: SigmaConfig, data: ProcessedData, overlay: 
     apply_s = time.perf_counter() - t0
     matcher = data_matcher(model.cfg, data, cfg.tasks, extend_items(data, overlay).items)
     examples = to_examples(prompts, model, run.vocab, model.item_prefix.cpu().numpy(),
-                           with_target=False, matcher=matcher)
+                           with_target=False, matcher=matcher, style=run.prompt)
     # decode_split takes one mask row per example
     trained_only = np.broadcast_to(np.arange(model.n_items) < n_base,
                                    (len(examples), model.n_items))

@@ -76,6 +76,7 @@ from sigmarec.serving.request import (
 from sigmarec.tasks.channels import Lister
 from sigmarec.tasks.columns import history_listers, prompt_columns
 from sigmarec.tasks.definitions import Cut, Task
+from sigmarec.tasks.prompt_style import PromptStyle
 from sigmarec.tasks.registry import build_tasks, get_task_class, match_instruction, supported
 from sigmarec.tasks.resources import TaskResources, build_resources
 from sigmarec.tasks.sft_data import item_description, prefix_tokens
@@ -112,6 +113,7 @@ class _State:
     categories: dict[str, np.ndarray]  # normalised category key -> item indices
     profile_columns: list[str]
     run_cfg: SigmaConfig  # the run's own config (its training manifest's)
+    prompt: PromptStyle  # how the run's prompts read (its tasks stage's)
     matcher: InstructionMatcher | None = None  # the text-match channel's, over this catalogue
     # The copy prior's history channels' listers by name (sigmarec.tasks.channels).
     listers: dict[str, Lister | None] = dataclasses.field(default_factory=dict)
@@ -188,6 +190,7 @@ class Runtime:
             tasks=tasks, baselines=baselines, matcher=text_matcher(model.cfg, items, res),
             listers=history_listers(res, run_cfg.tasks),
             run_cfg=run_cfg,
+            prompt=inputs.prompt,
             extra=Runtime._events(run_dir, data.n_items),
             user_index={str(u): int(i) for u, i in zip(data.users["user_id"],
                                                         data.users["user_idx"], strict=True)},
@@ -479,7 +482,7 @@ class Runtime:
             "targets": [np.zeros(1, dtype=np.int64)] * len(resolved),
         })
         return to_examples(rows, st.model, st.vocab, st.parts.item_prefix, with_target=False,
-                           matcher=st.matcher)
+                           matcher=st.matcher, style=st.prompt)
 
     def prompt_examples(self, requests: Sequence[RecRequest]) -> list[SFTExample]:
         """The tokenised prompt of each request, as the generation stage builds them."""

@@ -91,6 +91,13 @@ def default_weights() -> dict[str, float]:
 
 class TasksConfig(_Strict):
     enabled: list[TaskName] = Field(default_factory=lambda: list(TASK_NAMES))
+    # Left out of the config dump (and so of the stage hash) while None, so runs made before
+    # this option existed stay fresh.
+    system_prompt: str | None = Field(
+        None, min_length=1, exclude_if=lambda v: v is None,
+        description="the system turn of every prompt (training, evaluation, serving); None = "
+        "the grocery one (sigmarec.tasks.prompt_style.SYSTEM_PROMPT)"
+    )
     history_len: int = Field(20, ge=1, description="most recent history items shown in a prompt")
     # Grocery is dominated by repurchase (the own-frequency baseline beats every learned model),
     # but a median household has bought ~340 items and a prompt shows the last few dozen: this
@@ -186,6 +193,13 @@ class TasksConfig(_Strict):
         if not v:
             raise ValueError("tasks.enabled must name at least one task")
         return list(dict.fromkeys(v))
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("tasks.system_prompt is blank; leave it out for the default")
+        return v
 
     def eval_cap(self, task: str, split: str) -> int | None:
         """How many ``split`` instances of ``task`` are kept (None = all)."""

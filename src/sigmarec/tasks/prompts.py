@@ -3,7 +3,8 @@
 A prompt shows the household's profile, the "bought most often" section and the recent history
 (each item as its prefix token(s) followed by the placeholder the model fills with the item's
 fused embedding), then the instruction. Shared by the tasks stage (examples), training, the GR
-baselines (items as text) and the serving runtime.
+baselines (items as text) and the serving runtime. The system turn and whether the profile line
+is shown are the run's :class:`~sigmarec.tasks.prompt_style.PromptStyle`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import numpy as np
 import pandas as pd
 
 from sigmarec.tasks.definitions import SOFT_TOKEN
-
-SYSTEM_PROMPT = ("You are a recommender for a grocery retailer. Read the household's profile, "
-                 "what it bought recently and the request, then name the product to show.")
-
+from sigmarec.tasks.prompt_style import DEFAULT_STYLE, PromptStyle
 
 
 class RenderedPrompt(NamedTuple):
@@ -73,13 +71,14 @@ def _chat(messages: list[dict[str, str]], tokenizer: Any) -> str:
 
 
 def render_prompt(sample: Any, items: pd.DataFrame | None, vocab: Any,
-                  item_prefix: np.ndarray, tokenizer: Any = None,
-                  system: str = SYSTEM_PROMPT, *,
+                  item_prefix: np.ndarray, tokenizer: Any = None, *,
+                  style: PromptStyle = DEFAULT_STYLE,
                   item_text: Callable[[int], str] | None = None) -> RenderedPrompt:
-    """Chat-style prompt of one sample: profile, "Recently bought:" with each history item as
-    its prefix token(s) followed by ``SOFT_TOKEN`` (where the model puts the item's fused
-    embedding), then the instruction. ``label`` is the target's prefix token(s) and the query
-    token. ``items`` is unused here (kept for a uniform signature with ``decode_sample``).
+    """Chat-style prompt of one sample: ``style``'s system turn, then the profile (unless
+    ``style`` leaves it out), "Recently bought:" with each history item as its prefix token(s)
+    followed by ``SOFT_TOKEN`` (where the model puts the item's fused embedding), then the
+    instruction. ``label`` is the target's prefix token(s) and the query token. ``items`` is
+    unused here (kept for a uniform signature with ``decode_sample``).
 
     ``item_text`` (the GR baselines) writes each item, in the history and as the label, as
     that string instead (e.g. its full semantic ID as tokens): same prompt, no placeholders
@@ -101,11 +100,12 @@ def render_prompt(sample: Any, items: pd.DataFrame | None, vocab: Any,
     # The frequent section comes first: every history position (and its dense next-item loss)
     # can then read the household's long-run favourites.
     often = f"Bought most often (most first): {write(frequent)}\n" if frequent else ""
-    user = (f"Household profile: {profile}.\n{often}"
+    head = f"Household profile: {profile}.\n" if style.profile_line else ""
+    user = (f"{head}{often}"
             f"Recently bought (oldest first): {hist if hist else 'nothing yet'}\n"
             f"Request: {instruction}")
-    text = _chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                 tokenizer)
+    text = _chat([{"role": "system", "content": style.system},
+                  {"role": "user", "content": user}], tokenizer)
     positions = [m.start() for m in re.finditer(re.escape(SOFT_TOKEN), text)]
     if item_text is None and len(positions) != len(frequent) + len(history):
         raise AssertionError(f"prompt has {len(positions)} item placeholders for "
@@ -132,10 +132,11 @@ def item_description(items: pd.DataFrame, item: int) -> str:
 
 
 def decode_sample(sample: Any, items: pd.DataFrame, vocab: Any, item_prefix: np.ndarray,
-                  tokenizer: Any = None, max_targets: int = 5) -> str:
+                  tokenizer: Any = None, max_targets: int = 5, *,
+                  style: PromptStyle = DEFAULT_STYLE) -> str:
     """The prompt for people to read: each soft token replaced by ``[item text]``, then the
     label (training) or the targets (evaluation)."""
-    p = render_prompt(sample, items, vocab, item_prefix, tokenizer)
+    p = render_prompt(sample, items, vocab, item_prefix, tokenizer, style=style)
     parts, last = [], 0
     for pos, it in zip(p.positions, p.history, strict=True):
         parts.append(p.text[last:pos])

@@ -34,8 +34,8 @@ from sigmarec.tasks.columns import channel_columns, history_listers, prompt_colu
 from sigmarec.tasks.config import TASK_NAMES, TasksConfig
 from sigmarec.tasks.definitions import Cut, RowView, Task
 from sigmarec.tasks.history import most_bought, purchase_counts
+from sigmarec.tasks.prompt_style import SYSTEM_PROMPT
 from sigmarec.tasks.prompts import (
-    SYSTEM_PROMPT,
     RenderedPrompt,
     decode_sample,
     item_description,

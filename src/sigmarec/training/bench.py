@@ -29,6 +29,7 @@ def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int
     """One row per precision: resolved precision, s/step, tokens/s and the ratio to fp32."""
     from sigmarec.data.processed import ProcessedData
     from sigmarec.grounding.artifacts import load_item_features
+    from sigmarec.tasks.prompt_style import load_prompt_style
     from sigmarec.tasks.text_match import data_matcher
     from sigmarec.tokenization.artifacts import load_vocab
     from sigmarec.training.stage import to_examples
@@ -48,7 +49,8 @@ def bench_sft(cfg: SigmaConfig, run_dir: Path, precisions: list[str], steps: int
             ch.prepare(model, data.train_item_counts)
         if examples is None:
             matcher = data_matcher(cfg.model, data, cfg.tasks)
-            examples = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
+            examples = to_examples(train_df, model, vocab, item_prefix, matcher=matcher,
+                                   style=load_prompt_style(run_dir / "tasks"))
         tcfg = cfg.training.model_copy(update={
             "steps": steps, "mixed_precision": prec, "eval_at_end": False,
             "warmup_ratio": 0.0, "time_budget_s": None})

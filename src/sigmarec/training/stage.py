@@ -18,6 +18,7 @@ from sigmarec.grounding.artifacts import UNGROUNDED_FILE, load_item_features
 from sigmarec.model.batch import SFTExample, gate_task_id
 from sigmarec.model.sigma import SigmaModel, build_sigma_model
 from sigmarec.tasks.channels import ExampleContext, active_channels, collated_channels
+from sigmarec.tasks.prompt_style import PromptStyle, load_prompt_style
 from sigmarec.tasks.sft_data import render_prompt
 from sigmarec.tasks.text_match import InstructionMatcher, data_matcher
 from sigmarec.tokenization.artifacts import load_vocab
@@ -68,10 +69,12 @@ def _task_id(row: Any, required: bool) -> int:
 
 def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
                 item_prefix: np.ndarray, with_target: bool = True,
-                matcher: InstructionMatcher | None = None) -> list[SFTExample]:
-    """Render and tokenise samples (one row each) into the model's examples; with ``matcher``
-    (:func:`text_matcher`; required by a model with ``model.text_match``), each example also
-    gets its instruction's text matches."""
+                matcher: InstructionMatcher | None = None, *,
+                style: PromptStyle) -> list[SFTExample]:
+    """Render and tokenise samples (one row each) into the model's examples, in the run's prompt
+    ``style`` (:func:`~sigmarec.tasks.prompt_style.load_prompt_style` of its tasks stage); with
+    ``matcher`` (:func:`text_matcher`; required by a model with ``model.text_match``), each
+    example also gets its instruction's text matches."""
     out = []
     tok = model.tokenizer
     if matcher is None and model.cfg.text_match:
@@ -86,7 +89,7 @@ def to_examples(samples: pd.DataFrame, model: SigmaModel, vocab: HybridVocab,
         ctx.lists[ch.name] = ch.example_lists(samples, ctx)
     for r, row in enumerate(samples.itertuples(index=False)):
         task_id = _task_id(row, model.cfg.task_gates)
-        rp = render_prompt(row, None, vocab, item_prefix, tok)
+        rp = render_prompt(row, None, vocab, item_prefix, tok, style=style)
         ids = tok(rp.text, add_special_tokens=False)["input_ids"]
         target = int(row.target) if with_target else int(np.asarray(row.targets)[0])
         positives = tuple(int(t) for t in np.asarray(row.targets)) if with_target else ()
@@ -122,7 +125,8 @@ class TrainingStage(Stage):
         for ch in active_channels(cfg.model):
             ch.prepare(model, data.train_item_counts)
         matcher = data_matcher(cfg.model, data, cfg.tasks)
-        train_ex = to_examples(train_df, model, vocab, item_prefix, matcher=matcher)
+        style = load_prompt_style(ctx.input("tasks"))
+        train_ex = to_examples(train_df, model, vocab, item_prefix, matcher=matcher, style=style)
         rng = np.random.default_rng(cfg.seed)
         # Stratified by task: every task gets the same share of the validation subset, so the
         # per-task quick HR is not left to a handful of instances.
@@ -133,7 +137,7 @@ class TrainingStage(Stage):
                                for _, ix in sorted(groups.items())]) if groups else np.zeros(0)
         vsub = valid_df.iloc[np.sort(keep.astype(np.int64))]
         valid_ex = to_examples(vsub, model, vocab, item_prefix, with_target=False,
-                               matcher=matcher)
+                               matcher=matcher, style=style)
         valid_targets = [np.asarray(t) for t in vsub["targets"]]
         lengths = [len(e.input_ids) for e in train_ex]
         log.info("training: %d SFT samples (prompt tokens median %d, max %d), %d validation",
