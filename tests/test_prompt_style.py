@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 from test_model import make_model
-from test_tasks import _Cfg, data_config, planted_dataset, tasks_config
+from test_tasks import _Cfg, data_config, planted_dataset, tasks_config, write_stage_inputs
 
 from sigmarec.config import load_config
 from sigmarec.core.stage import execute
@@ -95,14 +95,7 @@ def test_load_prompt_style_defaults_for_older_runs_and_names_a_bad_file(tmp_path
 
 
 def _tasks_run(tmp_path, data, **tasks) -> tuple[PromptStyle, dict]:
-    data.save(tmp_path / "data")
-    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"run_id": "d1"}))
-    tok = tmp_path / "tokenization"
-    tok.mkdir()
-    np.save(tok / "item_prefix.npy", np.arange(data.n_items) % 8)
-    (tok / "vocab.json").write_text(json.dumps({"prefix_codebook_sizes": [8],
-                                                "query_token": "<q>"}))
-    (tok / "manifest.json").write_text(json.dumps({"run_id": "t1"}))
+    write_stage_inputs(tmp_path, data)
     cfg = _Cfg(tasks=tasks_config(total_samples=200, examples_per_task=1, **tasks))
     execute(TasksStage(), cfg, tmp_path)
     out = tmp_path / "tasks"

@@ -468,15 +468,20 @@ class _Cfg(SigmaConfig):
     tasks: TasksConfig = Field(default_factory=TasksConfig)
 
 
-def test_stage_writes_its_artifacts(tmp_path, data) -> None:
-    data.save(tmp_path / "data")
-    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"run_id": "d1"}))
-    tok = tmp_path / "tokenization"
+def write_stage_inputs(run_dir, data) -> None:
+    """What the tasks stage reads: a saved data stage and a small tokenization (8 prefixes)."""
+    data.save(run_dir / "data")
+    (run_dir / "data" / "manifest.json").write_text(json.dumps({"run_id": "d1"}))
+    tok = run_dir / "tokenization"
     tok.mkdir()
     np.save(tok / "item_prefix.npy", np.arange(data.n_items) % 8)
     (tok / "vocab.json").write_text(json.dumps({"prefix_codebook_sizes": [8],
                                                 "query_token": "<q>"}))
     (tok / "manifest.json").write_text(json.dumps({"run_id": "t1"}))
+
+
+def test_stage_writes_its_artifacts(tmp_path, data) -> None:
+    write_stage_inputs(tmp_path, data)
     cfg = _Cfg(tasks=tasks_config(total_samples=400, examples_per_task=2))
     m = execute(TasksStage(), cfg, tmp_path)
     out = tmp_path / "tasks"
